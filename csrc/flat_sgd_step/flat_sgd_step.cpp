@@ -1,0 +1,93 @@
+// flat_sgd_step: input checks and device dispatch (CPU kernels here, CUDA via the torch-free
+// launchers of flat_sgd_step_cuda.cu when the extension is built with CUDA).
+#include "flat_sgd_step.h"
+
+#include <ATen/ops/empty_like.h>
+
+#include "../checks.h"
+
+#ifdef SOPHON_FAST_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cuda_runtime.h>
+
+#include "../dtypes.h"
+#include "flat_sgd_step_cuda.h"
+#endif
+
+namespace sophon_fast {
+
+#ifdef SOPHON_FAST_WITH_CUDA
+namespace {
+int dtype_code(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat:
+      return SOPHON_FAST_DTYPE_FLOAT32;
+    case at::kDouble:
+      return SOPHON_FAST_DTYPE_FLOAT64;
+    case at::kHalf:
+      return SOPHON_FAST_DTYPE_FLOAT16;
+    default:
+      return SOPHON_FAST_DTYPE_BFLOAT16;
+  }
+}
+void check_launch(int status, const char* what) {
+  TORCH_CHECK(status == 0, what, " failed: ", cudaGetErrorString(static_cast<cudaError_t>(status)));
+}
+}  // namespace
+#endif
+
+at::Tensor flat_sgd_step_forward(const at::Tensor& params, const at::Tensor& grad, double lr,
+                                 double weight_decay) {
+  check_flat_buffer(params, "params");
+  check_same_buffer(params, "params", grad, "grad");
+  auto out = at::empty_like(params);
+  if (params.is_cpu()) {
+    flat_sgd_step_forward_cpu(params, grad, out, lr, weight_decay);
+    return out;
+  }
+#ifdef SOPHON_FAST_WITH_CUDA
+  if (params.is_cuda()) {
+    const c10::cuda::CUDAGuard guard(params.device());
+    check_launch(sophon_fast_flat_sgd_step_forward_cuda(
+                     dtype_code(params.scalar_type()), params.const_data_ptr(),
+                     grad.const_data_ptr(), out.mutable_data_ptr(), params.numel(), lr,
+                     weight_decay, at::cuda::getCurrentCUDAStream().stream()),
+                 "flat_sgd_step forward kernel");
+    return out;
+  }
+#endif
+  TORCH_CHECK_VALUE(false, "flat_sgd_step: params on ", params.device(),
+                    " is not supported by this build (CPU", 
+#ifdef SOPHON_FAST_WITH_CUDA
+                    " and CUDA",
+#endif
+                    " only)");
+}
+
+std::tuple<at::Tensor, at::Tensor> flat_sgd_step_backward(const at::Tensor& grad_out, double lr,
+                                                          double weight_decay) {
+  check_flat_buffer(grad_out, "grad_out");
+  auto grad_params = at::empty_like(grad_out);
+  auto grad_grad = at::empty_like(grad_out);
+  if (grad_out.is_cpu()) {
+    flat_sgd_step_backward_cpu(grad_out, grad_params, grad_grad, lr, weight_decay);
+    return {grad_params, grad_grad};
+  }
+#ifdef SOPHON_FAST_WITH_CUDA
+  if (grad_out.is_cuda()) {
+    const c10::cuda::CUDAGuard guard(grad_out.device());
+    check_launch(sophon_fast_flat_sgd_step_backward_cuda(
+                     dtype_code(grad_out.scalar_type()), grad_out.const_data_ptr(),
+                     grad_params.mutable_data_ptr(), grad_grad.mutable_data_ptr(),
+                     grad_out.numel(), lr, weight_decay,
+                     at::cuda::getCurrentCUDAStream().stream()),
+                 "flat_sgd_step backward kernel");
+    return {grad_params, grad_grad};
+  }
+#endif
+  TORCH_CHECK_VALUE(false, "flat_sgd_step: grad_out on ", grad_out.device(),
+                    " is not supported by this build");
+}
+
+}  // namespace sophon_fast

@@ -1,0 +1,211 @@
+"""flat_sgd_step: one fused, out-of-place, differentiable SGD step on a flat parameter buffer.
+
+Maths (maths in float32 for float32/float16/bfloat16 storage, float64 for float64):
+
+    forward   params' = params - lr * (grad + weight_decay * params)
+    backward  d_params = (1 - lr * weight_decay) * d_out,   d_grad = -lr * d_out
+
+Memory traffic at float32: forward reads params and grad and writes params' (12 B/param); the fused
+backward reads d_out once and writes both products (12 B/param). The eager per-tensor update that
+MAML libraries run (``p - lr * g`` per tensor) costs 20 B/param plus one launch per tensor per op.
+
+Nothing is saved for backward: the Jacobian is the constant pair (1 - lr*wd, -lr). The backward is
+itself an autograd Function whose transpose is the forward op again, so the step is differentiable
+to any order (second-order meta-learning differentiates through it under create_graph=True).
+"""
+
+import torch
+
+from .. import _backend
+from ..reference import flat_sgd_step as _reference
+from . import _triton
+from ._checks import check_flat_buffer, check_like, check_real
+
+OP_NAME = "flat_sgd_step"
+# 4096 elements per program: large blocks keep the interpreter fast on the CPU and give each
+# program 48 KiB of traffic on a GPU.
+BLOCK_SIZE = 4096
+
+tl = _triton.tl
+
+
+@_triton.jit
+def _flat_sgd_step_forward_kernel(
+    params_ptr,
+    grad_ptr,
+    out_ptr,
+    n_elements,
+    lr,
+    weight_decay,
+    COMPUTE_F64: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offsets = pid.to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    mask = offsets < n_elements
+    p = tl.load(params_ptr + offsets, mask=mask)
+    g = tl.load(grad_ptr + offsets, mask=mask)
+    # float64 stays float64; every narrower dtype computes in float32.
+    if COMPUTE_F64:
+        p = p.to(tl.float64)
+        g = g.to(tl.float64)
+    else:
+        p = p.to(tl.float32)
+        g = g.to(tl.float32)
+    out = p - lr * (g + weight_decay * p)
+    tl.store(out_ptr + offsets, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@_triton.jit
+def _flat_sgd_step_backward_kernel(
+    grad_out_ptr,
+    grad_params_ptr,
+    grad_grad_ptr,
+    n_elements,
+    lr,
+    weight_decay,
+    COMPUTE_F64: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offsets = pid.to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    mask = offsets < n_elements
+    d = tl.load(grad_out_ptr + offsets, mask=mask)
+    if COMPUTE_F64:
+        d = d.to(tl.float64)
+    else:
+        d = d.to(tl.float32)
+    grad_params = (1.0 - lr * weight_decay) * d
+    grad_grad = -lr * d
+    tl.store(grad_params_ptr + offsets, grad_params.to(grad_params_ptr.dtype.element_ty), mask=mask)
+    tl.store(grad_grad_ptr + offsets, grad_grad.to(grad_grad_ptr.dtype.element_ty), mask=mask)
+
+
+def _grid(n: int):
+    return (max(1, -(-n // BLOCK_SIZE)),)
+
+
+def _triton_forward(params, grad, lr, weight_decay):
+    out = torch.empty_like(params)
+    n = params.numel()
+    if n:
+        _flat_sgd_step_forward_kernel[_grid(n)](
+            params,
+            grad,
+            out,
+            n,
+            lr,
+            weight_decay,
+            COMPUTE_F64=params.dtype == torch.float64,
+            BLOCK_SIZE=BLOCK_SIZE,
+        )
+    return out
+
+
+def _triton_backward(grad_out, lr, weight_decay):
+    grad_params = torch.empty_like(grad_out)
+    grad_grad = torch.empty_like(grad_out)
+    n = grad_out.numel()
+    if n:
+        _flat_sgd_step_backward_kernel[_grid(n)](
+            grad_out,
+            grad_params,
+            grad_grad,
+            n,
+            lr,
+            weight_decay,
+            COMPUTE_F64=grad_out.dtype == torch.float64,
+            BLOCK_SIZE=BLOCK_SIZE,
+        )
+    return grad_params, grad_grad
+
+
+def _forward_impl(backend: str):
+    if backend == "triton":
+        return _triton_forward
+    if backend in ("cpu", "cuda"):
+        return _backend.extension().flat_sgd_step_forward
+    return _reference.flat_sgd_step
+
+
+def _backward_impl(backend: str):
+    if backend == "triton":
+        return _triton_backward
+    if backend in ("cpu", "cuda"):
+        return _backend.extension().flat_sgd_step_backward
+    return _reference.flat_sgd_step_backward
+
+
+class FlatSgdStepFunction(torch.autograd.Function):
+    """params' = params - lr * (grad + weight_decay * params), fused forward and backward."""
+
+    @staticmethod
+    def forward(ctx, params, grad, lr, weight_decay, backend):
+        ctx.lr, ctx.weight_decay, ctx.backend = lr, weight_decay, backend
+        return _forward_impl(backend)(params, grad, lr, weight_decay)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_params, grad_grad = FlatSgdStepBackwardFunction.apply(
+            grad_out.contiguous(), ctx.lr, ctx.weight_decay, ctx.backend
+        )
+        return grad_params, grad_grad, None, None, None
+
+
+class FlatSgdStepBackwardFunction(torch.autograd.Function):
+    """(d_params, d_grad) = ((1 - lr*wd) * d_out, -lr * d_out), one fused pass over d_out.
+
+    Its own backward is (1 - lr*wd) * a - lr * b for incoming (a, b): exactly the forward op with
+    params=a and grad=b, so every derivative order reuses the two fused kernels.
+    """
+
+    @staticmethod
+    def forward(ctx, grad_out, lr, weight_decay, backend):
+        ctx.lr, ctx.weight_decay, ctx.backend = lr, weight_decay, backend
+        return _backward_impl(backend)(grad_out, lr, weight_decay)
+
+    @staticmethod
+    def backward(ctx, grad_grad_params, grad_grad_grad):
+        grad_grad_out = FlatSgdStepFunction.apply(
+            grad_grad_params.contiguous(),
+            grad_grad_grad.contiguous(),
+            ctx.lr,
+            ctx.weight_decay,
+            ctx.backend,
+        )
+        return grad_grad_out, None, None, None
+
+
+def flat_sgd_step(
+    params: torch.Tensor, grad: torch.Tensor, lr: float, weight_decay: float = 0.0
+) -> torch.Tensor:
+    """One out-of-place SGD step on a flat parameter buffer, fused and differentiable.
+
+    ``params' = params - lr * (grad + weight_decay * params)``, computed in float32 (float64 for
+    float64 buffers) and returned in ``params.dtype``. Gradients flow to both ``params`` and
+    ``grad`` (through any number of derivative orders), so the step can sit inside a second-order
+    meta-learning graph.
+
+    Args:
+        params: (n_params,) contiguous float32, float64, float16 or bfloat16 buffer.
+        grad: (n_params,) gradient: same dtype, size and device as ``params``, contiguous.
+        lr: learning rate, a finite Python number.
+        weight_decay: L2 coefficient >= 0 added to the gradient. Default 0.
+
+    Returns:
+        (n_params,) new parameter buffer (``params`` is not modified).
+
+    Raises:
+        TypeError: a tensor of the wrong dtype (or mismatched dtypes), or a non-number lr.
+        ValueError: wrong shape, mismatched sizes or devices, non-contiguous input, non-finite
+            lr, negative weight_decay.
+        BackendUnavailableError: a forced backend cannot run on ``params.device``.
+    """
+    check_flat_buffer(params, "params")
+    check_like(params, "params", grad, "grad")
+    lr = check_real(lr, "lr")
+    weight_decay = check_real(weight_decay, "weight_decay", minimum=0.0)
+    backend = _backend.resolve(OP_NAME, params.device)
+    if backend == "reference":
+        return _reference.flat_sgd_step(params, grad, lr, weight_decay)
+    return FlatSgdStepFunction.apply(params, grad, lr, weight_decay, backend)
