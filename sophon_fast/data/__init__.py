@@ -1,0 +1,41 @@
+"""Offline image domains and loaders: everything returns an :class:`ImageDataset`.
+
+- :func:`list_builtin` / :func:`load_builtin`: small real domains (MNIST-5k, its 0-4 and 5-9
+  halves, scikit-learn digits, LFW faces) read from files inside PyPI packages, no network.
+- :func:`load_cifar`, :func:`load_mnist_idx`, :func:`load_stl10`, :func:`load_image_folder`,
+  :func:`load_npz`: the standard on-disk formats a user already has.
+- :func:`check_classification_data`, :func:`check_num_classes`: validation run on user data
+  before training, failing fast with a message that says what was expected.
+
+Images are ``(N, C, H, W)`` float32 in ``[0, 1]``; labels ``(N,)`` int64.
+"""
+
+from sophon_fast.data.builtin import list_builtin, load_builtin
+from sophon_fast.data.checks import check_classification_data, check_num_classes
+from sophon_fast.data.formats import (
+    ImageDataset,
+    load_cifar,
+    load_image_folder,
+    load_mnist_idx,
+    load_npz,
+    load_stl10,
+    read_idx,
+    resize_images,
+    set_channels,
+)
+
+__all__ = [
+    "ImageDataset",
+    "check_classification_data",
+    "check_num_classes",
+    "list_builtin",
+    "load_builtin",
+    "load_cifar",
+    "load_image_folder",
+    "load_mnist_idx",
+    "load_npz",
+    "load_stl10",
+    "read_idx",
+    "resize_images",
+    "set_channels",
+]
