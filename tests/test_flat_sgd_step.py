@@ -157,3 +157,44 @@ def test_unknown_forced_backend_raises(monkeypatch):
 def test_auto_prefers_compiled_kernels_on_cpu():
     expected = "cpu" if _backend.extension() is not None else "reference"
     assert _backend.resolve("flat_sgd_step", "cpu") == expected
+
+
+@pytest.mark.parametrize(("backend", "device"), backend_params())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_out_buffer_and_in_place(backend, device, dtype):
+    params, grad = _inputs(1023, dtype, device)
+    expected = reference.flat_sgd_step(params, grad, 0.37, 0.05)
+    out = torch.empty_like(params)
+    with _backend.use_backend(backend):
+        got = flat_sgd_step(params, grad, 0.37, 0.05, out=out)
+        assert got.data_ptr() == out.data_ptr()
+        torch.testing.assert_close(out, expected, **elementwise(dtype))
+        in_place = flat_sgd_step(params, grad, 0.37, 0.05, out=params)
+    assert in_place.data_ptr() == params.data_ptr()
+    torch.testing.assert_close(params, expected, **elementwise(dtype))
+
+
+def test_out_refused_when_differentiating():
+    params = torch.zeros(4, requires_grad=True)
+    with pytest.raises(ValueError, match="out= is not differentiable"):
+        flat_sgd_step(params, torch.zeros(4), 0.1, out=torch.empty(4))
+    with torch.no_grad():
+        flat_sgd_step(params, torch.zeros(4), 0.1, out=torch.empty(4))
+
+
+def test_out_checked_like_params():
+    with pytest.raises(ValueError, match="out has 3 elements but params has 4"):
+        flat_sgd_step(torch.zeros(4), torch.zeros(4), 0.1, out=torch.empty(3))
+
+
+@pytest.mark.parametrize(("backend", "device"), backend_params())
+def test_backward_without_weight_decay_passes_grad_out_through(backend, device):
+    # weight_decay == 0: d_params is d_out itself, so the backward writes only d_grad.
+    params, grad = _inputs(7, torch.float32, device)
+    params.requires_grad_(True)
+    grad.requires_grad_(True)
+    grad_out = torch.randn(7, device=device)
+    with _backend.use_backend(backend):
+        d_params, d_grad = torch.autograd.grad(flat_sgd_step(params, grad, 0.5), (params, grad), grad_out)
+    torch.testing.assert_close(d_params, grad_out, rtol=0, atol=0)
+    torch.testing.assert_close(d_grad, -0.5 * grad_out, rtol=0, atol=0)

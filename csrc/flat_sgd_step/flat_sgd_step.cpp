@@ -38,10 +38,16 @@ void check_launch(int status, const char* what) {
 #endif
 
 at::Tensor flat_sgd_step_forward(const at::Tensor& params, const at::Tensor& grad, double lr,
-                                 double weight_decay) {
+                                 double weight_decay, const c10::optional<at::Tensor>& out_opt) {
   check_flat_buffer(params, "params");
   check_same_buffer(params, "params", grad, "grad");
-  auto out = at::empty_like(params);
+  at::Tensor out;
+  if (out_opt.has_value() && out_opt->defined()) {
+    out = *out_opt;
+    check_same_buffer(params, "params", out, "out");
+  } else {
+    out = at::empty_like(params);
+  }
   if (params.is_cpu()) {
     flat_sgd_step_forward_cpu(params, grad, out, lr, weight_decay);
     return out;
@@ -68,22 +74,24 @@ at::Tensor flat_sgd_step_forward(const at::Tensor& params, const at::Tensor& gra
 std::tuple<at::Tensor, at::Tensor> flat_sgd_step_backward(const at::Tensor& grad_out, double lr,
                                                           double weight_decay) {
   check_flat_buffer(grad_out, "grad_out");
-  auto grad_params = at::empty_like(grad_out);
+  // weight_decay == 0: d_params = d_out exactly, so hand d_out back instead of copying it.
+  const bool identity = weight_decay == 0.0;
+  at::Tensor grad_params = identity ? at::Tensor() : at::empty_like(grad_out);
   auto grad_grad = at::empty_like(grad_out);
   if (grad_out.is_cpu()) {
     flat_sgd_step_backward_cpu(grad_out, grad_params, grad_grad, lr, weight_decay);
-    return {grad_params, grad_grad};
+    return {identity ? grad_out : grad_params, grad_grad};
   }
 #ifdef SOPHON_FAST_WITH_CUDA
   if (grad_out.is_cuda()) {
     const c10::cuda::CUDAGuard guard(grad_out.device());
     check_launch(sophon_fast_flat_sgd_step_backward_cuda(
                      dtype_code(grad_out.scalar_type()), grad_out.const_data_ptr(),
-                     grad_params.mutable_data_ptr(), grad_grad.mutable_data_ptr(),
-                     grad_out.numel(), lr, weight_decay,
+                     identity ? nullptr : grad_params.mutable_data_ptr(),
+                     grad_grad.mutable_data_ptr(), grad_out.numel(), lr, weight_decay,
                      at::cuda::getCurrentCUDAStream().stream()),
                  "flat_sgd_step backward kernel");
-    return {grad_params, grad_grad};
+    return {identity ? grad_out : grad_params, grad_grad};
   }
 #endif
   TORCH_CHECK_VALUE(false, "flat_sgd_step: grad_out on ", grad_out.device(),

@@ -52,8 +52,14 @@ void flat_sgd_step_backward_cpu(const at::Tensor& grad_out, at::Tensor& grad_par
         const C lr = static_cast<C>(lr_d);
         const C params_scale = C(1) - lr * static_cast<C>(weight_decay_d);
         const scalar_t* __restrict__ d = grad_out.const_data_ptr<scalar_t>();
-        scalar_t* __restrict__ dp = grad_params.mutable_data_ptr<scalar_t>();
         scalar_t* __restrict__ dg = grad_grad.mutable_data_ptr<scalar_t>();
+        if (!grad_params.defined()) {
+          at::parallel_for(0, grad_out.numel(), kGrain, [&](int64_t begin, int64_t end) {
+            for (int64_t i = begin; i < end; ++i) dg[i] = static_cast<scalar_t>(-lr * static_cast<C>(d[i]));
+          });
+          return;
+        }
+        scalar_t* __restrict__ dp = grad_params.mutable_data_ptr<scalar_t>();
         at::parallel_for(0, grad_out.numel(), kGrain, [&](int64_t begin, int64_t end) {
           for (int64_t i = begin; i < end; ++i) {
             const C di = static_cast<C>(d[i]);

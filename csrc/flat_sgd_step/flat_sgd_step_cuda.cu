@@ -4,6 +4,9 @@
 //   backward  d_p  = (1 - lr * weight_decay) * d_out,
 //             d_g  = -lr * d_out                               (12 B/param at fp32)
 //
+// With weight_decay == 0, d_p is d_out itself: the caller passes grad_params = nullptr and the
+// backward only writes d_g (8 B/param), as autograd does for `p - lr * g`.
+//
 // Maths in fp32 for fp32/fp16/bf16 storage (fp64 for fp64) so every backend rounds the
 // same way. Only CUDA headers here: the file compiles with plain nvcc in CI, without torch.
 #include <cuda_bf16.h>
@@ -79,7 +82,7 @@ __global__ void flat_sgd_step_backward_kernel(const T* __restrict__ grad_out,
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += stride) {
     const C d = load_as(grad_out, i);
-    grad_params[i] = store_as<T>(params_scale * d);
+    if (grad_params != nullptr) grad_params[i] = store_as<T>(params_scale * d);
     grad_grad[i] = store_as<T>(-lr * d);
   }
 }

@@ -6,7 +6,8 @@ Maths (maths in float32 for float32/float16/bfloat16 storage, float64 for float6
     backward  d_params = (1 - lr * weight_decay) * d_out,   d_grad = -lr * d_out
 
 Memory traffic at float32: forward reads params and grad and writes params' (12 B/param); the fused
-backward reads d_out once and writes both products (12 B/param). The eager per-tensor update that
+backward reads d_out once and writes both products (12 B/param), or only d_grad when
+weight_decay == 0, where d_params is d_out itself (8 B/param). The eager per-tensor update that
 MAML libraries run (``p - lr * g`` per tensor) costs 20 B/param plus one launch per tensor per op.
 
 Nothing is saved for backward: the Jacobian is the constant pair (1 - lr*wd, -lr). The backward is
@@ -64,6 +65,7 @@ def _flat_sgd_step_backward_kernel(
     n_elements,
     lr,
     weight_decay,
+    WRITE_PARAMS: tl.constexpr,
     COMPUTE_F64: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
 ):
@@ -75,9 +77,10 @@ def _flat_sgd_step_backward_kernel(
         d = d.to(tl.float64)
     else:
         d = d.to(tl.float32)
-    grad_params = (1.0 - lr * weight_decay) * d
+    if WRITE_PARAMS:
+        grad_params = (1.0 - lr * weight_decay) * d
+        tl.store(grad_params_ptr + offsets, grad_params.to(grad_params_ptr.dtype.element_ty), mask=mask)
     grad_grad = -lr * d
-    tl.store(grad_params_ptr + offsets, grad_params.to(grad_params_ptr.dtype.element_ty), mask=mask)
     tl.store(grad_grad_ptr + offsets, grad_grad.to(grad_grad_ptr.dtype.element_ty), mask=mask)
 
 
@@ -85,8 +88,8 @@ def _grid(n: int):
     return (max(1, -(-n // BLOCK_SIZE)),)
 
 
-def _triton_forward(params, grad, lr, weight_decay):
-    out = torch.empty_like(params)
+def _triton_forward(params, grad, lr, weight_decay, out=None):
+    out = torch.empty_like(params) if out is None else out
     n = params.numel()
     if n:
         _flat_sgd_step_forward_kernel[_grid(n)](
@@ -103,7 +106,8 @@ def _triton_forward(params, grad, lr, weight_decay):
 
 
 def _triton_backward(grad_out, lr, weight_decay):
-    grad_params = torch.empty_like(grad_out)
+    write_params = weight_decay != 0.0
+    grad_params = torch.empty_like(grad_out) if write_params else grad_out
     grad_grad = torch.empty_like(grad_out)
     n = grad_out.numel()
     if n:
@@ -114,6 +118,7 @@ def _triton_backward(grad_out, lr, weight_decay):
             n,
             lr,
             weight_decay,
+            WRITE_PARAMS=write_params,
             COMPUTE_F64=grad_out.dtype == torch.float64,
             BLOCK_SIZE=BLOCK_SIZE,
         )
@@ -177,7 +182,12 @@ class FlatSgdStepBackwardFunction(torch.autograd.Function):
 
 
 def flat_sgd_step(
-    params: torch.Tensor, grad: torch.Tensor, lr: float, weight_decay: float = 0.0
+    params: torch.Tensor,
+    grad: torch.Tensor,
+    lr: float,
+    weight_decay: float = 0.0,
+    *,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One out-of-place SGD step on a flat parameter buffer, fused and differentiable.
 
@@ -191,9 +201,14 @@ def flat_sgd_step(
         grad: (n_params,) gradient: same dtype, size and device as ``params``, contiguous.
         lr: learning rate, a finite Python number.
         weight_decay: L2 coefficient >= 0 added to the gradient. Default 0.
+        out: optional (n_params,) buffer (same dtype and device) to write the result into; it
+            may be ``params`` itself (an in-place step). Not differentiable: refused while
+            ``params`` or ``grad`` require grad under grad mode. Reusing a buffer avoids the
+            page faults of a fresh allocation (on the CPU they cost more than the step).
 
     Returns:
-        (n_params,) new parameter buffer (``params`` is not modified).
+        (n_params,) new parameter buffer (``out`` when given; otherwise ``params`` is not
+        modified).
 
     Raises:
         TypeError: a tensor of the wrong dtype (or mismatched dtypes), or a non-number lr.
@@ -206,6 +221,18 @@ def flat_sgd_step(
     lr = check_real(lr, "lr")
     weight_decay = check_real(weight_decay, "weight_decay", minimum=0.0)
     backend = _backend.resolve(OP_NAME, params.device)
+    if out is not None:
+        check_like(params, "params", out, "out")
+        if torch.is_grad_enabled() and (params.requires_grad or grad.requires_grad):
+            raise ValueError(
+                "out= is not differentiable: params or grad requires grad; call without out= "
+                "(or under torch.no_grad()) to get a differentiable step"
+            )
+        if backend == "triton":
+            return _triton_forward(params, grad, lr, weight_decay, out)
+        if backend in ("cpu", "cuda"):
+            return _backend.extension().flat_sgd_step_forward(params, grad, lr, weight_decay, out)
+        return _reference.flat_sgd_step(params, grad, lr, weight_decay, out=out)
     if backend == "reference":
         return _reference.flat_sgd_step(params, grad, lr, weight_decay)
     return FlatSgdStepFunction.apply(params, grad, lr, weight_decay, backend)

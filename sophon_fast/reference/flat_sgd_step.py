@@ -17,7 +17,12 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def flat_sgd_step(
-    params: torch.Tensor, grad: torch.Tensor, lr: float, weight_decay: float = 0.0
+    params: torch.Tensor,
+    grad: torch.Tensor,
+    lr: float,
+    weight_decay: float = 0.0,
+    *,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Out-of-place SGD step on a flat buffer.
 
@@ -26,16 +31,20 @@ def flat_sgd_step(
         grad: (n_params,) gradient, same dtype and device as ``params``.
         lr: learning rate.
         weight_decay: L2 coefficient added to the gradient (``grad + weight_decay * params``).
+        out: optional (n_params,) buffer to write the result into (may be ``params``).
 
     Returns:
-        (n_params,) updated parameters in ``params.dtype``.
+        (n_params,) updated parameters in ``params.dtype`` (``out`` when given).
     """
     compute = _compute_dtype(params.dtype)
     p = params.to(compute)
     update = grad.to(compute)
     if weight_decay != 0.0:
         update = update + weight_decay * p
-    return (p - lr * update).to(params.dtype)
+    result = (p - lr * update).to(params.dtype)
+    if out is None:
+        return result
+    return out.copy_(result)
 
 
 def flat_sgd_step_backward(
@@ -47,10 +56,13 @@ def flat_sgd_step_backward(
         grad_out: (n_params,) gradient with respect to the updated parameters.
 
     Returns:
-        (grad_params, grad_grad), each (n_params,) in ``grad_out.dtype``.
+        (grad_params, grad_grad), each (n_params,) in ``grad_out.dtype``; with
+        ``weight_decay == 0`` grad_params is ``grad_out`` itself (an identity Jacobian block).
     """
     compute = _compute_dtype(grad_out.dtype)
     d = grad_out.to(compute)
+    if weight_decay == 0.0:
+        return grad_out, (d * -lr).to(grad_out.dtype)
     grad_params = (d * (1.0 - lr * weight_decay)).to(grad_out.dtype)
     grad_grad = (d * -lr).to(grad_out.dtype)
     return grad_params, grad_grad
