@@ -1,0 +1,627 @@
+"""Public API: :func:`protect`, :class:`ProtectConfig`, :class:`ProtectResult`, :func:`simulate`.
+
+SOPHON (arXiv 2404.12699) makes a pre-trained classifier hard to fine-tune on a *restricted*
+domain while keeping it accurate on its *original* domain. Each outer step minimises a
+suppression loss measured after simulated fine-tuning on restricted batches (meta-gradient,
+clipped, Adam with lr alpha * base_lr), then takes normal-training steps on original batches (CE,
+Adam with lr beta * base_lr), guarded by an original-accuracy rollback. The maths lives in
+:mod:`sophon_fast.engine.inner`, the loop in :mod:`sophon_fast.engine.outer`.
+
+Defaults reproduce the official classification run (``inverse_loss.py``): ICE loss, 50 inner SGD
+steps at 1e-4 on batches of 150 split 130 adapt / 20 evaluate at random, alpha 3, beta 5,
+first-order meta-gradient clipped to 0.5, head re-drawn in every simulation, BatchNorm
+statistics restored after every simulation, rollback-and-stop at 80 % original accuracy, seed 99.
+
+FIXES (official-code bugs this library does not reproduce):
+
+1. Short simulations: when the restricted iterator wrapped, the official code dropped the freshly
+   fetched batch and ran that simulation with K-1 steps. Here every simulation has exactly
+   ``inner_steps`` full batches (an epoch's incomplete tail is skipped, then a new permutation).
+2. KL-to-uniform hard-coded u = 0.1 (uniform only for 10 classes) and took ``log(softmax)``,
+   which underflows to -inf. Here u = 1/C and ``log_softmax``.
+3. ``nl_loop = 0`` raised NameError (the guard read an accuracy only NTR defined). Here
+   ``ntr_steps=0`` is valid; the guard reads the evaluation, which is independent of NTR.
+4. The final ``load_bn`` restored the statistics saved before the last simulation, discarding the
+   last NTR steps' BatchNorm updates. Here nothing is restored after the loop: the returned
+   model carries the statistics of its last NTR step.
+5. ``save_bn`` skipped ``num_batches_tracked``, so simulations advanced it (it matters for
+   BatchNorm with ``momentum=None``). Here it is saved and restored with the running stats.
+6. Head re-initialisation for VGG compared instead of assigning and looked for a missing
+   ``.fc``. Here the head is found by name (:func:`sophon_fast.models.find_head`).
+
+Kept on purpose (documented quirks): the ICE loss is the code's ``CE(1 - z, y)``
+(``ice_paper`` is the textbook -log(1 - p_y)); the re-drawn head still receives meta-gradient
+through the clone's identity edge (:mod:`sophon_fast.engine.inner`); the default guard stops
+training at its first rollback.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from sophon_fast.engine.optimizers import Adversary, resolve_adversary
+from sophon_fast.losses import SUPPRESSION_LOSSES, get_loss
+
+__all__ = ["ProtectConfig", "ProtectResult", "SimulationResult", "protect", "simulate"]
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+_RESUME_MAY_DIFFER = ("outer_steps", "checkpoint_every")
+
+
+def _int(name: str, value: Any, *, minimum: int, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"ProtectConfig.{name}: expected an int, got {value!r} ({type(value).__name__})")
+    if value < minimum:
+        raise ValueError(f"ProtectConfig.{name}: expected an int >= {minimum}, got {value}")
+
+
+def _float(name: str, value: Any, *, positive: bool = True, allow_none: bool = False) -> float | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"ProtectConfig.{name}: expected a number, got {value!r} ({type(value).__name__})")
+    value = float(value)
+    if not math.isfinite(value) or (value <= 0 if positive else value < 0):
+        kind = "> 0" if positive else ">= 0"
+        raise ValueError(f"ProtectConfig.{name}: expected a finite number {kind}, got {value}")
+    return value
+
+
+def _choice(name: str, value: Any, options: Sequence[str]) -> None:
+    if value not in options:
+        raise ValueError(f"ProtectConfig.{name}: expected one of {list(options)}, got {value!r}")
+
+
+@dataclass
+class ProtectConfig:
+    """Every knob of a protection run, validated on construction (``TypeError``/``ValueError``).
+
+    Attributes:
+        loss: suppression loss: ``"ice"`` (official code, z_y + logsumexp(-z)), ``"ice_paper"``
+            (-log(1 - p_y)) or ``"klu"`` (KL(uniform || softmax)). Default "ice".
+        inner_steps: simulated fine-tuning steps K per simulation, one restricted batch each.
+            Default 50.
+        inner_lr: learning rate of the default adversary (plain SGD). Default 1e-4.
+        batch_size: restricted batch size (and original NTR batch size). Default 150.
+        adapt_size: samples of each restricted batch used for the adaptation step (chosen at
+            random per batch); the other ``batch_size - adapt_size`` evaluate. Default 130.
+        alpha / beta: meta Adam lr = alpha * base_lr, NTR Adam lr = beta * base_lr (two separate
+            Adam states over the same weights). Defaults 3.0 / 5.0.
+        base_lr: Default 1e-4.
+        suppression_steps / ntr_steps: per outer step (0 NTR steps allowed). Defaults 1 / 1.
+        outer_steps: Default 1000.
+        max_grad_norm: L2 clip of the meta-gradient (not of NTR); None = no clipping. Default 0.5.
+        reinit_head: re-draw the head (Xavier-uniform, zero bias) at the start of every
+            simulation; None = True for ice / ice_paper, False for klu (official). Default None.
+        restore_bn: restore BatchNorm statistics after every simulation. Default True.
+        order: meta-gradient order: 1 (official, first order along the trajectory) or 2 (exact,
+            through the inner updates). Default 1.
+        truncate: order 2 only: differentiate through the last ``truncate`` inner steps; the
+            earlier ones are first-order steps (see :mod:`sophon_fast.engine.inner`). None = all.
+        adversaries: inner optimizers to simulate: ``(name, lr)``, ``(name, lr, {hyper-params})``
+            or dicts; names sgd, momentum, nesterov, adam, adamw, rmsprop (hyper-parameters and
+            defaults in :mod:`sophon_fast.engine.optimizers`). None = ``(("sgd", inner_lr),)``.
+        adversary_sampling: ``"one"`` (draw one per simulation from the seeded generator) or
+            ``"all"`` (simulate every adversary on the same batches and average). Default "one".
+        guard_threshold: intactness guard: roll back when original accuracy <= threshold.
+            Percent in ``"absolute"`` mode, a fraction in (0, 1] of the starting accuracy in
+            ``"relative"`` mode; None = no guard. Default 80.0.
+        guard_mode: ``"absolute"`` or ``"relative"``. Default "absolute".
+        guard_action: ``"stop"`` (official: restore the outer step's backup and stop) or
+            ``"continue"`` (restore and go on; Adam moments are kept). Default "stop".
+        eval_every: measure original accuracy every this many outer steps (after the NTR steps;
+            official: every step). 0 or None = never, which disables the guard (warning).
+            Default 1.
+        eval_size: evaluate on at most the first ``eval_size`` evaluation samples; None = all.
+        eval_batch_size: batch size of the evaluation forward passes. Default 500.
+        seed: seed of the generator every random choice is drawn from. Default 99.
+        engine: ``"fast"`` (flat parameters) or ``"reference"`` (eager, official-style).
+        dtype: ``"float32"`` or ``"float64"`` (the protected copy and data are converted).
+        checkpoint_every: with a checkpoint directory, write one every this many outer steps
+            (and always at the end); None = only at the end.
+        head: dotted name of the classifier head ``nn.Linear``; None = the model's
+            ``head_name``, else the last Linear (warning).
+    """
+
+    loss: str = "ice"
+    inner_steps: int = 50
+    inner_lr: float = 1e-4
+    batch_size: int = 150
+    adapt_size: int = 130
+    alpha: float = 3.0
+    beta: float = 5.0
+    base_lr: float = 1e-4
+    suppression_steps: int = 1
+    ntr_steps: int = 1
+    outer_steps: int = 1000
+    max_grad_norm: float | None = 0.5
+    reinit_head: bool | None = None
+    restore_bn: bool = True
+    order: int = 1
+    truncate: int | None = None
+    adversaries: Any = None
+    adversary_sampling: str = "one"
+    guard_threshold: float | None = 80.0
+    guard_mode: str = "absolute"
+    guard_action: str = "stop"
+    eval_every: int | None = 1
+    eval_size: int | None = None
+    eval_batch_size: int = 500
+    seed: int = 99
+    engine: str = "fast"
+    dtype: Any = "float32"
+    checkpoint_every: int | None = None
+    head: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.loss not in SUPPRESSION_LOSSES:
+            extra = " ('ce' is the adaptation/NTR loss: minimising it on restricted data helps fine-tuning)" if self.loss == "ce" else ""
+            raise ValueError(f"ProtectConfig.loss: expected one of {list(SUPPRESSION_LOSSES)}, got {self.loss!r}{extra}")
+        for name in ("inner_steps", "batch_size", "suppression_steps", "outer_steps", "eval_batch_size"):
+            _int(name, getattr(self, name), minimum=1)
+        _int("adapt_size", self.adapt_size, minimum=1)
+        if self.adapt_size >= self.batch_size:
+            raise ValueError(
+                f"ProtectConfig.adapt_size: expected 1 <= adapt_size < batch_size={self.batch_size} "
+                f"(the rest of each batch evaluates), got {self.adapt_size}"
+            )
+        _int("ntr_steps", self.ntr_steps, minimum=0)
+        _int("seed", self.seed, minimum=0)
+        for name in ("inner_lr", "alpha", "beta", "base_lr"):
+            setattr(self, name, _float(name, getattr(self, name)))
+        self.max_grad_norm = _float("max_grad_norm", self.max_grad_norm, allow_none=True)
+        for name in ("reinit_head",):
+            if self.reinit_head is not None and not isinstance(self.reinit_head, bool):
+                raise TypeError(f"ProtectConfig.{name}: expected True, False or None, got {self.reinit_head!r}")
+        if not isinstance(self.restore_bn, bool):
+            raise TypeError(f"ProtectConfig.restore_bn: expected a bool, got {self.restore_bn!r}")
+        if self.order not in (1, 2) or isinstance(self.order, bool):
+            raise ValueError(f"ProtectConfig.order: expected 1 or 2, got {self.order!r}")
+        _int("truncate", self.truncate, minimum=0, allow_none=True)
+        if self.truncate is not None and self.order == 1:
+            raise ValueError("ProtectConfig.truncate: only meaningful with order=2 (order 1 differentiates no inner step)")
+        specs = self.adversaries if self.adversaries is not None else (("sgd", self.inner_lr),)
+        if isinstance(specs, (str, dict, Adversary)) or (isinstance(specs, (tuple, list)) and specs and isinstance(specs[0], str)):
+            raise TypeError(f"ProtectConfig.adversaries: expected a sequence of adversaries, e.g. (('sgd', 1e-4),), got {specs!r}")
+        if not isinstance(specs, (tuple, list)) or len(specs) == 0:
+            raise ValueError(f"ProtectConfig.adversaries: expected a non-empty sequence of adversaries, got {specs!r}")
+        self.adversaries = tuple(resolve_adversary(spec) for spec in specs)
+        _choice("adversary_sampling", self.adversary_sampling, ("one", "all"))
+        _choice("guard_mode", self.guard_mode, ("absolute", "relative"))
+        _choice("guard_action", self.guard_action, ("stop", "continue"))
+        if self.guard_threshold is not None:
+            self.guard_threshold = _float("guard_threshold", self.guard_threshold, positive=False)
+            if self.guard_mode == "absolute" and self.guard_threshold > 100.0:
+                raise ValueError(f"ProtectConfig.guard_threshold: absolute mode takes a percentage in [0, 100], got {self.guard_threshold}")
+            if self.guard_mode == "relative" and not 0.0 < self.guard_threshold <= 1.0:
+                raise ValueError(
+                    f"ProtectConfig.guard_threshold: relative mode takes a fraction of the starting accuracy in (0, 1], "
+                    f"got {self.guard_threshold}"
+                )
+        _int("eval_every", self.eval_every, minimum=0, allow_none=True)
+        _int("eval_size", self.eval_size, minimum=1, allow_none=True)
+        _int("checkpoint_every", self.checkpoint_every, minimum=1, allow_none=True)
+        _choice("engine", self.engine, ("fast", "reference"))
+        if isinstance(self.dtype, torch.dtype):
+            self.dtype = str(self.dtype).removeprefix("torch.")
+        _choice("dtype", self.dtype, tuple(_DTYPES))
+        if self.head is not None and not isinstance(self.head, str):
+            raise TypeError(f"ProtectConfig.head: expected a dotted module name or None, got {self.head!r}")
+        if not self.eval_every and self.guard_threshold is not None:
+            warnings.warn("ProtectConfig: eval_every is 0/None, so the intactness guard is off", stacklevel=3)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _DTYPES[self.dtype]
+
+    @property
+    def reinit_head_resolved(self) -> bool:
+        """Whether simulations re-draw the head (None resolves by loss, as the official code)."""
+        return self.loss in ("ice", "ice_paper") if self.reinit_head is None else self.reinit_head
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict (adversaries as dicts)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["adversaries"] = [a.to_json() for a in self.adversaries]
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ProtectConfig:
+        """Inverse of :meth:`to_dict`; unknown keys raise ``ValueError``."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"ProtectConfig: unknown fields {unknown}; expected some of {sorted(names)}")
+        return cls(**data)
+
+
+def _check_data(images, labels, *, name: str, num_classes: int, data_classes: int | None, allow_fewer: bool) -> None:
+    from sophon_fast.data import check_classification_data, check_num_classes
+
+    if not isinstance(images, torch.Tensor) or not isinstance(labels, torch.Tensor):
+        raise TypeError(f"{name}: expected tensors, got {type(images).__name__} and {type(labels).__name__}")
+    check_classification_data(images, labels, num_classes=num_classes, name=name)
+    if data_classes is not None:
+        check_num_classes(num_classes, data_classes, name, allow_fewer=allow_fewer)
+
+
+@dataclass
+class ProtectResult:
+    """What :func:`protect` returns.
+
+    Attributes:
+        model: the protected model (a copy; the caller's model is untouched).
+        history: one dict per outer step: ``step``, ``suppression_loss``,
+            ``restricted_accuracy`` (percent, evaluation samples inside the simulations),
+            ``ntr_loss``, ``original_accuracy`` (percent, None when not measured),
+            ``adversaries`` (labels of the simulated optimizers), ``guard`` (None,
+            "rollback_stop" or "rollback_continue"), ``seconds``.
+        config: the :class:`ProtectConfig` used.
+        initial_original_accuracy: original accuracy (percent) before protection, or None.
+        stopped_by: None, "guard" or "callback".
+    """
+
+    model: nn.Module
+    history: list[dict[str, Any]]
+    config: ProtectConfig
+    initial_original_accuracy: float | None = None
+    stopped_by: str | None = None
+
+    WEIGHTS = "model.safetensors"
+    META = "result.json"
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``model.safetensors`` (weights and buffers) and ``result.json`` (config, history,
+        model_spec, head) to ``directory``, each atomically. Returns the directory."""
+        from sophon_fast.engine.checkpoint import atomic_save_tensors, atomic_write_text
+
+        directory = Path(directory)
+        atomic_save_tensors(directory / self.WEIGHTS, dict(self.model.state_dict()))
+        meta = {
+            "format": "sophon_fast.ProtectResult/1",
+            "config": self.config.to_dict(),
+            "history": self.history,
+            "model_spec": getattr(self.model, "model_spec", None),
+            "model_class": type(self.model).__name__,
+            "initial_original_accuracy": self.initial_original_accuracy,
+            "stopped_by": self.stopped_by,
+        }
+        atomic_write_text(directory / self.META, json.dumps(meta, indent=1))
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path, model: nn.Module | None = None) -> ProtectResult:
+        """Load a result written by :meth:`save`; never unpickles.
+
+        Args:
+            directory: the directory given to :meth:`save`.
+            model: a module of the saved architecture to load the weights into (in place); None
+                rebuilds a zoo model from the saved ``model_spec``.
+
+        Raises:
+            FileNotFoundError: missing files.
+            ValueError: no ``model`` and no ``model_spec`` saved, or weights that do not fit.
+        """
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        meta = json.loads((directory / cls.META).read_text(encoding="utf-8"))
+        weights = load_file(str(directory / cls.WEIGHTS))
+        if model is None:
+            spec = meta.get("model_spec")
+            if not spec:
+                raise ValueError(
+                    f"{directory}: the saved {meta.get('model_class')} is not a zoo model (no model_spec); "
+                    "pass model= an instance of its architecture"
+                )
+            from sophon_fast.models import build_model
+
+            model = build_model(spec["name"], spec.get("kwargs"))
+        floating = {t.dtype for t in weights.values() if t.is_floating_point()}
+        if len(floating) == 1:
+            model = model.to(dtype=floating.pop())
+        try:
+            model.load_state_dict(weights, strict=True)
+        except RuntimeError as error:
+            raise ValueError(f"{directory}: weights do not fit {type(model).__name__}: {error}") from None
+        return cls(
+            model=model,
+            history=meta["history"],
+            config=ProtectConfig.from_dict(meta["config"]),
+            initial_original_accuracy=meta.get("initial_original_accuracy"),
+            stopped_by=meta.get("stopped_by"),
+        )
+
+
+def _make_engine(config: ProtectConfig, model: nn.Module):
+    kwargs = dict(
+        meta_lr=config.alpha * config.base_lr,
+        ntr_lr=config.beta * config.base_lr,
+        suppression_loss=get_loss(config.loss),
+        adapt_loss=get_loss("ce"),
+        ntr_loss=get_loss("ce"),
+        order=config.order,
+        truncate=config.truncate,
+        restore_bn=config.restore_bn,
+    )
+    if config.engine == "fast":
+        from sophon_fast.engine.inner import FastEngine
+
+        return FastEngine(model, **kwargs)
+    from sophon_fast.reference.sophon import ReferenceEngine
+
+    return ReferenceEngine(model, **kwargs)
+
+
+def _data_classes(data) -> int | None:
+    value = getattr(data, "num_classes", None)
+    return value if isinstance(value, int) else None
+
+
+def protect(
+    model: nn.Module,
+    original,
+    restricted,
+    config: ProtectConfig | None = None,
+    *,
+    original_eval=None,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    callbacks: Sequence[Callable[[dict[str, Any]], Any]] = (),
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+) -> ProtectResult:
+    """Make ``model`` hard to fine-tune on ``restricted`` while keeping it good on ``original``.
+
+    The caller's model is not modified: a copy is converted to ``config.dtype``, moved to
+    ``device`` and protected. All data is validated before any training, then moved to the
+    device once.
+
+    Args:
+        model: a pre-trained classifier whose head (``config.head``, ``model.head_name`` or the
+            last ``nn.Linear``) has one output per original class.
+        original: original-domain training data for NTR: an ``(images, labels)`` tensor pair,
+            a Dataset (``ImageDataset``, ``TensorDataset``, any map-style dataset of ``(x, y)``)
+            or a DataLoader. images (N, C, H, W) or (N, features), labels (N,) int64.
+        restricted: restricted-domain data, same forms; its labels must fit the head.
+        config: :class:`ProtectConfig`; None = the official defaults. Default None.
+        original_eval: held-out original-domain data for the accuracy the history records and
+            the guard reads (the official code uses the test set); same forms. None = evaluate on
+            ``original`` itself (optimistic). At most ``config.eval_size`` samples are used.
+        device: where to run; None = the model's device. Default None.
+        progress: show a tqdm progress bar. Default True.
+        callbacks: functions called with each step's history record; one returning True stops
+            training after that step. Default ().
+        checkpoint_dir: write checkpoints here (every ``config.checkpoint_every`` steps and at
+            the end). Default None.
+        resume: continue from the checkpoint in ``checkpoint_dir`` (same config apart from
+            ``outer_steps`` / ``checkpoint_every``); runs until ``config.outer_steps`` in total.
+            On the CPU the result is bit-identical to an uninterrupted run. Default False.
+
+    Returns:
+        :class:`ProtectResult` with the protected copy, its per-step history and the config.
+
+    Raises:
+        TypeError: a config or data of the wrong type.
+        ValueError: invalid data (shape, non-finite values, labels outside the head's classes,
+            class-count mismatch, empty data, fewer samples than ``batch_size``), a checkpoint
+            that does not match, or ``resume`` without ``checkpoint_dir``.
+        FileNotFoundError: ``resume=True`` but no checkpoint in ``checkpoint_dir``.
+    """
+    from sophon_fast.engine.checkpoint import load_checkpoint, save_checkpoint
+    from sophon_fast.engine.outer import ProtectionRun
+    from sophon_fast.engine.sampling import as_tensors
+    from sophon_fast.models import find_head
+
+    config = ProtectConfig() if config is None else config
+    if not isinstance(config, ProtectConfig):
+        raise TypeError(f"config: expected a ProtectConfig or None, got {type(config).__name__}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    if resume and checkpoint_dir is None:
+        raise ValueError("resume=True needs checkpoint_dir")
+    first_param = next(model.parameters(), None)
+    if first_param is None:
+        raise ValueError(f"model: {type(model).__name__} has no parameters")
+    device = torch.device(device) if device is not None else first_param.device
+    _, head_linear = find_head(model, config.head)
+    num_classes = head_linear.out_features
+
+    original_x, original_y = as_tensors(original, "original")
+    restricted_x, restricted_y = as_tensors(restricted, "restricted")
+    _check_data(original_x, original_y, name="original", num_classes=num_classes,
+                data_classes=_data_classes(original), allow_fewer=False)
+    _check_data(restricted_x, restricted_y, name="restricted", num_classes=num_classes,
+                data_classes=_data_classes(restricted), allow_fewer=True)
+    if original_eval is not None:
+        eval_x, eval_y = as_tensors(original_eval, "original_eval")
+        _check_data(eval_x, eval_y, name="original_eval", num_classes=num_classes,
+                    data_classes=_data_classes(original_eval), allow_fewer=True)
+    else:
+        eval_x, eval_y = original_x, original_y
+    if config.eval_size is not None:
+        eval_x, eval_y = eval_x[: config.eval_size], eval_y[: config.eval_size]
+    if restricted_y.shape[0] < config.batch_size:
+        raise ValueError(f"restricted: {restricted_y.shape[0]} samples, fewer than batch_size={config.batch_size}")
+    if config.ntr_steps and original_y.shape[0] < config.batch_size:
+        raise ValueError(f"original: {original_y.shape[0]} samples, fewer than batch_size={config.batch_size}")
+    if original_x.shape[1:] != restricted_x.shape[1:] or eval_x.shape[1:] != original_x.shape[1:]:
+        raise ValueError(
+            f"original / restricted / original_eval samples differ in shape: {tuple(original_x.shape[1:])}, "
+            f"{tuple(restricted_x.shape[1:])}, {tuple(eval_x.shape[1:])}; the model takes one input shape"
+        )
+
+    dtype = config.torch_dtype
+    work = copy.deepcopy(model).to(device=device, dtype=dtype)
+    work.train()
+
+    def to_device(x, y):
+        return x.to(device=device, dtype=dtype), y.to(device=device, dtype=torch.int64)
+
+    head = find_head(work, config.head) if config.reinit_head_resolved else None
+    run = ProtectionRun(
+        engine=_make_engine(config, work),
+        config=config,
+        restricted=to_device(restricted_x, restricted_y),
+        original=to_device(original_x, original_y),
+        original_eval=to_device(eval_x, eval_y),
+        head=head,
+    )
+    if resume:
+        tensors, meta = load_checkpoint(checkpoint_dir)
+        saved = dict(meta["config"])
+        current = config.to_dict()
+        differ = sorted(k for k in current if k not in _RESUME_MAY_DIFFER and saved.get(k) != json.loads(json.dumps(current[k])))
+        if differ:
+            raise ValueError(f"resume: the config differs from the checkpoint's in {differ}")
+        run.load_state(tensors, meta)
+
+    def checkpoint() -> None:
+        save_checkpoint(checkpoint_dir, run.state_tensors(), {**run.state_meta(), "config": config.to_dict()})
+
+    flush = device.type == "cpu"
+    if flush:
+        torch.set_flush_denormal(True)  # long CPU runs slow down 2.6x on denormals without it
+    try:
+        run.start()
+        run.run(
+            config.outer_steps,
+            progress=progress,
+            callbacks=callbacks,
+            checkpoint=checkpoint if checkpoint_dir is not None else None,
+            checkpoint_every=config.checkpoint_every,
+        )
+    finally:
+        if flush:
+            torch.set_flush_denormal(False)  # PyTorch's default; the previous state is not queryable
+    protected = run.engine.export()
+    protected.train(model.training)
+    return ProtectResult(
+        model=protected,
+        history=run.history,
+        config=config,
+        initial_original_accuracy=run.initial_original_accuracy,
+        stopped_by=run.stopped_by,
+    )
+
+
+@dataclass
+class SimulationResult:
+    """What :func:`simulate` returns.
+
+    Attributes:
+        loss: () suppression loss L = sum_k n_k l_k / N (detached).
+        accuracy: () fraction of evaluation samples classified correctly after each step.
+        meta_grad: parameter name -> dL/dtheta, shaped like the parameter.
+    """
+
+    loss: torch.Tensor
+    accuracy: torch.Tensor
+    meta_grad: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def simulate(
+    model: nn.Module,
+    batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    adapt_masks: Sequence[torch.Tensor],
+    eval_masks: Sequence[torch.Tensor],
+    config: ProtectConfig | None = None,
+    *,
+    adversary: Any = None,
+    head_values: dict[str, torch.Tensor] | None = None,
+    engine: str | None = None,
+) -> SimulationResult:
+    """Run ONE fine-tuning simulation + evaluation and return its loss and meta-gradient.
+
+    The low-level call under :func:`protect`, for both engines: K = ``len(batches)`` inner steps,
+    step k adapting on ``batches[k]`` rows where ``adapt_masks[k]`` is True and evaluating on
+    rows where ``eval_masks[k]`` is True (the masks may overlap; each must select at least one
+    row). The maths, orders and truncation are in :mod:`sophon_fast.engine.inner`. Uses
+    ``config.loss``, ``order``, ``truncate``; batches must already be on the model's device and
+    dtype. The model is left untouched: weights, BatchNorm statistics (bit-identical) and its
+    train/eval flag.
+
+    Args:
+        model: the classifier (its parameters are theta).
+        batches: K pairs x (batch_k, ...), y (batch_k,) int64.
+        adapt_masks / eval_masks: K (batch_k,) bool tensors.
+        config: supplies loss, order and truncate (and the default adversary). Default None =
+            ``ProtectConfig()``.
+        adversary: the inner optimizer, as in ``ProtectConfig.adversaries`` (one entry);
+            None = ``config.adversaries[0]``.
+        head_values: parameter name -> value written into the simulation's starting point
+            (e.g. ``{"fc.weight": w, "fc.bias": b}`` from
+            :func:`sophon_fast.models.xavier_head_values`); None = no re-initialisation.
+        engine: "fast" or "reference"; None = ``config.engine``.
+
+    Returns:
+        :class:`SimulationResult`.
+
+    Raises:
+        ValueError: mismatched lengths or shapes, empty masks, unknown head parameter names.
+    """
+    config = ProtectConfig() if config is None else config
+    adversary = config.adversaries[0] if adversary is None else resolve_adversary(adversary)
+    engine = config.engine if engine is None else engine
+    _choice("engine", engine, ("fast", "reference"))
+    if not (len(batches) == len(adapt_masks) == len(eval_masks)) or len(batches) == 0:
+        raise ValueError(
+            f"simulate: expected as many adapt and eval masks as batches (>= 1); got {len(batches)} batches, "
+            f"{len(adapt_masks)} adapt masks, {len(eval_masks)} eval masks"
+        )
+    for k, ((x, y), adapt, evaluate) in enumerate(zip(batches, adapt_masks, eval_masks)):
+        for label, mask in (("adapt", adapt), ("eval", evaluate)):
+            if mask.dtype != torch.bool or mask.shape != y.shape or x.shape[0] != y.shape[0]:
+                raise ValueError(
+                    f"simulate: batch {k}: expected x (B, ...), y (B,) and a (B,) bool {label} mask; got x "
+                    f"{tuple(x.shape)}, y {tuple(y.shape)}, mask {tuple(mask.shape)} {mask.dtype}"
+                )
+            if not bool(mask.any()):
+                raise ValueError(f"simulate: batch {k}: the {label} mask selects no sample")
+    names = dict(model.named_parameters())
+    for name, value in (head_values or {}).items():
+        if name not in names or names[name].shape != value.shape:
+            raise ValueError(f"simulate: head_values[{name!r}] does not match a parameter of the model")
+    was_training = model.training
+    loss_fn, ce = get_loss(config.loss), get_loss("ce")
+    try:
+        if engine == "reference":
+            from sophon_fast.reference.sophon import simulate_reference
+
+            loss, accuracy, grads = simulate_reference(
+                model, batches, adapt_masks, eval_masks, suppression_loss=loss_fn, adapt_loss=ce,
+                adversary=adversary, order=config.order, truncate=config.truncate, head_values=head_values,
+            )
+        else:
+            from sophon_fast.engine.flat import FlatParams
+            from sophon_fast.engine.functional import FunctionalModel
+            from sophon_fast.engine.inner import simulate_flat
+            from sophon_fast.engine.sampling import masks_to_indices
+
+            flat = FlatParams.from_module(model)
+            device = flat.params.device
+            result = simulate_flat(
+                FunctionalModel(model, flat.layout), flat, batches,
+                [masks_to_indices(m, device) for m in adapt_masks],
+                [masks_to_indices(m, device) for m in eval_masks],
+                suppression_loss=loss_fn, adapt_loss=ce, adversary=adversary, order=config.order,
+                truncate=config.truncate, head_values=head_values,
+            )
+            loss, accuracy = result.loss, result.accuracy
+            grads = flat.named_params(result.meta_grad.to(flat.params.dtype))
+    finally:
+        model.train(was_training)
+    return SimulationResult(loss=loss, accuracy=accuracy, meta_grad=grads)

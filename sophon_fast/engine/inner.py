@@ -1,0 +1,294 @@
+"""Fine-tuning simulation (FTS) + evaluation (FTE) on flat parameters: the fast engine's core.
+
+One simulation, for restricted batches k = 1..K (K = ``inner_steps``), adversary U (an inner
+optimizer, :mod:`sophon_fast.engine.optimizers`), adapt split a_k and evaluate split e_k:
+
+    phi_0 = theta  (head slice replaced by fresh values when the head is re-drawn)
+    phi_k = U(phi_{k-1}, grad CE(f(phi_{k-1}; x_{a_k}), y_{a_k}))          # train-mode BN
+    l_k   = suppression_loss(f(phi_k; x_{e_k}), y_{e_k})                  # train-mode BN
+    L     = sum_k n_k l_k / N,     n_k = |e_k|, N = sum_k n_k
+
+Meta-gradient:
+
+- **order 1** (official, FOMAML along the trajectory): the inner gradients are constants, so
+  d phi_k / d theta = I and dL/dtheta = sum_k (n_k/N) grad l_k(phi_k). Each l_k is
+  back-propagated right after step k into a flat accumulator (float32, float64 for float64
+  parameters): one evaluation graph alive at a time instead of K.
+- **order 2** (exact): the inner gradients of the differentiated steps are built with
+  ``create_graph=True`` and dL/dtheta is one backward through the whole trajectory
+  (Hessian-vector products through every inner update, for every inner optimizer).
+  **Truncation** ``truncate=W``: only the last W inner steps (k > K - W) are differentiated.
+  Steps 1..K-W are first-order steps, exactly as in order 1: their update
+  phi_k - phi_{k-1} (inner gradient, optimizer state, weight decay, everything) is a constant,
+  so d phi_k / d phi_{k-1} = I. W = K (``truncate=None``) is full order 2; W = 0 equals order 1
+  (tests check both ends).
+
+**Head re-initialisation** (ICE runs): phi_0's head slice is overwritten, without recording the
+write, in a clone of theta, just as the official code re-initialises learn2learn's clone in
+place. The clone's identity edge survives, so the real head receives meta-gradient although its
+value is never read by the simulation (order 1: the sum of the head gradients at phi_1..phi_K;
+order 2: the derivative with respect to the *re-drawn* head values, routed to theta's head).
+The exact derivative with respect to theta's head would be 0; NTR repairs the head on the
+original domain either way.
+
+**BatchNorm statistics**: the simulation runs on a scratch copy of the running-statistics buffer
+(one copy), so the model's statistics are untouched; with ``keep_stats=True`` the drifted
+statistics are copied back (the official behaviour without ``load_bn``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from sophon_fast.engine.flat import FlatParams
+from sophon_fast.engine.functional import FunctionalModel
+from sophon_fast.engine.optimizers import Adversary, init_state, inner_step, state_dtype
+from sophon_fast.losses import LossFn
+
+__all__ = ["FlatSimulation", "simulate_flat"]
+
+
+@dataclass
+class FlatSimulation:
+    """Result of one simulation on flat parameters.
+
+    Attributes:
+        loss: () suppression loss L (detached).
+        accuracy: () fraction of evaluation samples classified correctly at phi_1..phi_K.
+        meta_grad: (n_params,) dL/dtheta.
+    """
+
+    loss: torch.Tensor
+    accuracy: torch.Tensor
+    meta_grad: torch.Tensor
+
+
+def _window_start(inner_steps: int, order: int, truncate: int | None) -> int:
+    """First 0-based inner step whose inner gradient is differentiated."""
+    if order == 1:
+        return inner_steps
+    window = inner_steps if truncate is None else min(truncate, inner_steps)
+    return inner_steps - window
+
+
+def simulate_flat(
+    fmodel: FunctionalModel,
+    flat: FlatParams,
+    batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    adapt_index: Sequence[torch.Tensor],
+    eval_index: Sequence[torch.Tensor],
+    *,
+    suppression_loss: LossFn,
+    adapt_loss: LossFn,
+    adversary: Adversary,
+    order: int,
+    truncate: int | None,
+    head_values: dict[str, torch.Tensor] | None,
+    keep_stats: bool = False,
+) -> FlatSimulation:
+    """Run one simulation of ``adversary`` from ``flat.params`` (see the module docstring).
+
+    Args:
+        fmodel: functional forward of the model.
+        flat: current parameters / statistics; not modified (unless ``keep_stats``).
+        batches: K pairs x (batch_k, ...), y (batch_k,) on the parameters' device.
+        adapt_index / eval_index: K int64 index tensors into each batch (device).
+        suppression_loss / adapt_loss: ``loss(logits, labels) -> ()``.
+        adversary: the inner optimizer.
+        order: 1 or 2.
+        truncate: order-2 window W (None = all K steps).
+        head_values: parameter name -> replacement value for phi_0, or None.
+        keep_stats: copy the drifted BatchNorm statistics back into ``flat``.
+
+    Returns:
+        :class:`FlatSimulation`.
+    """
+    layout = flat.layout
+    theta = flat.params.detach()
+    stats, counters = flat.stats.clone(), flat.counters.clone()
+    eval_counts = [int(index.numel()) for index in eval_index]
+    total_eval = sum(eval_counts)
+    weights = [count / total_eval for count in eval_counts]
+    inner_steps = len(batches)
+    first_differentiated = _window_start(inner_steps, order, truncate)
+    accumulate_dtype = state_dtype(theta.dtype)
+
+    def start_point(source: torch.Tensor) -> torch.Tensor:
+        phi = source.clone()
+        if head_values:
+            with torch.no_grad():  # unrecorded write: the clone's identity edge to theta survives
+                for name, value in head_values.items():
+                    phi[layout.param_slice(name)] = value.reshape(-1).to(phi)
+        return phi
+
+    loss_total = torch.zeros((), dtype=accumulate_dtype, device=theta.device)
+    correct = torch.zeros((), dtype=torch.int64, device=theta.device)
+
+    if order == 1:
+        meta_grad = torch.zeros(theta.shape, dtype=accumulate_dtype, device=theta.device)
+        phi = start_point(theta)
+        state = init_state(adversary.name, phi)
+        for k, (x, y) in enumerate(batches):
+            phi = phi.detach().requires_grad_(True)
+            a, e = adapt_index[k], eval_index[k]
+            adapt_logits = fmodel(phi, stats, counters, x.index_select(0, a), train=True)
+            (grad,) = torch.autograd.grad(adapt_loss(adapt_logits, y.index_select(0, a)), phi)
+            with torch.no_grad():
+                phi, state = inner_step(adversary, phi, grad, state)
+            phi.requires_grad_(True)
+            y_eval = y.index_select(0, e)
+            eval_logits = fmodel(phi, stats, counters, x.index_select(0, e), train=True)
+            step_loss = suppression_loss(eval_logits, y_eval)
+            (step_grad,) = torch.autograd.grad(step_loss, phi)
+            meta_grad.add_(step_grad.to(accumulate_dtype), alpha=weights[k])
+            loss_total += weights[k] * step_loss.detach().to(accumulate_dtype)
+            correct += (eval_logits.detach().argmax(1) == y_eval).sum()
+    else:
+        theta_leaf = theta.clone().requires_grad_(True)
+        phi = start_point(theta_leaf)
+        state = init_state(adversary.name, phi)
+        objective = torch.zeros((), dtype=theta.dtype, device=theta.device)
+        for k, (x, y) in enumerate(batches):
+            a, e = adapt_index[k], eval_index[k]
+            differentiate = k >= first_differentiated
+            adapt_logits = fmodel(phi, stats, counters, x.index_select(0, a), train=True)
+            (grad,) = torch.autograd.grad(
+                adapt_loss(adapt_logits, y.index_select(0, a)), phi, create_graph=differentiate
+            )
+            if differentiate:
+                phi, state = inner_step(adversary, phi, grad, state)
+            else:
+                # A first-order step: its update is a constant shift, d phi_k / d phi_{k-1} = I.
+                # new + (phi - phi) has the value of new exactly and the identity Jacobian.
+                with torch.no_grad():
+                    new, state = inner_step(adversary, phi.detach(), grad, state)
+                phi = new + (phi - phi.detach())
+            y_eval = y.index_select(0, e)
+            eval_logits = fmodel(phi, stats, counters, x.index_select(0, e), train=True)
+            step_loss = suppression_loss(eval_logits, y_eval)
+            objective = objective + weights[k] * step_loss
+            loss_total += weights[k] * step_loss.detach().to(accumulate_dtype)
+            correct += (eval_logits.detach().argmax(1) == y_eval).sum()
+        (meta_grad,) = torch.autograd.grad(objective, theta_leaf)
+        meta_grad = meta_grad.to(accumulate_dtype)
+
+    if keep_stats:
+        with torch.no_grad():
+            flat.stats.copy_(stats)
+            flat.counters.copy_(counters)
+    accuracy = correct.to(accumulate_dtype) / total_eval
+    return FlatSimulation(loss_total, accuracy, meta_grad)
+
+
+class FastEngine:
+    """The flat-parameter engine behind ``engine="fast"``: the state of a protection run.
+
+    Holds the model's FlatParams (the parameters are one leaf tensor the two outer Adams step),
+    the functional forward and both Adam optimizers; the outer loop
+    (:mod:`sophon_fast.engine.outer`) drives it through the engine interface documented there.
+    """
+
+    name = "fast"
+
+    def __init__(self, model, *, meta_lr: float, ntr_lr: float, suppression_loss: LossFn, adapt_loss: LossFn,
+                 ntr_loss: LossFn, order: int, truncate: int | None, restore_bn: bool) -> None:
+        self.model = model
+        self.flat = FlatParams.from_module(model)
+        self.flat.params.requires_grad_(True)
+        self.fmodel = FunctionalModel(model, self.flat.layout)
+        fused = True if self.flat.params.is_cuda else None  # one kernel per Adam step on GPUs
+        self.meta_optimizer = torch.optim.Adam([self.flat.params], lr=meta_lr, fused=fused)
+        self.ntr_optimizer = torch.optim.Adam([self.flat.params], lr=ntr_lr, fused=fused)
+        self.suppression_loss, self.adapt_loss, self.ntr_loss = suppression_loss, adapt_loss, ntr_loss
+        self.order, self.truncate, self.restore_bn = order, truncate, restore_bn
+
+    @property
+    def device(self) -> torch.device:
+        return self.flat.params.device
+
+    def simulate(self, batches, adapt_masks, eval_masks, head_values, adversary):
+        """One simulation -> (loss (), accuracy (), meta-gradient (n_params,))."""
+        from sophon_fast.engine.sampling import masks_to_indices
+
+        result = simulate_flat(
+            self.fmodel,
+            self.flat,
+            batches,
+            [masks_to_indices(m, self.device) for m in adapt_masks],
+            [masks_to_indices(m, self.device) for m in eval_masks],
+            suppression_loss=self.suppression_loss,
+            adapt_loss=self.adapt_loss,
+            adversary=adversary,
+            order=self.order,
+            truncate=self.truncate,
+            head_values=head_values,
+            keep_stats=not self.restore_bn,
+        )
+        return result.loss, result.accuracy, result.meta_grad
+
+    def meta_step(self, meta_grad: torch.Tensor, max_grad_norm: float | None) -> None:
+        """Clip the meta-gradient to ``max_grad_norm`` (L2) and take one meta Adam step."""
+        params = self.flat.params
+        params.grad = meta_grad.to(params.dtype)
+        if max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_([params], max_grad_norm)
+        self.meta_optimizer.step()
+        params.grad = None
+
+    def ntr_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """One normal-training step: CE on an original batch, NTR Adam, no clipping. Returns ()."""
+        params = self.flat.params
+        logits = self.fmodel(params, self.flat.stats, self.flat.counters, x, train=True)
+        loss = self.ntr_loss(logits, y)
+        (params.grad,) = torch.autograd.grad(loss, params)
+        self.ntr_optimizer.step()
+        params.grad = None
+        return loss.detach()
+
+    @torch.no_grad()
+    def count_correct(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """() int64 number of eval-mode predictions equal to ``y``."""
+        logits = self.fmodel(self.flat.params.detach(), self.flat.stats, self.flat.counters, x, train=False)
+        return (logits.argmax(1) == y).sum()
+
+    def backup(self) -> FlatParams:
+        """Weights and statistics: one copy per flat buffer."""
+        return self.flat.clone()
+
+    def restore(self, backup: FlatParams) -> None:
+        self.flat.copy_from(backup)
+
+    def named_grad(self, meta_grad: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.flat.named_params(meta_grad)
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        from sophon_fast.engine.checkpoint import optimizer_tensors
+
+        out = {
+            "model.params": self.flat.params.detach(),
+            "model.stats": self.flat.stats,
+            "model.counters": self.flat.counters,
+        }
+        out.update(optimizer_tensors(self.meta_optimizer, "meta_adam"))
+        out.update(optimizer_tensors(self.ntr_optimizer, "ntr_adam"))
+        return out
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        from sophon_fast.engine.checkpoint import load_optimizer_tensors
+
+        with torch.no_grad():
+            for key, target in (("model.params", self.flat.params), ("model.stats", self.flat.stats),
+                                ("model.counters", self.flat.counters)):
+                if tensors[key].shape != target.shape:
+                    raise ValueError(f"checkpoint {key} has shape {tuple(tensors[key].shape)}, the model needs {tuple(target.shape)}")
+                target.copy_(tensors[key])
+        load_optimizer_tensors(self.meta_optimizer, tensors, "meta_adam")
+        load_optimizer_tensors(self.ntr_optimizer, tensors, "ntr_adam")
+
+    def export(self):
+        """The model with the flat values written into its own parameters and buffers."""
+        self.flat.write_to(self.model)
+        return self.model
