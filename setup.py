@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import subprocess
 from pathlib import Path
 
 from setuptools import setup
@@ -86,8 +85,10 @@ def _extensions():
     include_dirs = [str(ROOT / "csrc")]
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-        print(f"sophon_fast: building CPU + CUDA extension (CUDA_HOME={cuda_home}, "
-              f"arch {os.environ['TORCH_CUDA_ARCH_LIST']})")
+        print(
+            f"sophon_fast: building CPU + CUDA extension (CUDA_HOME={cuda_home}, "
+            f"arch {os.environ['TORCH_CUDA_ARCH_LIST']})"
+        )
         ext = CUDAExtension(
             "sophon_fast._C",
             sources=cpp_sources + cu_sources,
@@ -106,7 +107,9 @@ def _extensions():
             extra_compile_args={"cxx": cxx_flags},
             extra_link_args=["-fopenmp"],
         )
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}
+    return [ext], {
+        "build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)
+    }
 
 
 ext_modules, cmdclass = _extensions()

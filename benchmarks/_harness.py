@@ -255,7 +255,18 @@ def _fmt(value, digits=2) -> str:
 
 def format_table(records: list[Record]) -> str:
     """A fixed-width table of the records, one line each."""
-    headers = ["case", "impl", "vs", "ms", "base ms", "speedup", "GB/s", "roofline", "peak MiB", "mem ratio"]
+    headers = [
+        "case",
+        "impl",
+        "vs",
+        "ms",
+        "base ms",
+        "speedup",
+        "GB/s",
+        "roofline",
+        "peak MiB",
+        "mem ratio",
+    ]
     rows = [
         [
             r.case,
@@ -271,7 +282,10 @@ def format_table(records: list[Record]) -> str:
         ]
         for r in records
     ]
-    widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    widths = [
+        max(len(h), *(len(row[i]) for row in rows)) if rows else len(h)
+        for i, h in enumerate(headers)
+    ]
     line = "  ".join(h.ljust(w) for h, w in zip(headers, widths))
     out = [line, "-" * len(line)]
     out += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]

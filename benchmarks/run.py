@@ -21,9 +21,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-import torch  # noqa: E402
-
 import _harness  # noqa: E402
+import torch  # noqa: E402
 
 SUITES = {"ops": ["bench_flat_sgd_step"]}
 
@@ -35,7 +34,10 @@ def main(argv=None) -> int:
     parser.add_argument("--json", type=Path, help="also write the records to this JSON file")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
-        "--results-dir", type=Path, default=_harness.RESULTS_DIR, help="where <suite>.csv is appended"
+        "--results-dir",
+        type=Path,
+        default=_harness.RESULTS_DIR,
+        help="where <suite>.csv is appended",
     )
     parser.add_argument("--no-csv", action="store_true", help="do not append to the CSV")
     args = parser.parse_args(argv)
@@ -44,9 +46,13 @@ def main(argv=None) -> int:
     torch.set_flush_denormal(True)
     env = _harness.environment(device)
     # A copy bigger than any cache: 256 MiB (CPU) or 1 GiB (GPU) of traffic per call.
-    copy_gbps = _harness.copy_bandwidth_gbps(device, (512 if device.type == "cuda" else 128) * 2**20)
-    print(f"device: {env['device']} | torch {env['torch']} | triton {env['triton']} | "
-          f"commit {env['git_sha']} | {env['threads']} threads | copy {copy_gbps:.1f} GB/s")
+    copy_gbps = _harness.copy_bandwidth_gbps(
+        device, (512 if device.type == "cuda" else 128) * 2**20
+    )
+    print(
+        f"device: {env['device']} | torch {env['torch']} | triton {env['triton']} | "
+        f"commit {env['git_sha']} | {env['threads']} threads | copy {copy_gbps:.1f} GB/s"
+    )
     records = []
     for module_name in SUITES[args.suite]:
         module = importlib.import_module(module_name)

@@ -18,7 +18,12 @@ def small_cnn_shapes() -> list[tuple[int, ...]]:
     shapes: list[tuple[int, ...]] = []
     in_channels = 1
     for _ in range(4):
-        shapes += [(64, in_channels, 3, 3), (64,), (64,), (64,)]  # conv weight, bias; BN weight, bias
+        shapes += [
+            (64, in_channels, 3, 3),
+            (64,),
+            (64,),
+            (64,),
+        ]  # conv weight, bias; BN weight, bias
         in_channels = 64
     return shapes + [(10, 64), (10,)]
 

@@ -1,4 +1,5 @@
-// Input checks shared by every binding: messages name the argument and say what was expected.
+// Input checks shared by every binding: messages name the argument and say what
+// was expected.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -7,13 +8,13 @@
 namespace sophon_fast {
 
 inline void check_flat_buffer(const at::Tensor& t, const char* name) {
-  TORCH_CHECK_VALUE(t.dim() == 1, name, " must be a 1-D flat buffer of shape (n_params,), got shape ",
-                    t.sizes());
+  TORCH_CHECK_VALUE(t.dim() == 1, name,
+                    " must be a 1-D flat buffer of shape (n_params,), got shape ", t.sizes());
   TORCH_CHECK_VALUE(t.is_contiguous(), name, " must be contiguous (call .contiguous() first)");
   const auto dtype = t.scalar_type();
-  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
-                       dtype == at::kBFloat16,
-                   name, " must be float32, float64, float16 or bfloat16, got ", dtype);
+  TORCH_CHECK_TYPE(
+      dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
+      name, " must be float32, float64, float16 or bfloat16, got ", dtype);
 }
 
 inline void check_same_buffer(const at::Tensor& ref, const char* ref_name, const at::Tensor& t,

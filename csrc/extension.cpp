@@ -1,5 +1,5 @@
-// The one binding module, sophon_fast._C. Every op's checks live in its own .cpp; this file
-// only exposes them (typed stub: sophon_fast/_C.pyi).
+// The one binding module, sophon_fast._C. Every op's checks live in its own
+// .cpp; this file only exposes them (typed stub: sophon_fast/_C.pyi).
 #include <torch/extension.h>
 
 #include "flat_sgd_step/flat_sgd_step.h"
@@ -13,9 +13,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
   m.def("flat_sgd_step_forward", &sophon_fast::flat_sgd_step_forward, py::arg("params"),
         py::arg("grad"), py::arg("lr"), py::arg("weight_decay"), py::arg("out") = py::none(),
-        "params - lr * (grad + weight_decay * params) on flat 1-D buffers, into out if given");
+        "params - lr * (grad + weight_decay * params) on flat 1-D buffers, "
+        "into out if given");
   m.def("flat_sgd_step_backward", &sophon_fast::flat_sgd_step_backward, py::arg("grad_out"),
         py::arg("lr"), py::arg("weight_decay"),
-        "(grad_params, grad_grad) = ((1 - lr * weight_decay) * grad_out, -lr * grad_out); "
+        "(grad_params, grad_grad) = ((1 - lr * weight_decay) * grad_out, -lr * "
+        "grad_out); "
         "grad_params is grad_out itself when weight_decay == 0");
 }

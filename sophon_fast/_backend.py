@@ -47,7 +47,7 @@ def _flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load_extension():
     """Import ``sophon_fast._C`` once; returns (module or None, reason it is missing)."""
     if _flag(ENV_NO_EXT):
@@ -86,7 +86,9 @@ def _forced() -> str | None:
 def use_backend(name: str) -> Iterator[None]:
     """Force ``name`` for every op inside the block (this thread only); 'auto' restores choice."""
     if name != "auto" and name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; expected one of {', '.join(BACKENDS)} or 'auto'")
+        raise ValueError(
+            f"unknown backend {name!r}; expected one of {', '.join(BACKENDS)} or 'auto'"
+        )
     previous = getattr(_local, "backend", None)
     _local.backend = name
     try:
@@ -110,7 +112,9 @@ def why_unavailable(backend: str, device: torch.device) -> str | None:
             if kind != "cuda":
                 return f"the cuda backend runs on CUDA tensors, got a tensor on {device}"
             if not module.with_cuda:
-                return "the extension was built without CUDA (no CUDA torch or no nvcc at build time)"
+                return (
+                    "the extension was built without CUDA (no CUDA torch or no nvcc at build time)"
+                )
         return None
     if backend == "triton":
         mode = triton_mode()
@@ -136,7 +140,9 @@ def resolve(op: str, device: torch.device | str) -> str:
                 f"{op} on {device}: {reason}"
             )
         return forced
-    order = AUTO_ORDER_BY_OP.get(op, {}).get(device.type) or AUTO_ORDER.get(device.type, ("reference",))
+    order = AUTO_ORDER_BY_OP.get(op, {}).get(device.type) or AUTO_ORDER.get(
+        device.type, ("reference",)
+    )
     for backend in order:
         if why_unavailable(backend, device) is None:
             return backend
@@ -149,7 +155,7 @@ def _probe_device(backend: str) -> torch.device:
     return torch.device("cpu")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _probe(backend: str) -> str | None:
     """Run a tiny op on ``backend``; None on success, else why it failed."""
     device = _probe_device(backend)

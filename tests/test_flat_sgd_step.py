@@ -4,14 +4,13 @@ import inspect
 
 import pytest
 import torch
+from _backends import backend_params
+from _shapes import FLAT_SIZES, SMALL_FLAT_SIZES
+from _tolerances import elementwise
 
 from sophon_fast import _backend
 from sophon_fast.ops.flat_sgd_step import flat_sgd_step
 from sophon_fast.reference import flat_sgd_step as reference
-
-from _backends import backend_params
-from _shapes import FLAT_SIZES, SMALL_FLAT_SIZES
-from _tolerances import elementwise
 
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 HYPER = ((0.1, 0.0), (0.37, 0.05), (-0.02, 1.5))  # (lr, weight_decay), negative lr = ascent
@@ -46,7 +45,9 @@ def test_backward_matches_reference(backend, device, dtype, n):
     grad.requires_grad_(True)
     grad_out = torch.randn(n, dtype=torch.float64).to(dtype=dtype, device=device)
     with _backend.use_backend(backend):
-        got = torch.autograd.grad(flat_sgd_step(params, grad, lr, weight_decay), (params, grad), grad_out)
+        got = torch.autograd.grad(
+            flat_sgd_step(params, grad, lr, weight_decay), (params, grad), grad_out
+        )
     expected = reference.flat_sgd_step_backward(grad_out, lr, weight_decay)
     for g, e in zip(got, expected):
         assert g.dtype == dtype
@@ -76,7 +77,9 @@ def test_third_order_through_backward_function(backend, device):
     grad.requires_grad_(True)
     v = torch.randn(11, dtype=torch.float64, device=device, requires_grad=True)
     with _backend.use_backend(backend):
-        gp, gg = torch.autograd.grad(flat_sgd_step(params, grad, 0.3, 0.1), (params, grad), v, create_graph=True)
+        gp, gg = torch.autograd.grad(
+            flat_sgd_step(params, grad, 0.3, 0.1), (params, grad), v, create_graph=True
+        )
         w_p, w_g = torch.randn_like(gp), torch.randn_like(gg)
         (dv,) = torch.autograd.grad((gp * w_p).sum() + (gg * w_g).sum(), v)
     torch.testing.assert_close(dv, (1 - 0.3 * 0.1) * w_p - 0.3 * w_g)
@@ -94,14 +97,32 @@ def test_input_is_not_modified():
     [
         (torch.zeros(4), torch.zeros(5), {}, ValueError, "grad has 5 elements but params has 4"),
         (torch.zeros(4), torch.zeros(4, dtype=torch.float64), {}, TypeError, "grad has dtype"),
-        (torch.zeros(4, dtype=torch.int32), torch.zeros(4, dtype=torch.int32), {}, TypeError, "params must be float32"),
+        (
+            torch.zeros(4, dtype=torch.int32),
+            torch.zeros(4, dtype=torch.int32),
+            {},
+            TypeError,
+            "params must be float32",
+        ),
         (torch.zeros(2, 2), torch.zeros(2, 2), {}, ValueError, r"params must be a 1-D flat buffer"),
         (torch.zeros(8)[::2], torch.zeros(4), {}, ValueError, "params must be contiguous"),
         (torch.zeros(4), torch.zeros(8)[::2], {}, ValueError, "grad must be contiguous"),
         (torch.zeros(4), [0.0] * 4, {}, TypeError, "grad must be a torch.Tensor"),
         (torch.zeros(4), torch.zeros(4), {"lr": float("nan")}, ValueError, "lr must be finite"),
-        (torch.zeros(4), torch.zeros(4), {"lr": torch.tensor(0.1)}, TypeError, "lr must be a real number"),
-        (torch.zeros(4), torch.zeros(4), {"weight_decay": -1.0}, ValueError, "weight_decay must be >= 0"),
+        (
+            torch.zeros(4),
+            torch.zeros(4),
+            {"lr": torch.tensor(0.1)},
+            TypeError,
+            "lr must be a real number",
+        ),
+        (
+            torch.zeros(4),
+            torch.zeros(4),
+            {"weight_decay": -1.0},
+            ValueError,
+            "weight_decay must be >= 0",
+        ),
     ],
 )
 def test_bad_inputs_raise_naming_the_argument(params, grad, kwargs, error, match):
@@ -134,7 +155,9 @@ def test_signature_parity_across_backends():
     public = inspect.signature(flat_sgd_step)
     twin = inspect.signature(reference.flat_sgd_step)
     assert list(public.parameters) == list(twin.parameters)
-    assert [p.default for p in public.parameters.values()] == [p.default for p in twin.parameters.values()]
+    assert [p.default for p in public.parameters.values()] == [
+        p.default for p in twin.parameters.values()
+    ]
     ext = _backend.extension()
     if ext is not None:
         doc = ext.flat_sgd_step_forward.__doc__
@@ -195,6 +218,8 @@ def test_backward_without_weight_decay_passes_grad_out_through(backend, device):
     grad.requires_grad_(True)
     grad_out = torch.randn(7, device=device)
     with _backend.use_backend(backend):
-        d_params, d_grad = torch.autograd.grad(flat_sgd_step(params, grad, 0.5), (params, grad), grad_out)
+        d_params, d_grad = torch.autograd.grad(
+            flat_sgd_step(params, grad, 0.5), (params, grad), grad_out
+        )
     torch.testing.assert_close(d_params, grad_out, rtol=0, atol=0)
     torch.testing.assert_close(d_grad, -0.5 * grad_out, rtol=0, atol=0)

@@ -1,5 +1,6 @@
-// flat_sgd_step: input checks and device dispatch (CPU kernels here, CUDA via the torch-free
-// launchers of flat_sgd_step_cuda.cu when the extension is built with CUDA).
+// flat_sgd_step: input checks and device dispatch (CPU kernels here, CUDA via
+// the torch-free launchers of flat_sgd_step_cuda.cu when the extension is built
+// with CUDA).
 #include "flat_sgd_step.h"
 
 #include <ATen/ops/empty_like.h>
@@ -64,7 +65,7 @@ at::Tensor flat_sgd_step_forward(const at::Tensor& params, const at::Tensor& gra
   }
 #endif
   TORCH_CHECK_VALUE(false, "flat_sgd_step: params on ", params.device(),
-                    " is not supported by this build (CPU", 
+                    " is not supported by this build (CPU",
 #ifdef SOPHON_FAST_WITH_CUDA
                     " and CUDA",
 #endif
@@ -74,7 +75,8 @@ at::Tensor flat_sgd_step_forward(const at::Tensor& params, const at::Tensor& gra
 std::tuple<at::Tensor, at::Tensor> flat_sgd_step_backward(const at::Tensor& grad_out, double lr,
                                                           double weight_decay) {
   check_flat_buffer(grad_out, "grad_out");
-  // weight_decay == 0: d_params = d_out exactly, so hand d_out back instead of copying it.
+  // weight_decay == 0: d_params = d_out exactly, so hand d_out back instead of
+  // copying it.
   const bool identity = weight_decay == 0.0;
   at::Tensor grad_params = identity ? at::Tensor() : at::empty_like(grad_out);
   auto grad_grad = at::empty_like(grad_out);
@@ -85,12 +87,12 @@ std::tuple<at::Tensor, at::Tensor> flat_sgd_step_backward(const at::Tensor& grad
 #ifdef SOPHON_FAST_WITH_CUDA
   if (grad_out.is_cuda()) {
     const c10::cuda::CUDAGuard guard(grad_out.device());
-    check_launch(sophon_fast_flat_sgd_step_backward_cuda(
-                     dtype_code(grad_out.scalar_type()), grad_out.const_data_ptr(),
-                     identity ? nullptr : grad_params.mutable_data_ptr(),
-                     grad_grad.mutable_data_ptr(), grad_out.numel(), lr, weight_decay,
-                     at::cuda::getCurrentCUDAStream().stream()),
-                 "flat_sgd_step backward kernel");
+    check_launch(
+        sophon_fast_flat_sgd_step_backward_cuda(
+            dtype_code(grad_out.scalar_type()), grad_out.const_data_ptr(),
+            identity ? nullptr : grad_params.mutable_data_ptr(), grad_grad.mutable_data_ptr(),
+            grad_out.numel(), lr, weight_decay, at::cuda::getCurrentCUDAStream().stream()),
+        "flat_sgd_step backward kernel");
     return {identity ? grad_out : grad_params, grad_grad};
   }
 #endif

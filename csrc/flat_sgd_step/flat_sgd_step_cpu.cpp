@@ -1,7 +1,8 @@
-// flat_sgd_step, CPU kernels: one pass over the flat buffer, split across threads with
-// at::parallel_for. fp32 loops auto-vectorise at -O3; fp16/bf16 convert per element to fp32.
-// 12 B/param forward (read p, g; write p'), 12 B/param backward (read d; write d_p, d_g) at
-// fp32 against 20 B/param for the eager per-tensor `p - lr * g` (mul writes a temporary).
+// flat_sgd_step, CPU kernels: one pass over the flat buffer, split across
+// threads with at::parallel_for. fp32 loops auto-vectorise at -O3; fp16/bf16
+// convert per element to fp32. 12 B/param forward (read p, g; write p'), 12
+// B/param backward (read d; write d_p, d_g) at fp32 against 20 B/param for the
+// eager per-tensor `p - lr * g` (mul writes a temporary).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -15,8 +16,8 @@
 namespace sophon_fast {
 namespace {
 
-// 64 K elements per task: large enough that the OpenMP hand-off (~µs) is noise, small enough
-// that a 0.1 M-param small CNN still uses both cores.
+// 64 K elements per task: large enough that the OpenMP hand-off (~µs) is noise,
+// small enough that a 0.1 M-param small CNN still uses both cores.
 constexpr int64_t kGrain = 1 << 16;
 
 template <typename T>
@@ -55,7 +56,8 @@ void flat_sgd_step_backward_cpu(const at::Tensor& grad_out, at::Tensor& grad_par
         scalar_t* __restrict__ dg = grad_grad.mutable_data_ptr<scalar_t>();
         if (!grad_params.defined()) {
           at::parallel_for(0, grad_out.numel(), kGrain, [&](int64_t begin, int64_t end) {
-            for (int64_t i = begin; i < end; ++i) dg[i] = static_cast<scalar_t>(-lr * static_cast<C>(d[i]));
+            for (int64_t i = begin; i < end; ++i)
+              dg[i] = static_cast<scalar_t>(-lr * static_cast<C>(d[i]));
           });
           return;
         }

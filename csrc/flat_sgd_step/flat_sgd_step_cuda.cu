@@ -1,14 +1,17 @@
 // flat_sgd_step, CUDA twin: torch-free kernels and extern "C" launchers.
 //
-//   forward   out  = p - lr * (g + weight_decay * p)         (12 B/param at fp32)
-//   backward  d_p  = (1 - lr * weight_decay) * d_out,
-//             d_g  = -lr * d_out                               (12 B/param at fp32)
+//   forward   out  = p - lr * (g + weight_decay * p)         (12 B/param at
+//   fp32) backward  d_p  = (1 - lr * weight_decay) * d_out,
+//             d_g  = -lr * d_out                               (12 B/param at
+//             fp32)
 //
-// With weight_decay == 0, d_p is d_out itself: the caller passes grad_params = nullptr and the
-// backward only writes d_g (8 B/param), as autograd does for `p - lr * g`.
+// With weight_decay == 0, d_p is d_out itself: the caller passes grad_params =
+// nullptr and the backward only writes d_g (8 B/param), as autograd does for `p
+// - lr * g`.
 //
-// Maths in fp32 for fp32/fp16/bf16 storage (fp64 for fp64) so every backend rounds the
-// same way. Only CUDA headers here: the file compiles with plain nvcc in CI, without torch.
+// Maths in fp32 for fp32/fp16/bf16 storage (fp64 for fp64) so every backend
+// rounds the same way. Only CUDA headers here: the file compiles with plain
+// nvcc in CI, without torch.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -54,8 +57,8 @@ __device__ __forceinline__ __nv_bfloat16 store_as<__nv_bfloat16>(float v) {
   return __float2bfloat16_rn(v);
 }
 
-// Grid-stride loops: one launch covers any n, and a capped grid keeps the launch cheap for
-// ResNet-18-sized buffers (11.2 M params) without idle blocks.
+// Grid-stride loops: one launch covers any n, and a capped grid keeps the
+// launch cheap for ResNet-18-sized buffers (11.2 M params) without idle blocks.
 template <typename T>
 __global__ void flat_sgd_step_forward_kernel(const T* __restrict__ params,
                                              const T* __restrict__ grad, T* __restrict__ out,
@@ -109,22 +112,22 @@ int launch_forward(const void* params, const void* grad, void* out, int64_t n, d
 }
 
 template <typename T>
-int launch_backward(const void* grad_out, void* grad_params, void* grad_grad, int64_t n,
-                    double lr, double weight_decay, cudaStream_t stream) {
+int launch_backward(const void* grad_out, void* grad_params, void* grad_grad, int64_t n, double lr,
+                    double weight_decay, cudaStream_t stream) {
   using C = typename Compute<T>::type;
   if (n == 0) return static_cast<int>(cudaSuccess);
   flat_sgd_step_backward_kernel<T><<<grid_for(n), kThreads, 0, stream>>>(
-      static_cast<const T*>(grad_out), static_cast<T*>(grad_params), static_cast<T*>(grad_grad),
-      n, static_cast<C>(lr), static_cast<C>(weight_decay));
+      static_cast<const T*>(grad_out), static_cast<T*>(grad_params), static_cast<T*>(grad_grad), n,
+      static_cast<C>(lr), static_cast<C>(weight_decay));
   return static_cast<int>(cudaGetLastError());
 }
 
 }  // namespace
 
 extern "C" int sophon_fast_flat_sgd_step_forward_cuda(int dtype, const void* params,
-                                                       const void* grad, void* out, int64_t n,
-                                                       double lr, double weight_decay,
-                                                       cudaStream_t stream) {
+                                                      const void* grad, void* out, int64_t n,
+                                                      double lr, double weight_decay,
+                                                      cudaStream_t stream) {
   switch (dtype) {
     case SOPHON_FAST_DTYPE_FLOAT32:
       return launch_forward<float>(params, grad, out, n, lr, weight_decay, stream);
@@ -140,15 +143,14 @@ extern "C" int sophon_fast_flat_sgd_step_forward_cuda(int dtype, const void* par
 }
 
 extern "C" int sophon_fast_flat_sgd_step_backward_cuda(int dtype, const void* grad_out,
-                                                        void* grad_params, void* grad_grad,
-                                                        int64_t n, double lr, double weight_decay,
-                                                        cudaStream_t stream) {
+                                                       void* grad_params, void* grad_grad,
+                                                       int64_t n, double lr, double weight_decay,
+                                                       cudaStream_t stream) {
   switch (dtype) {
     case SOPHON_FAST_DTYPE_FLOAT32:
       return launch_backward<float>(grad_out, grad_params, grad_grad, n, lr, weight_decay, stream);
     case SOPHON_FAST_DTYPE_FLOAT64:
-      return launch_backward<double>(grad_out, grad_params, grad_grad, n, lr, weight_decay,
-                                     stream);
+      return launch_backward<double>(grad_out, grad_params, grad_grad, n, lr, weight_decay, stream);
     case SOPHON_FAST_DTYPE_FLOAT16:
       return launch_backward<__half>(grad_out, grad_params, grad_grad, n, lr, weight_decay, stream);
     case SOPHON_FAST_DTYPE_BFLOAT16:

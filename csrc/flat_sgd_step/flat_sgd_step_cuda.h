@@ -1,6 +1,7 @@
-// Torch-free interface of the flat_sgd_step CUDA launchers (raw pointers, sizes, a stream).
-// Returns a cudaError_t as int (0 = success) so the binding can report it in words.
-// out may equal params (in-place step). grad_params may be NULL: only grad_grad is written.
+// Torch-free interface of the flat_sgd_step CUDA launchers (raw pointers,
+// sizes, a stream). Returns a cudaError_t as int (0 = success) so the binding
+// can report it in words. out may equal params (in-place step). grad_params may
+// be NULL: only grad_grad is written.
 #pragma once
 
 #include <cstdint>

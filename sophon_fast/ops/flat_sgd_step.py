@@ -79,7 +79,9 @@ def _flat_sgd_step_backward_kernel(
         d = d.to(tl.float32)
     if WRITE_PARAMS:
         grad_params = (1.0 - lr * weight_decay) * d
-        tl.store(grad_params_ptr + offsets, grad_params.to(grad_params_ptr.dtype.element_ty), mask=mask)
+        tl.store(
+            grad_params_ptr + offsets, grad_params.to(grad_params_ptr.dtype.element_ty), mask=mask
+        )
     grad_grad = -lr * d
     tl.store(grad_grad_ptr + offsets, grad_grad.to(grad_grad_ptr.dtype.element_ty), mask=mask)
 
