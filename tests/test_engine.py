@@ -1,0 +1,402 @@
+"""Engine internals and the low-level simulate() call: flat buffers, functional BatchNorm, inner
+optimizers against torch.optim, fast vs reference meta-gradients, finite differences."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from sophon_fast.api import ProtectConfig, simulate
+from sophon_fast.engine.flat import FlatLayout, FlatParams
+from sophon_fast.engine.functional import FunctionalModel
+from sophon_fast.engine.optimizers import (
+    OPTIMIZER_DEFAULTS,
+    init_state,
+    inner_step,
+    resolve_adversary,
+    safe_sqrt,
+)
+from sophon_fast.models import SmallCNN, xavier_head_values
+
+INNER_STEPS = 3
+BATCH = 8
+ADAPT = 5
+META_GRAD_RTOL = 1e-10  # fast vs reference, float64 (the issue's bound)
+
+ADVERSARIES = [
+    ("sgd", 0.1),
+    ("momentum", 0.1),
+    ("adam", 0.01),
+    ("nesterov", 0.1, {"weight_decay": 0.01}),
+    ("adamw", 0.01),
+    ("rmsprop", 0.01),
+]
+
+
+def tiny_cnn(seed=0, classes=3):
+    torch.manual_seed(seed)
+    return SmallCNN(num_classes=classes, in_channels=1, image_size=8, widths=(3, 4)).double()
+
+
+class TanhMLP(nn.Module):
+    """Smooth tiny MLP (tanh: non-zero curvature everywhere) for finite differences."""
+
+    head_name = "fc"
+
+    def __init__(self):
+        super().__init__()
+        self.hidden = nn.Linear(4, 5)
+        self.fc = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.fc(torch.tanh(self.hidden(x)))
+
+
+def restricted_draw(image_shape=(1, 8, 8), classes=3, seed=1, steps=INNER_STEPS):
+    g = torch.Generator().manual_seed(seed)
+    batches, adapt_masks, eval_masks = [], [], []
+    for _ in range(steps):
+        x = torch.randn(BATCH, *image_shape, generator=g, dtype=torch.float64)
+        y = torch.randint(0, classes, (BATCH,), generator=g)
+        adapt = torch.zeros(BATCH, dtype=torch.bool)
+        adapt[torch.randperm(BATCH, generator=g)[:ADAPT]] = True
+        batches.append((x, y))
+        adapt_masks.append(adapt)
+        eval_masks.append(~adapt)
+    return batches, adapt_masks, eval_masks, g
+
+
+def flat_grad(meta_grad, names):
+    return torch.cat([meta_grad[n].reshape(-1) for n in names])
+
+
+def rel_err(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+# ---------------------------------------------------------------- FlatParams / functional forward
+
+
+def test_flat_params_layout_and_round_trip():
+    model = tiny_cnn()
+    flat = FlatParams.from_module(model)
+    named = dict(model.named_parameters())
+    assert flat.params.numel() == sum(p.numel() for p in named.values())
+    assert flat.stats.numel() == sum(b.numel() for n, b in model.named_buffers() if b.is_floating_point())
+    assert flat.counters.dtype == torch.int64 and flat.counters.numel() == 2  # two BatchNorms
+    for name, view in flat.layout.param_views(flat.params).items():
+        assert torch.equal(view, named[name])
+        assert view.data_ptr() - flat.params.data_ptr() == flat.layout.param_slice(name).start * 8
+    other = tiny_cnn(seed=5)
+    flat.write_to(other)
+    for (n1, t1), (n2, t2) in zip(model.state_dict().items(), other.state_dict().items()):
+        assert n1 == n2 and torch.equal(t1, t2)
+    backup = flat.clone()
+    flat.params.data.add_(1.0)
+    flat.stats.add_(1.0)
+    flat.copy_from(backup)
+    assert torch.equal(flat.params, backup.params) and torch.equal(flat.stats, backup.stats)
+
+
+def test_flat_params_tied_weights_counted_once():
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))
+    model[1].weight = model[0].weight
+    layout = FlatLayout(model)
+    assert layout.param_names == ["0.weight", "0.bias", "1.bias"]
+
+
+def test_flat_params_rejects_mixed_dtypes():
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3).double())
+    with pytest.raises(ValueError, match="one floating dtype"):
+        FlatLayout(model)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_functional_batchnorm_updates_flat_stats_like_torch(momentum):
+    model = tiny_cnn()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = momentum  # None: cumulative average through num_batches_tracked
+    twin = copy.deepcopy(model).train()
+    flat = FlatParams.from_module(model)
+    fmodel = FunctionalModel(model, flat.layout)
+    before = copy.deepcopy(model.state_dict())
+    g = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        x = torch.randn(6, 1, 8, 8, generator=g, dtype=torch.float64)
+        out = fmodel(flat.params, flat.stats, flat.counters, x, train=True)
+        assert torch.equal(out, twin(x))
+    mirror = tiny_cnn(seed=9)
+    flat.write_to(mirror)
+    for name, value in twin.state_dict().items():
+        assert torch.equal(mirror.state_dict()[name], value), name
+    for name, value in model.state_dict().items():  # the module's own tensors are never touched
+        assert torch.equal(before[name], value), name
+    x = torch.randn(4, 1, 8, 8, generator=g, dtype=torch.float64)
+    assert torch.equal(fmodel(flat.params, flat.stats, flat.counters, x, train=False), twin.eval()(x))
+
+
+# ---------------------------------------------------------------- inner optimizers vs torch.optim
+
+
+def _torch_optimizer(name, params, lr, hp):
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, weight_decay=hp["weight_decay"])
+    if name in ("momentum", "nesterov"):
+        return torch.optim.SGD(params, lr=lr, momentum=hp["momentum"], dampening=hp.get("dampening", 0.0),
+                               nesterov=name == "nesterov", weight_decay=hp["weight_decay"])
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, betas=hp["betas"], eps=hp["eps"], weight_decay=hp["weight_decay"])
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, betas=hp["betas"], eps=hp["eps"], weight_decay=hp["weight_decay"])
+    return torch.optim.RMSprop(params, lr=lr, alpha=hp["alpha"], eps=hp["eps"], weight_decay=hp["weight_decay"])
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZER_DEFAULTS))
+@pytest.mark.parametrize("extra", [{}, {"weight_decay": 0.05}], ids=["plain", "wd"])
+def test_inner_optimizers_match_torch_optim(name, extra):
+    if name == "momentum":
+        extra = {**extra, "dampening": 0.3}
+    adversary = resolve_adversary((name, 0.05, extra))
+    g = torch.Generator().manual_seed(0)
+    start = torch.randn(37, generator=g, dtype=torch.float64)
+    grads = [torch.randn(37, generator=g, dtype=torch.float64) for _ in range(5)]
+    grads[2][:4] = 0.0  # exact zeros: the zero-safe sqrt must not change values
+    torch_param = start.clone().requires_grad_(True)
+    optimizer = _torch_optimizer(name, [torch_param], adversary.lr, adversary.hp)
+    params, state = start.clone(), init_state(name, start)
+    for grad in grads:
+        params, state = inner_step(adversary, params, grad, state)
+        torch_param.grad = grad.clone()
+        optimizer.step()
+        torch.testing.assert_close(params, torch_param.detach(), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZER_DEFAULTS))
+def test_inner_optimizers_are_twice_differentiable(name):
+    adversary = resolve_adversary((name, 0.05, {"weight_decay": 0.01}))
+    g = torch.Generator().manual_seed(1)
+    params = torch.randn(6, generator=g, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(6, generator=g, dtype=torch.float64, requires_grad=True)
+    warm = init_state(name, params.detach())
+    _, warm = inner_step(adversary, params.detach(), torch.randn(6, generator=g, dtype=torch.float64), warm)
+
+    def step(p, d):
+        return inner_step(adversary, p, d, warm)[0]
+
+    assert torch.autograd.gradcheck(step, (params, grad))
+    assert torch.autograd.gradgradcheck(step, (params, grad))
+
+
+def test_safe_sqrt_has_zero_derivative_at_zero():
+    x = torch.tensor([0.0, 4.0], dtype=torch.float64, requires_grad=True)
+    y = safe_sqrt(x)
+    (grad,) = torch.autograd.grad(y.sum(), x)
+    assert torch.equal(y.detach(), torch.tensor([0.0, 2.0], dtype=torch.float64))
+    assert torch.equal(grad, torch.tensor([0.0, 0.25], dtype=torch.float64))
+
+
+def test_resolve_adversary_errors():
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        resolve_adversary(("lion", 1e-4))
+    with pytest.raises(ValueError, match="unknown hyper-parameters"):
+        resolve_adversary(("sgd", 1e-4, {"momentum": 0.9}))
+    with pytest.raises(ValueError, match="lr"):
+        resolve_adversary(("sgd", 0.0))
+    with pytest.raises(ValueError, match="beta"):
+        resolve_adversary(("adam", 1e-4, {"betas": (0.9, 1.0)}))
+    with pytest.raises(TypeError):
+        resolve_adversary("sgd")
+    assert resolve_adversary({"name": "adam", "lr": 1e-3, "eps": 1e-6}).hp["eps"] == 1e-6
+
+
+# ---------------------------------------------------------------- fast vs reference (low-level call)
+
+
+@pytest.mark.parametrize("order", [1, 2])
+@pytest.mark.parametrize("adversary", ADVERSARIES, ids=lambda a: a[0])
+def test_engines_give_the_same_meta_gradient(order, adversary):
+    model = tiny_cnn()
+    batches, adapt_masks, eval_masks, g = restricted_draw()
+    weight, bias = xavier_head_values(model.fc, generator=g)
+    head_values = {"fc.weight": weight, "fc.bias": bias}
+    config = ProtectConfig(order=order, dtype="float64")
+    results = {
+        engine: simulate(model, batches, adapt_masks, eval_masks, config, adversary=adversary,
+                         head_values=head_values, engine=engine)
+        for engine in ("fast", "reference")
+    }
+    names = [n for n, _ in model.named_parameters()]
+    fast, ref = results["fast"], results["reference"]
+    assert list(fast.meta_grad) == names and list(ref.meta_grad) == names
+    assert rel_err(flat_grad(fast.meta_grad, names), flat_grad(ref.meta_grad, names)) <= META_GRAD_RTOL
+    for name in names:  # per tensor too: no tensor may hide behind a large neighbour
+        assert rel_err(fast.meta_grad[name], ref.meta_grad[name]) <= META_GRAD_RTOL, name
+    assert abs(float(fast.loss - ref.loss)) <= 1e-12 * abs(float(ref.loss))
+    assert float(fast.accuracy) == float(ref.accuracy)
+    # the head, never read by the simulation, still gets meta-gradient (the official identity edge)
+    assert float(fast.meta_grad["fc.weight"].abs().sum()) > 0
+
+
+@pytest.mark.parametrize("engine", ["fast", "reference"])
+def test_truncation_ends(engine):
+    model = tiny_cnn()
+    batches, adapt_masks, eval_masks, _ = restricted_draw()
+    names = [n for n, _ in model.named_parameters()]
+
+    def run(**kwargs):
+        cfg = ProtectConfig(dtype="float64", **kwargs)
+        out = simulate(model, batches, adapt_masks, eval_masks, cfg, adversary=("momentum", 0.1), engine=engine)
+        return flat_grad(out.meta_grad, names)
+
+    first = run(order=1)
+    full = run(order=2)
+    assert rel_err(run(order=2, truncate=0), first) <= 1e-14
+    assert rel_err(run(order=2, truncate=INNER_STEPS), full) <= 1e-14
+    assert rel_err(run(order=2, truncate=50), full) <= 1e-14
+    middle = run(order=2, truncate=1)
+    assert rel_err(full, first) > 1e-6  # the orders genuinely differ, so the checks above can fail
+    assert rel_err(middle, first) > 1e-8 and rel_err(middle, full) > 1e-8
+
+
+def test_engines_agree_with_truncation():
+    model = tiny_cnn()
+    batches, adapt_masks, eval_masks, _ = restricted_draw()
+    names = [n for n, _ in model.named_parameters()]
+    cfg = ProtectConfig(dtype="float64", order=2, truncate=2)
+    grads = [
+        flat_grad(simulate(model, batches, adapt_masks, eval_masks, cfg, adversary=("adam", 0.01), engine=e).meta_grad, names)
+        for e in ("fast", "reference")
+    ]
+    assert rel_err(grads[0], grads[1]) <= META_GRAD_RTOL
+
+
+@pytest.mark.parametrize("engine", ["fast", "reference"])
+def test_simulate_leaves_the_model_untouched(engine):
+    model = tiny_cnn()
+    model.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batches, adapt_masks, eval_masks, g = restricted_draw()
+    weight, bias = xavier_head_values(model.fc, generator=g)
+    for order in (1, 2):
+        simulate(model, batches, adapt_masks, eval_masks, ProtectConfig(order=order, dtype="float64"),
+                 adversary=("adam", 0.01), head_values={"fc.weight": weight, "fc.bias": bias}, engine=engine)
+        for name, value in model.state_dict().items():
+            assert torch.equal(value, before[name]), name  # weights and BN stats, bit for bit
+        assert not model.training
+        assert all(p.grad is None for p in model.parameters())
+
+
+def test_reference_simulation_drifts_and_restores_bn_stats():
+    """The reference shares BN buffers with the model (as learn2learn): the restore is real work."""
+    from sophon_fast.losses import get_loss
+    from sophon_fast.reference.sophon import simulate_reference
+
+    model = tiny_cnn()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batches, adapt_masks, eval_masks, _ = restricted_draw()
+    kwargs = dict(suppression_loss=get_loss("ice"), adapt_loss=get_loss("ce"), adversary=resolve_adversary(("sgd", 0.1)),
+                  order=1, truncate=None, head_values=None)
+    simulate_reference(model, batches, adapt_masks, eval_masks, restore_stats=False, **kwargs)
+    drifted = model.state_dict()
+    assert not torch.equal(drifted["features.1.running_mean"], before["features.1.running_mean"])
+    assert int(drifted["features.1.num_batches_tracked"]) == 2 * INNER_STEPS
+    model.load_state_dict(before)
+    simulate_reference(model, batches, adapt_masks, eval_masks, restore_stats=True, **kwargs)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name
+
+
+def test_simulate_validates_inputs():
+    model = tiny_cnn()
+    batches, adapt_masks, eval_masks, _ = restricted_draw()
+    with pytest.raises(ValueError, match="as many adapt and eval masks"):
+        simulate(model, batches, adapt_masks[:-1], eval_masks)
+    empty = [torch.zeros(BATCH, dtype=torch.bool)] + eval_masks[1:]
+    with pytest.raises(ValueError, match="eval mask selects no sample"):
+        simulate(model, batches, adapt_masks, empty)
+    with pytest.raises(ValueError, match="bool adapt mask"):
+        simulate(model, batches, [m.long() for m in adapt_masks], eval_masks)
+    with pytest.raises(ValueError, match="head_values"):
+        simulate(model, batches, adapt_masks, eval_masks, head_values={"fc.weight": torch.zeros(2, 2)})
+    with pytest.raises(ValueError, match="engine"):
+        simulate(model, batches, adapt_masks, eval_masks, engine="fastest")
+
+
+# ---------------------------------------------------------------- order 2 vs finite differences
+
+
+def _loss_at(model, theta, names, shapes, batches, adapt_masks, eval_masks, config, adversary, head_values):
+    probe = copy.deepcopy(model)
+    with torch.no_grad():
+        offset = 0
+        params = dict(probe.named_parameters())
+        for name, shape in zip(names, shapes):
+            n = shape.numel()
+            params[name].copy_(theta[offset : offset + n].view(shape))
+            offset += n
+    return float(simulate(probe, batches, adapt_masks, eval_masks, config, adversary=adversary,
+                          head_values=head_values, engine="fast").loss)
+
+
+@pytest.mark.parametrize("adversary", [("sgd", 0.5), ("momentum", 0.3), ("adam", 0.05)], ids=lambda a: a[0])
+def test_order2_meta_gradient_matches_finite_differences(adversary):
+    torch.manual_seed(0)
+    model = TanhMLP().double()
+    batches, adapt_masks, eval_masks, _ = restricted_draw(image_shape=(4,), seed=4)
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for _, p in model.named_parameters()]
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    config = ProtectConfig(order=2, loss="klu", dtype="float64")
+    exact = flat_grad(simulate(model, batches, adapt_masks, eval_masks, config, adversary=adversary).meta_grad, names)
+    step = 1e-5
+    numeric = torch.zeros_like(theta)
+    for i in range(theta.numel()):
+        e = torch.zeros_like(theta)
+        e[i] = step
+        plus = _loss_at(model, theta + e, names, shapes, batches, adapt_masks, eval_masks, config, adversary, None)
+        minus = _loss_at(model, theta - e, names, shapes, batches, adapt_masks, eval_masks, config, adversary, None)
+        numeric[i] = (plus - minus) / (2 * step)
+    # central differences: O(step^2) truncation + O(eps / step) rounding, both ~1e-10 here
+    assert rel_err(exact, numeric) <= 1e-7
+    first = simulate(model, batches, adapt_masks, eval_masks, ProtectConfig(order=1, loss="klu", dtype="float64"),
+                     adversary=adversary).meta_grad
+    assert rel_err(flat_grad(first, names), numeric) > 1e-3  # order 1 is an approximation: the test can fail
+
+
+def test_order2_head_reinit_semantics_against_finite_differences():
+    """With the head re-drawn, the map theta -> L is constant in theta's head (finite differences
+    are exactly 0 there), and theta's head receives dL/d(re-drawn head values) instead."""
+    torch.manual_seed(0)
+    model = TanhMLP().double()
+    batches, adapt_masks, eval_masks, g = restricted_draw(image_shape=(4,), seed=4)
+    weight, bias = xavier_head_values(model.fc, generator=g)
+    head_values = {"fc.weight": weight, "fc.bias": bias}
+    config = ProtectConfig(order=2, loss="ice", dtype="float64")
+    adversary = ("adam", 0.05)
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for _, p in model.named_parameters()]
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    exact = simulate(model, batches, adapt_masks, eval_masks, config, adversary=adversary, head_values=head_values).meta_grad
+    step = 1e-5
+    hidden = model.hidden.weight.numel() + model.hidden.bias.numel()
+    numeric = torch.zeros_like(theta)
+    for i in range(theta.numel()):
+        e = torch.zeros_like(theta)
+        e[i] = step
+        args = (names, shapes, batches, adapt_masks, eval_masks, config, adversary, head_values)
+        numeric[i] = (_loss_at(model, theta + e, *args) - _loss_at(model, theta - e, *args)) / (2 * step)
+    assert torch.equal(numeric[hidden:], torch.zeros_like(numeric[hidden:]))
+    assert rel_err(flat_grad(exact, names[:2]), numeric[:hidden]) <= 1e-7
+    # head: derivative with respect to the re-drawn values (perturb the values, not theta)
+    probe = {k: v.clone() for k, v in head_values.items()}
+    numeric_head = torch.zeros_like(weight.reshape(-1))
+    for i in range(weight.numel()):
+        for sign in (1, -1):
+            probe["fc.weight"] = weight.clone().reshape(-1)
+            probe["fc.weight"][i] += sign * step
+            probe["fc.weight"] = probe["fc.weight"].view_as(weight)
+            value = float(simulate(model, batches, adapt_masks, eval_masks, config, adversary=adversary, head_values=probe).loss)
+            numeric_head[i] += sign * value / (2 * step)
+    assert rel_err(exact["fc.weight"].reshape(-1), numeric_head) <= 1e-7
