@@ -63,16 +63,22 @@ def _int(name: str, value: Any, *, minimum: int, allow_none: bool = False) -> No
     if value is None and allow_none:
         return
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"ProtectConfig.{name}: expected an int, got {value!r} ({type(value).__name__})")
+        raise TypeError(
+            f"ProtectConfig.{name}: expected an int, got {value!r} ({type(value).__name__})"
+        )
     if value < minimum:
         raise ValueError(f"ProtectConfig.{name}: expected an int >= {minimum}, got {value}")
 
 
-def _float(name: str, value: Any, *, positive: bool = True, allow_none: bool = False) -> float | None:
+def _float(
+    name: str, value: Any, *, positive: bool = True, allow_none: bool = False
+) -> float | None:
     if value is None and allow_none:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"ProtectConfig.{name}: expected a number, got {value!r} ({type(value).__name__})")
+        raise TypeError(
+            f"ProtectConfig.{name}: expected a number, got {value!r} ({type(value).__name__})"
+        )
     value = float(value)
     if not math.isfinite(value) or (value <= 0 if positive else value < 0):
         kind = "> 0" if positive else ">= 0"
@@ -168,9 +174,21 @@ class ProtectConfig:
 
     def __post_init__(self) -> None:
         if self.loss not in SUPPRESSION_LOSSES:
-            extra = " ('ce' is the adaptation/NTR loss: minimising it on restricted data helps fine-tuning)" if self.loss == "ce" else ""
-            raise ValueError(f"ProtectConfig.loss: expected one of {list(SUPPRESSION_LOSSES)}, got {self.loss!r}{extra}")
-        for name in ("inner_steps", "batch_size", "suppression_steps", "outer_steps", "eval_batch_size"):
+            extra = (
+                " ('ce' is the adaptation/NTR loss: minimising it on restricted data helps fine-tuning)"
+                if self.loss == "ce"
+                else ""
+            )
+            raise ValueError(
+                f"ProtectConfig.loss: expected one of {list(SUPPRESSION_LOSSES)}, got {self.loss!r}{extra}"
+            )
+        for name in (
+            "inner_steps",
+            "batch_size",
+            "suppression_steps",
+            "outer_steps",
+            "eval_batch_size",
+        ):
             _int(name, getattr(self, name), minimum=1)
         _int("adapt_size", self.adapt_size, minimum=1)
         if self.adapt_size >= self.batch_size:
@@ -185,19 +203,29 @@ class ProtectConfig:
         self.max_grad_norm = _float("max_grad_norm", self.max_grad_norm, allow_none=True)
         for name in ("reinit_head",):
             if self.reinit_head is not None and not isinstance(self.reinit_head, bool):
-                raise TypeError(f"ProtectConfig.{name}: expected True, False or None, got {self.reinit_head!r}")
+                raise TypeError(
+                    f"ProtectConfig.{name}: expected True, False or None, got {self.reinit_head!r}"
+                )
         if not isinstance(self.restore_bn, bool):
             raise TypeError(f"ProtectConfig.restore_bn: expected a bool, got {self.restore_bn!r}")
         if self.order not in (1, 2) or isinstance(self.order, bool):
             raise ValueError(f"ProtectConfig.order: expected 1 or 2, got {self.order!r}")
         _int("truncate", self.truncate, minimum=0, allow_none=True)
         if self.truncate is not None and self.order == 1:
-            raise ValueError("ProtectConfig.truncate: only meaningful with order=2 (order 1 differentiates no inner step)")
+            raise ValueError(
+                "ProtectConfig.truncate: only meaningful with order=2 (order 1 differentiates no inner step)"
+            )
         specs = self.adversaries if self.adversaries is not None else (("sgd", self.inner_lr),)
-        if isinstance(specs, (str, dict, Adversary)) or (isinstance(specs, (tuple, list)) and specs and isinstance(specs[0], str)):
-            raise TypeError(f"ProtectConfig.adversaries: expected a sequence of adversaries, e.g. (('sgd', 1e-4),), got {specs!r}")
+        if isinstance(specs, (str, dict, Adversary)) or (
+            isinstance(specs, (tuple, list)) and specs and isinstance(specs[0], str)
+        ):
+            raise TypeError(
+                f"ProtectConfig.adversaries: expected a sequence of adversaries, e.g. (('sgd', 1e-4),), got {specs!r}"
+            )
         if not isinstance(specs, (tuple, list)) or len(specs) == 0:
-            raise ValueError(f"ProtectConfig.adversaries: expected a non-empty sequence of adversaries, got {specs!r}")
+            raise ValueError(
+                f"ProtectConfig.adversaries: expected a non-empty sequence of adversaries, got {specs!r}"
+            )
         self.adversaries = tuple(resolve_adversary(spec) for spec in specs)
         _choice("adversary_sampling", self.adversary_sampling, ("one", "all"))
         _choice("guard_mode", self.guard_mode, ("absolute", "relative"))
@@ -205,7 +233,9 @@ class ProtectConfig:
         if self.guard_threshold is not None:
             self.guard_threshold = _float("guard_threshold", self.guard_threshold, positive=False)
             if self.guard_mode == "absolute" and self.guard_threshold > 100.0:
-                raise ValueError(f"ProtectConfig.guard_threshold: absolute mode takes a percentage in [0, 100], got {self.guard_threshold}")
+                raise ValueError(
+                    f"ProtectConfig.guard_threshold: absolute mode takes a percentage in [0, 100], got {self.guard_threshold}"
+                )
             if self.guard_mode == "relative" and not 0.0 < self.guard_threshold <= 1.0:
                 raise ValueError(
                     f"ProtectConfig.guard_threshold: relative mode takes a fraction of the starting accuracy in (0, 1], "
@@ -219,9 +249,13 @@ class ProtectConfig:
             self.dtype = str(self.dtype).removeprefix("torch.")
         _choice("dtype", self.dtype, tuple(_DTYPES))
         if self.head is not None and not isinstance(self.head, str):
-            raise TypeError(f"ProtectConfig.head: expected a dotted module name or None, got {self.head!r}")
+            raise TypeError(
+                f"ProtectConfig.head: expected a dotted module name or None, got {self.head!r}"
+            )
         if not self.eval_every and self.guard_threshold is not None:
-            warnings.warn("ProtectConfig: eval_every is 0/None, so the intactness guard is off", stacklevel=3)
+            warnings.warn(
+                "ProtectConfig: eval_every is 0/None, so the intactness guard is off", stacklevel=3
+            )
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -244,15 +278,21 @@ class ProtectConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
-            raise ValueError(f"ProtectConfig: unknown fields {unknown}; expected some of {sorted(names)}")
+            raise ValueError(
+                f"ProtectConfig: unknown fields {unknown}; expected some of {sorted(names)}"
+            )
         return cls(**data)
 
 
-def _check_data(images, labels, *, name: str, num_classes: int, data_classes: int | None, allow_fewer: bool) -> None:
+def _check_data(
+    images, labels, *, name: str, num_classes: int, data_classes: int | None, allow_fewer: bool
+) -> None:
     from sophon_fast.data import check_classification_data, check_num_classes
 
     if not isinstance(images, torch.Tensor) or not isinstance(labels, torch.Tensor):
-        raise TypeError(f"{name}: expected tensors, got {type(images).__name__} and {type(labels).__name__}")
+        raise TypeError(
+            f"{name}: expected tensors, got {type(images).__name__} and {type(labels).__name__}"
+        )
     check_classification_data(images, labels, num_classes=num_classes, name=name)
     if data_classes is not None:
         check_num_classes(num_classes, data_classes, name, allow_fewer=allow_fewer)
@@ -336,7 +376,9 @@ class ProtectResult:
         try:
             model.load_state_dict(weights, strict=True)
         except RuntimeError as error:
-            raise ValueError(f"{directory}: weights do not fit {type(model).__name__}: {error}") from None
+            raise ValueError(
+                f"{directory}: weights do not fit {type(model).__name__}: {error}"
+            ) from None
         return cls(
             model=model,
             history=meta["history"],
@@ -442,22 +484,44 @@ def protect(
 
     original_x, original_y = as_tensors(original, "original")
     restricted_x, restricted_y = as_tensors(restricted, "restricted")
-    _check_data(original_x, original_y, name="original", num_classes=num_classes,
-                data_classes=_data_classes(original), allow_fewer=False)
-    _check_data(restricted_x, restricted_y, name="restricted", num_classes=num_classes,
-                data_classes=_data_classes(restricted), allow_fewer=True)
+    _check_data(
+        original_x,
+        original_y,
+        name="original",
+        num_classes=num_classes,
+        data_classes=_data_classes(original),
+        allow_fewer=False,
+    )
+    _check_data(
+        restricted_x,
+        restricted_y,
+        name="restricted",
+        num_classes=num_classes,
+        data_classes=_data_classes(restricted),
+        allow_fewer=True,
+    )
     if original_eval is not None:
         eval_x, eval_y = as_tensors(original_eval, "original_eval")
-        _check_data(eval_x, eval_y, name="original_eval", num_classes=num_classes,
-                    data_classes=_data_classes(original_eval), allow_fewer=True)
+        _check_data(
+            eval_x,
+            eval_y,
+            name="original_eval",
+            num_classes=num_classes,
+            data_classes=_data_classes(original_eval),
+            allow_fewer=True,
+        )
     else:
         eval_x, eval_y = original_x, original_y
     if config.eval_size is not None:
         eval_x, eval_y = eval_x[: config.eval_size], eval_y[: config.eval_size]
     if restricted_y.shape[0] < config.batch_size:
-        raise ValueError(f"restricted: {restricted_y.shape[0]} samples, fewer than batch_size={config.batch_size}")
+        raise ValueError(
+            f"restricted: {restricted_y.shape[0]} samples, fewer than batch_size={config.batch_size}"
+        )
     if config.ntr_steps and original_y.shape[0] < config.batch_size:
-        raise ValueError(f"original: {original_y.shape[0]} samples, fewer than batch_size={config.batch_size}")
+        raise ValueError(
+            f"original: {original_y.shape[0]} samples, fewer than batch_size={config.batch_size}"
+        )
     if original_x.shape[1:] != restricted_x.shape[1:] or eval_x.shape[1:] != original_x.shape[1:]:
         raise ValueError(
             f"original / restricted / original_eval samples differ in shape: {tuple(original_x.shape[1:])}, "
@@ -484,13 +548,19 @@ def protect(
         tensors, meta = load_checkpoint(checkpoint_dir)
         saved = dict(meta["config"])
         current = config.to_dict()
-        differ = sorted(k for k in current if k not in _RESUME_MAY_DIFFER and saved.get(k) != json.loads(json.dumps(current[k])))
+        differ = sorted(
+            k
+            for k in current
+            if k not in _RESUME_MAY_DIFFER and saved.get(k) != json.loads(json.dumps(current[k]))
+        )
         if differ:
             raise ValueError(f"resume: the config differs from the checkpoint's in {differ}")
         run.load_state(tensors, meta)
 
     def checkpoint() -> None:
-        save_checkpoint(checkpoint_dir, run.state_tensors(), {**run.state_meta(), "config": config.to_dict()})
+        save_checkpoint(
+            checkpoint_dir, run.state_tensors(), {**run.state_meta(), "config": config.to_dict()}
+        )
 
     flush = device.type == "cpu"
     if flush:
@@ -506,7 +576,9 @@ def protect(
         )
     finally:
         if flush:
-            torch.set_flush_denormal(False)  # PyTorch's default; the previous state is not queryable
+            torch.set_flush_denormal(
+                False
+            )  # PyTorch's default; the previous state is not queryable
     protected = run.engine.export()
     protected.train(model.training)
     return ProtectResult(
@@ -594,7 +666,9 @@ def simulate(
     names = dict(model.named_parameters())
     for name, value in (head_values or {}).items():
         if name not in names or names[name].shape != value.shape:
-            raise ValueError(f"simulate: head_values[{name!r}] does not match a parameter of the model")
+            raise ValueError(
+                f"simulate: head_values[{name!r}] does not match a parameter of the model"
+            )
     was_training = model.training
     loss_fn, ce = get_loss(config.loss), get_loss("ce")
     try:
@@ -602,8 +676,16 @@ def simulate(
             from sophon_fast.reference.sophon import simulate_reference
 
             loss, accuracy, grads = simulate_reference(
-                model, batches, adapt_masks, eval_masks, suppression_loss=loss_fn, adapt_loss=ce,
-                adversary=adversary, order=config.order, truncate=config.truncate, head_values=head_values,
+                model,
+                batches,
+                adapt_masks,
+                eval_masks,
+                suppression_loss=loss_fn,
+                adapt_loss=ce,
+                adversary=adversary,
+                order=config.order,
+                truncate=config.truncate,
+                head_values=head_values,
             )
         else:
             from sophon_fast.engine.flat import FlatParams
@@ -614,11 +696,17 @@ def simulate(
             flat = FlatParams.from_module(model)
             device = flat.params.device
             result = simulate_flat(
-                FunctionalModel(model, flat.layout), flat, batches,
+                FunctionalModel(model, flat.layout),
+                flat,
+                batches,
                 [masks_to_indices(m, device) for m in adapt_masks],
                 [masks_to_indices(m, device) for m in eval_masks],
-                suppression_loss=loss_fn, adapt_loss=ce, adversary=adversary, order=config.order,
-                truncate=config.truncate, head_values=head_values,
+                suppression_loss=loss_fn,
+                adapt_loss=ce,
+                adversary=adversary,
+                order=config.order,
+                truncate=config.truncate,
+                head_values=head_values,
             )
             loss, accuracy = result.loss, result.accuracy
             grads = flat.named_params(result.meta_grad.to(flat.params.dtype))

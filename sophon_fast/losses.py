@@ -50,5 +50,7 @@ def get_loss(name: str) -> LossFn:
 def register_loss(name: str, fn: LossFn) -> None:
     """Register (or replace) the implementation of loss ``name``: ``fn(logits, labels) -> ()``."""
     if not callable(fn):
-        raise TypeError(f"register_loss({name!r}, ...): expected a callable, got {type(fn).__name__}")
+        raise TypeError(
+            f"register_loss({name!r}, ...): expected a callable, got {type(fn).__name__}"
+        )
     _LOSSES[name] = fn

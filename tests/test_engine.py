@@ -24,6 +24,17 @@ BATCH = 8
 ADAPT = 5
 META_GRAD_RTOL = 1e-10  # fast vs reference, float64 (the issue's bound)
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: with 2 OpenMP threads on shared cores, libgomp's spin-wait makes each op
+    ~100x slower (1.3 s vs 9 ms for one simulation here); one thread avoids it."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 ADVERSARIES = [
     ("sgd", 0.1),
     ("momentum", 0.1),
@@ -83,7 +94,9 @@ def test_flat_params_layout_and_round_trip():
     flat = FlatParams.from_module(model)
     named = dict(model.named_parameters())
     assert flat.params.numel() == sum(p.numel() for p in named.values())
-    assert flat.stats.numel() == sum(b.numel() for n, b in model.named_buffers() if b.is_floating_point())
+    assert flat.stats.numel() == sum(
+        b.numel() for n, b in model.named_buffers() if b.is_floating_point()
+    )
     assert flat.counters.dtype == torch.int64 and flat.counters.numel() == 2  # two BatchNorms
     for name, view in flat.layout.param_views(flat.params).items():
         assert torch.equal(view, named[name])
@@ -134,7 +147,9 @@ def test_functional_batchnorm_updates_flat_stats_like_torch(momentum):
     for name, value in model.state_dict().items():  # the module's own tensors are never touched
         assert torch.equal(before[name], value), name
     x = torch.randn(4, 1, 8, 8, generator=g, dtype=torch.float64)
-    assert torch.equal(fmodel(flat.params, flat.stats, flat.counters, x, train=False), twin.eval()(x))
+    assert torch.equal(
+        fmodel(flat.params, flat.stats, flat.counters, x, train=False), twin.eval()(x)
+    )
 
 
 # ---------------------------------------------------------------- inner optimizers vs torch.optim
@@ -144,13 +159,25 @@ def _torch_optimizer(name, params, lr, hp):
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, weight_decay=hp["weight_decay"])
     if name in ("momentum", "nesterov"):
-        return torch.optim.SGD(params, lr=lr, momentum=hp["momentum"], dampening=hp.get("dampening", 0.0),
-                               nesterov=name == "nesterov", weight_decay=hp["weight_decay"])
+        return torch.optim.SGD(
+            params,
+            lr=lr,
+            momentum=hp["momentum"],
+            dampening=hp.get("dampening", 0.0),
+            nesterov=name == "nesterov",
+            weight_decay=hp["weight_decay"],
+        )
     if name == "adam":
-        return torch.optim.Adam(params, lr=lr, betas=hp["betas"], eps=hp["eps"], weight_decay=hp["weight_decay"])
+        return torch.optim.Adam(
+            params, lr=lr, betas=hp["betas"], eps=hp["eps"], weight_decay=hp["weight_decay"]
+        )
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, betas=hp["betas"], eps=hp["eps"], weight_decay=hp["weight_decay"])
-    return torch.optim.RMSprop(params, lr=lr, alpha=hp["alpha"], eps=hp["eps"], weight_decay=hp["weight_decay"])
+        return torch.optim.AdamW(
+            params, lr=lr, betas=hp["betas"], eps=hp["eps"], weight_decay=hp["weight_decay"]
+        )
+    return torch.optim.RMSprop(
+        params, lr=lr, alpha=hp["alpha"], eps=hp["eps"], weight_decay=hp["weight_decay"]
+    )
 
 
 @pytest.mark.parametrize("name", sorted(OPTIMIZER_DEFAULTS))
@@ -180,7 +207,9 @@ def test_inner_optimizers_are_twice_differentiable(name):
     params = torch.randn(6, generator=g, dtype=torch.float64, requires_grad=True)
     grad = torch.randn(6, generator=g, dtype=torch.float64, requires_grad=True)
     warm = init_state(name, params.detach())
-    _, warm = inner_step(adversary, params.detach(), torch.randn(6, generator=g, dtype=torch.float64), warm)
+    _, warm = inner_step(
+        adversary, params.detach(), torch.randn(6, generator=g, dtype=torch.float64), warm
+    )
 
     def step(p, d):
         return inner_step(adversary, p, d, warm)[0]
@@ -223,14 +252,24 @@ def test_engines_give_the_same_meta_gradient(order, adversary):
     head_values = {"fc.weight": weight, "fc.bias": bias}
     config = ProtectConfig(order=order, dtype="float64")
     results = {
-        engine: simulate(model, batches, adapt_masks, eval_masks, config, adversary=adversary,
-                         head_values=head_values, engine=engine)
+        engine: simulate(
+            model,
+            batches,
+            adapt_masks,
+            eval_masks,
+            config,
+            adversary=adversary,
+            head_values=head_values,
+            engine=engine,
+        )
         for engine in ("fast", "reference")
     }
     names = [n for n, _ in model.named_parameters()]
     fast, ref = results["fast"], results["reference"]
     assert list(fast.meta_grad) == names and list(ref.meta_grad) == names
-    assert rel_err(flat_grad(fast.meta_grad, names), flat_grad(ref.meta_grad, names)) <= META_GRAD_RTOL
+    assert (
+        rel_err(flat_grad(fast.meta_grad, names), flat_grad(ref.meta_grad, names)) <= META_GRAD_RTOL
+    )
     for name in names:  # per tensor too: no tensor may hide behind a large neighbour
         assert rel_err(fast.meta_grad[name], ref.meta_grad[name]) <= META_GRAD_RTOL, name
     assert abs(float(fast.loss - ref.loss)) <= 1e-12 * abs(float(ref.loss))
@@ -247,7 +286,9 @@ def test_truncation_ends(engine):
 
     def run(**kwargs):
         cfg = ProtectConfig(dtype="float64", **kwargs)
-        out = simulate(model, batches, adapt_masks, eval_masks, cfg, adversary=("momentum", 0.1), engine=engine)
+        out = simulate(
+            model, batches, adapt_masks, eval_masks, cfg, adversary=("momentum", 0.1), engine=engine
+        )
         return flat_grad(out.meta_grad, names)
 
     first = run(order=1)
@@ -266,7 +307,12 @@ def test_engines_agree_with_truncation():
     names = [n for n, _ in model.named_parameters()]
     cfg = ProtectConfig(dtype="float64", order=2, truncate=2)
     grads = [
-        flat_grad(simulate(model, batches, adapt_masks, eval_masks, cfg, adversary=("adam", 0.01), engine=e).meta_grad, names)
+        flat_grad(
+            simulate(
+                model, batches, adapt_masks, eval_masks, cfg, adversary=("adam", 0.01), engine=e
+            ).meta_grad,
+            names,
+        )
         for e in ("fast", "reference")
     ]
     assert rel_err(grads[0], grads[1]) <= META_GRAD_RTOL
@@ -280,8 +326,16 @@ def test_simulate_leaves_the_model_untouched(engine):
     batches, adapt_masks, eval_masks, g = restricted_draw()
     weight, bias = xavier_head_values(model.fc, generator=g)
     for order in (1, 2):
-        simulate(model, batches, adapt_masks, eval_masks, ProtectConfig(order=order, dtype="float64"),
-                 adversary=("adam", 0.01), head_values={"fc.weight": weight, "fc.bias": bias}, engine=engine)
+        simulate(
+            model,
+            batches,
+            adapt_masks,
+            eval_masks,
+            ProtectConfig(order=order, dtype="float64"),
+            adversary=("adam", 0.01),
+            head_values={"fc.weight": weight, "fc.bias": bias},
+            engine=engine,
+        )
         for name, value in model.state_dict().items():
             assert torch.equal(value, before[name]), name  # weights and BN stats, bit for bit
         assert not model.training
@@ -296,8 +350,14 @@ def test_reference_simulation_drifts_and_restores_bn_stats():
     model = tiny_cnn()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     batches, adapt_masks, eval_masks, _ = restricted_draw()
-    kwargs = dict(suppression_loss=get_loss("ice"), adapt_loss=get_loss("ce"), adversary=resolve_adversary(("sgd", 0.1)),
-                  order=1, truncate=None, head_values=None)
+    kwargs = dict(
+        suppression_loss=get_loss("ice"),
+        adapt_loss=get_loss("ce"),
+        adversary=resolve_adversary(("sgd", 0.1)),
+        order=1,
+        truncate=None,
+        head_values=None,
+    )
     simulate_reference(model, batches, adapt_masks, eval_masks, restore_stats=False, **kwargs)
     drifted = model.state_dict()
     assert not torch.equal(drifted["features.1.running_mean"], before["features.1.running_mean"])
@@ -319,7 +379,9 @@ def test_simulate_validates_inputs():
     with pytest.raises(ValueError, match="bool adapt mask"):
         simulate(model, batches, [m.long() for m in adapt_masks], eval_masks)
     with pytest.raises(ValueError, match="head_values"):
-        simulate(model, batches, adapt_masks, eval_masks, head_values={"fc.weight": torch.zeros(2, 2)})
+        simulate(
+            model, batches, adapt_masks, eval_masks, head_values={"fc.weight": torch.zeros(2, 2)}
+        )
     with pytest.raises(ValueError, match="engine"):
         simulate(model, batches, adapt_masks, eval_masks, engine="fastest")
 
@@ -327,7 +389,9 @@ def test_simulate_validates_inputs():
 # ---------------------------------------------------------------- order 2 vs finite differences
 
 
-def _loss_at(model, theta, names, shapes, batches, adapt_masks, eval_masks, config, adversary, head_values):
+def _loss_at(
+    model, theta, names, shapes, batches, adapt_masks, eval_masks, config, adversary, head_values
+):
     probe = copy.deepcopy(model)
     with torch.no_grad():
         offset = 0
@@ -336,11 +400,23 @@ def _loss_at(model, theta, names, shapes, batches, adapt_masks, eval_masks, conf
             n = shape.numel()
             params[name].copy_(theta[offset : offset + n].view(shape))
             offset += n
-    return float(simulate(probe, batches, adapt_masks, eval_masks, config, adversary=adversary,
-                          head_values=head_values, engine="fast").loss)
+    return float(
+        simulate(
+            probe,
+            batches,
+            adapt_masks,
+            eval_masks,
+            config,
+            adversary=adversary,
+            head_values=head_values,
+            engine="fast",
+        ).loss
+    )
 
 
-@pytest.mark.parametrize("adversary", [("sgd", 0.5), ("momentum", 0.3), ("adam", 0.05)], ids=lambda a: a[0])
+@pytest.mark.parametrize(
+    "adversary", [("sgd", 0.5), ("momentum", 0.3), ("adam", 0.05)], ids=lambda a: a[0]
+)
 def test_order2_meta_gradient_matches_finite_differences(adversary):
     torch.manual_seed(0)
     model = TanhMLP().double()
@@ -349,20 +425,53 @@ def test_order2_meta_gradient_matches_finite_differences(adversary):
     shapes = [p.shape for _, p in model.named_parameters()]
     theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     config = ProtectConfig(order=2, loss="klu", dtype="float64")
-    exact = flat_grad(simulate(model, batches, adapt_masks, eval_masks, config, adversary=adversary).meta_grad, names)
+    exact = flat_grad(
+        simulate(model, batches, adapt_masks, eval_masks, config, adversary=adversary).meta_grad,
+        names,
+    )
     step = 1e-5
     numeric = torch.zeros_like(theta)
     for i in range(theta.numel()):
         e = torch.zeros_like(theta)
         e[i] = step
-        plus = _loss_at(model, theta + e, names, shapes, batches, adapt_masks, eval_masks, config, adversary, None)
-        minus = _loss_at(model, theta - e, names, shapes, batches, adapt_masks, eval_masks, config, adversary, None)
+        plus = _loss_at(
+            model,
+            theta + e,
+            names,
+            shapes,
+            batches,
+            adapt_masks,
+            eval_masks,
+            config,
+            adversary,
+            None,
+        )
+        minus = _loss_at(
+            model,
+            theta - e,
+            names,
+            shapes,
+            batches,
+            adapt_masks,
+            eval_masks,
+            config,
+            adversary,
+            None,
+        )
         numeric[i] = (plus - minus) / (2 * step)
     # central differences: O(step^2) truncation + O(eps / step) rounding, both ~1e-10 here
     assert rel_err(exact, numeric) <= 1e-7
-    first = simulate(model, batches, adapt_masks, eval_masks, ProtectConfig(order=1, loss="klu", dtype="float64"),
-                     adversary=adversary).meta_grad
-    assert rel_err(flat_grad(first, names), numeric) > 1e-3  # order 1 is an approximation: the test can fail
+    first = simulate(
+        model,
+        batches,
+        adapt_masks,
+        eval_masks,
+        ProtectConfig(order=1, loss="klu", dtype="float64"),
+        adversary=adversary,
+    ).meta_grad
+    assert (
+        rel_err(flat_grad(first, names), numeric) > 1e-3
+    )  # order 1 is an approximation: the test can fail
 
 
 def test_order2_head_reinit_semantics_against_finite_differences():
@@ -378,7 +487,15 @@ def test_order2_head_reinit_semantics_against_finite_differences():
     names = [n for n, _ in model.named_parameters()]
     shapes = [p.shape for _, p in model.named_parameters()]
     theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    exact = simulate(model, batches, adapt_masks, eval_masks, config, adversary=adversary, head_values=head_values).meta_grad
+    exact = simulate(
+        model,
+        batches,
+        adapt_masks,
+        eval_masks,
+        config,
+        adversary=adversary,
+        head_values=head_values,
+    ).meta_grad
     step = 1e-5
     hidden = model.hidden.weight.numel() + model.hidden.bias.numel()
     numeric = torch.zeros_like(theta)
@@ -386,7 +503,9 @@ def test_order2_head_reinit_semantics_against_finite_differences():
         e = torch.zeros_like(theta)
         e[i] = step
         args = (names, shapes, batches, adapt_masks, eval_masks, config, adversary, head_values)
-        numeric[i] = (_loss_at(model, theta + e, *args) - _loss_at(model, theta - e, *args)) / (2 * step)
+        numeric[i] = (_loss_at(model, theta + e, *args) - _loss_at(model, theta - e, *args)) / (
+            2 * step
+        )
     assert torch.equal(numeric[hidden:], torch.zeros_like(numeric[hidden:]))
     assert rel_err(flat_grad(exact, names[:2]), numeric[:hidden]) <= 1e-7
     # head: derivative with respect to the re-drawn values (perturb the values, not theta)
@@ -397,6 +516,16 @@ def test_order2_head_reinit_semantics_against_finite_differences():
             probe["fc.weight"] = weight.clone().reshape(-1)
             probe["fc.weight"][i] += sign * step
             probe["fc.weight"] = probe["fc.weight"].view_as(weight)
-            value = float(simulate(model, batches, adapt_masks, eval_masks, config, adversary=adversary, head_values=probe).loss)
+            value = float(
+                simulate(
+                    model,
+                    batches,
+                    adapt_masks,
+                    eval_masks,
+                    config,
+                    adversary=adversary,
+                    head_values=probe,
+                ).loss
+            )
             numeric_head[i] += sign * value / (2 * step)
     assert rel_err(exact["fc.weight"].reshape(-1), numeric_head) <= 1e-7

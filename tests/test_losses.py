@@ -18,6 +18,16 @@ ALL = [inverse_cross_entropy, inverse_cross_entropy_paper, kl_uniform, cross_ent
 SHAPES = [(1, 2), (7, 3), (5, 10), (3, 17)]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: with 2 OpenMP threads on shared cores, libgomp's spin-wait makes each op
+    ~100x slower; one thread avoids it."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def _data(batch, classes, dtype=torch.float64, scale=3.0, seed=0):
     g = torch.Generator().manual_seed(seed)
     logits = torch.randn(batch, classes, generator=g, dtype=dtype) * scale
@@ -29,8 +39,12 @@ def _data(batch, classes, dtype=torch.float64, scale=3.0, seed=0):
 def test_ice_is_cross_entropy_on_negated_logits(shape):
     logits, labels = _data(*shape)
     official = F.cross_entropy(1 - logits, labels)  # the official code's expression
-    naive = (logits.gather(1, labels[:, None]).squeeze(1) + torch.log(torch.exp(-logits).sum(1))).mean()
-    torch.testing.assert_close(inverse_cross_entropy(logits, labels), official, rtol=1e-14, atol=1e-14)
+    naive = (
+        logits.gather(1, labels[:, None]).squeeze(1) + torch.log(torch.exp(-logits).sum(1))
+    ).mean()
+    torch.testing.assert_close(
+        inverse_cross_entropy(logits, labels), official, rtol=1e-14, atol=1e-14
+    )
     torch.testing.assert_close(inverse_cross_entropy(logits, labels), naive, rtol=1e-14, atol=1e-14)
 
 
@@ -39,7 +53,9 @@ def test_ice_paper_matches_naive_formula(shape):
     logits, labels = _data(*shape)
     p_true = torch.softmax(logits, 1).gather(1, labels[:, None]).squeeze(1)
     naive = (-torch.log(1 - p_true)).mean()
-    torch.testing.assert_close(inverse_cross_entropy_paper(logits, labels), naive, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        inverse_cross_entropy_paper(logits, labels), naive, rtol=1e-12, atol=1e-12
+    )
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -62,7 +78,9 @@ def test_klu_of_uniform_logits_is_zero_for_any_class_count():
 @pytest.mark.parametrize("shape", SHAPES)
 def test_ce_matches_torch(shape):
     logits, labels = _data(*shape)
-    torch.testing.assert_close(cross_entropy(logits, labels), F.cross_entropy(logits, labels), rtol=0, atol=0)
+    torch.testing.assert_close(
+        cross_entropy(logits, labels), F.cross_entropy(logits, labels), rtol=0, atol=0
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -85,7 +103,9 @@ def test_ice_paper_finite_at_gap_100(dtype, classes):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("loss", ALL, ids=lambda f: f.__name__)
 def test_finite_at_extreme_logits(loss, dtype):
-    logits = torch.tensor([[1e4, -1e4, 0.0], [-1e4, 1e4, 5.0], [0.0, 0.0, 1e4]], dtype=dtype, requires_grad=True)
+    logits = torch.tensor(
+        [[1e4, -1e4, 0.0], [-1e4, 1e4, 5.0], [0.0, 0.0, 1e4]], dtype=dtype, requires_grad=True
+    )
     labels = torch.tensor([0, 0, 2])
     value = loss(logits, labels)
     (grad,) = torch.autograd.grad(value, logits)
@@ -102,9 +122,13 @@ def test_analytic_gradients():
     logits.requires_grad_(True)
     onehot = F.one_hot(labels, 4).double()
     (g_ice,) = torch.autograd.grad(inverse_cross_entropy(logits, labels), logits)
-    torch.testing.assert_close(g_ice, (onehot - torch.softmax(-logits, 1)).detach() / 6, rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(
+        g_ice, (onehot - torch.softmax(-logits, 1)).detach() / 6, rtol=1e-13, atol=1e-15
+    )
     (g_klu,) = torch.autograd.grad(kl_uniform(logits), logits)
-    torch.testing.assert_close(g_klu, (torch.softmax(logits, 1) - 0.25).detach() / 6, rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(
+        g_klu, (torch.softmax(logits, 1) - 0.25).detach() / 6, rtol=1e-13, atol=1e-15
+    )
 
 
 @pytest.mark.parametrize("loss", ALL, ids=lambda f: f.__name__)

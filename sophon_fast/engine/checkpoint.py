@@ -64,7 +64,11 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     _atomic(Path(path), write)
 
 
-def atomic_save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+def atomic_save_tensors(
+    path: str | os.PathLike,
+    tensors: dict[str, torch.Tensor],
+    metadata: dict[str, str] | None = None,
+) -> None:
     """Save ``tensors`` (moved to the CPU, contiguous, unshared) as safetensors, atomically."""
     plain = {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
     _atomic(Path(path), lambda tmp: save_file(plain, tmp, metadata=metadata))
@@ -82,7 +86,9 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer, prefix: str) -> dict[str
     return out
 
 
-def load_optimizer_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], prefix: str) -> None:
+def load_optimizer_tensors(
+    optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], prefix: str
+) -> None:
     """Inverse of :func:`optimizer_tensors`; state tensors go to their parameter's device, except a
     non-capturable ``step`` that torch keeps on the CPU."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -100,7 +106,9 @@ def load_optimizer_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, 
         optimizer.state.setdefault(param, {})[key] = value
 
 
-def save_checkpoint(directory: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+def save_checkpoint(
+    directory: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict[str, Any]
+) -> None:
     """Write a checkpoint (tensors first, then the JSON that names the same ``meta['step']``)."""
     directory = Path(directory)
     step = str(meta["step"])
@@ -118,7 +126,9 @@ def load_checkpoint(directory: str | os.PathLike) -> tuple[dict[str, torch.Tenso
     directory = Path(directory)
     tensor_path, json_path = directory / CHECKPOINT_TENSORS, directory / CHECKPOINT_JSON
     if not (tensor_path.exists() and json_path.exists()):
-        raise FileNotFoundError(f"no checkpoint in {directory} (expected {CHECKPOINT_TENSORS} and {CHECKPOINT_JSON})")
+        raise FileNotFoundError(
+            f"no checkpoint in {directory} (expected {CHECKPOINT_TENSORS} and {CHECKPOINT_JSON})"
+        )
     meta = json.loads(json_path.read_text(encoding="utf-8"))
     from safetensors import safe_open
 

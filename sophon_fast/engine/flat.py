@@ -118,7 +118,9 @@ class FlatParams:
         counters: (n_counters,) int64 buffers (BatchNorm ``num_batches_tracked``).
     """
 
-    def __init__(self, layout: FlatLayout, params: torch.Tensor, stats: torch.Tensor, counters: torch.Tensor) -> None:
+    def __init__(
+        self, layout: FlatLayout, params: torch.Tensor, stats: torch.Tensor, counters: torch.Tensor
+    ) -> None:
         self.layout = layout
         self.params = params
         self.stats = stats
@@ -140,7 +142,9 @@ class FlatParams:
 
     def clone(self) -> FlatParams:
         """Independent copy: one copy per buffer."""
-        return FlatParams(self.layout, self.params.detach().clone(), self.stats.clone(), self.counters.clone())
+        return FlatParams(
+            self.layout, self.params.detach().clone(), self.stats.clone(), self.counters.clone()
+        )
 
     def copy_from(self, other: FlatParams) -> None:
         """Overwrite these buffers in place with ``other``'s values (a restore: one copy each)."""

@@ -193,8 +193,19 @@ class FastEngine:
 
     name = "fast"
 
-    def __init__(self, model, *, meta_lr: float, ntr_lr: float, suppression_loss: LossFn, adapt_loss: LossFn,
-                 ntr_loss: LossFn, order: int, truncate: int | None, restore_bn: bool) -> None:
+    def __init__(
+        self,
+        model,
+        *,
+        meta_lr: float,
+        ntr_lr: float,
+        suppression_loss: LossFn,
+        adapt_loss: LossFn,
+        ntr_loss: LossFn,
+        order: int,
+        truncate: int | None,
+        restore_bn: bool,
+    ) -> None:
         self.model = model
         self.flat = FlatParams.from_module(model)
         self.flat.params.requires_grad_(True)
@@ -202,7 +213,11 @@ class FastEngine:
         fused = True if self.flat.params.is_cuda else None  # one kernel per Adam step on GPUs
         self.meta_optimizer = torch.optim.Adam([self.flat.params], lr=meta_lr, fused=fused)
         self.ntr_optimizer = torch.optim.Adam([self.flat.params], lr=ntr_lr, fused=fused)
-        self.suppression_loss, self.adapt_loss, self.ntr_loss = suppression_loss, adapt_loss, ntr_loss
+        self.suppression_loss, self.adapt_loss, self.ntr_loss = (
+            suppression_loss,
+            adapt_loss,
+            ntr_loss,
+        )
         self.order, self.truncate, self.restore_bn = order, truncate, restore_bn
 
     @property
@@ -251,7 +266,9 @@ class FastEngine:
     @torch.no_grad()
     def count_correct(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """() int64 number of eval-mode predictions equal to ``y``."""
-        logits = self.fmodel(self.flat.params.detach(), self.flat.stats, self.flat.counters, x, train=False)
+        logits = self.fmodel(
+            self.flat.params.detach(), self.flat.stats, self.flat.counters, x, train=False
+        )
         return (logits.argmax(1) == y).sum()
 
     def backup(self) -> FlatParams:
@@ -280,10 +297,15 @@ class FastEngine:
         from sophon_fast.engine.checkpoint import load_optimizer_tensors
 
         with torch.no_grad():
-            for key, target in (("model.params", self.flat.params), ("model.stats", self.flat.stats),
-                                ("model.counters", self.flat.counters)):
+            for key, target in (
+                ("model.params", self.flat.params),
+                ("model.stats", self.flat.stats),
+                ("model.counters", self.flat.counters),
+            ):
                 if tensors[key].shape != target.shape:
-                    raise ValueError(f"checkpoint {key} has shape {tuple(tensors[key].shape)}, the model needs {tuple(target.shape)}")
+                    raise ValueError(
+                        f"checkpoint {key} has shape {tuple(tensors[key].shape)}, the model needs {tuple(target.shape)}"
+                    )
                 target.copy_(tensors[key])
         load_optimizer_tensors(self.meta_optimizer, tensors, "meta_adam")
         load_optimizer_tensors(self.ntr_optimizer, tensors, "ntr_adam")

@@ -87,7 +87,9 @@ class Adversary:
         return f"{self.name}(lr={self.lr:g})"
 
 
-def _number(value: Any, what: str, *, low: float, high: float = math.inf, low_open: bool = False) -> float:
+def _number(
+    value: Any, what: str, *, low: float, high: float = math.inf, low_open: bool = False
+) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{what}: expected a number, got {value!r} ({type(value).__name__})")
     value = float(value)
@@ -126,12 +128,16 @@ def resolve_adversary(spec: Any) -> Adversary:
             "a dict with 'name' and 'lr', or an Adversary"
         )
     if name not in OPTIMIZER_DEFAULTS:
-        raise ValueError(f"adversary {name!r}: unknown optimizer; expected one of {sorted(OPTIMIZER_DEFAULTS)}")
+        raise ValueError(
+            f"adversary {name!r}: unknown optimizer; expected one of {sorted(OPTIMIZER_DEFAULTS)}"
+        )
     lr = _number(lr, f"adversary {name!r} lr", low=0.0, low_open=True)
     defaults = OPTIMIZER_DEFAULTS[name]
     unknown = sorted(set(hp) - set(defaults))
     if unknown:
-        raise ValueError(f"adversary {name!r}: unknown hyper-parameters {unknown}; expected some of {sorted(defaults)}")
+        raise ValueError(
+            f"adversary {name!r}: unknown hyper-parameters {unknown}; expected some of {sorted(defaults)}"
+        )
     full = {**defaults, **hp}
     for key, value in full.items():
         what = f"adversary {name!r} {key}"
@@ -160,7 +166,9 @@ def state_dtype(param_dtype: torch.dtype) -> torch.dtype:
 def safe_sqrt(x: torch.Tensor) -> torch.Tensor:
     """sqrt(x) for x >= 0 whose derivative at x = 0 is 0 (not inf), so inf * 0 never makes NaN."""
     positive = x > 0
-    return torch.where(positive, torch.where(positive, x, torch.ones_like(x)).sqrt(), torch.zeros_like(x))
+    return torch.where(
+        positive, torch.where(positive, x, torch.ones_like(x)).sqrt(), torch.zeros_like(x)
+    )
 
 
 def init_state(name: str, params: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -176,7 +184,9 @@ def init_state(name: str, params: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"step": step, "exp_avg": zeros, "exp_avg_sq": zeros.clone()}
     if name == "rmsprop":
         return {"step": step, "square_avg": zeros}
-    raise ValueError(f"unknown inner optimizer {name!r}; expected one of {sorted(OPTIMIZER_DEFAULTS)}")
+    raise ValueError(
+        f"unknown inner optimizer {name!r}; expected one of {sorted(OPTIMIZER_DEFAULTS)}"
+    )
 
 
 def _sgd_kernel():
@@ -203,7 +213,10 @@ def _momentum(params, grad, state, hp, nesterov):
     dampening = 0.0 if nesterov else hp["dampening"]
     buf = torch.where(state["step"] == 0, d, mu * state["momentum_buffer"] + (1.0 - dampening) * d)
     direction = d + mu * buf if nesterov else buf
-    return (p - lr * direction).to(params.dtype), {"step": state["step"] + 1, "momentum_buffer": buf}
+    return (p - lr * direction).to(params.dtype), {
+        "step": state["step"] + 1,
+        "momentum_buffer": buf,
+    }
 
 
 def momentum_step(params, grad, state, hp):

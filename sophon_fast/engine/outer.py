@@ -83,7 +83,10 @@ class ProtectionRun:
         """Eval-mode accuracy (percent) on the original evaluation data."""
         x, y = self.original_eval
         size = self.config.eval_batch_size
-        correct = sum(self.engine.count_correct(x[i : i + size], y[i : i + size]) for i in range(0, y.shape[0], size))
+        correct = sum(
+            self.engine.count_correct(x[i : i + size], y[i : i + size])
+            for i in range(0, y.shape[0], size)
+        )
         return 100.0 * float(correct) / y.shape[0]
 
     def guard_threshold(self) -> float | None:
@@ -97,7 +100,11 @@ class ProtectionRun:
 
     def start(self) -> None:
         """Measure the starting original accuracy (needed by the relative guard; recorded)."""
-        if self.config.eval_every and self.original_eval is not None and self.initial_original_accuracy is None:
+        if (
+            self.config.eval_every
+            and self.original_eval is not None
+            and self.initial_original_accuracy is None
+        ):
             self.initial_original_accuracy = self.original_accuracy()
 
     # ------------------------------------------------------------------ one outer step
@@ -120,7 +127,9 @@ class ProtectionRun:
                 sample_one=cfg.adversary_sampling == "one",
             )
             results = [
-                engine.simulate(draw.batches, draw.adapt_masks, draw.eval_masks, draw.head_values, adversary)
+                engine.simulate(
+                    draw.batches, draw.adapt_masks, draw.eval_masks, draw.head_values, adversary
+                )
                 for adversary in draw.adversaries
             ]
             loss, accuracy, grad = average_results(results)
@@ -131,26 +140,40 @@ class ProtectionRun:
         ntr_losses = []
         for _ in range(cfg.ntr_steps):
             index = self.original_sampler.next(cfg.batch_size).to(self.original[0].device)
-            ntr_losses.append(engine.ntr_step(self.original[0].index_select(0, index), self.original[1].index_select(0, index)))
+            ntr_losses.append(
+                engine.ntr_step(
+                    self.original[0].index_select(0, index), self.original[1].index_select(0, index)
+                )
+            )
         self.step += 1
         original_accuracy = None
         if cfg.eval_every and self.original_eval is not None and self.step % cfg.eval_every == 0:
             original_accuracy = self.original_accuracy()
         guard = None
         threshold = self.guard_threshold()
-        if original_accuracy is not None and threshold is not None and original_accuracy <= threshold:
+        if (
+            original_accuracy is not None
+            and threshold is not None
+            and original_accuracy <= threshold
+        ):
             engine.restore(backup)
             guard = "rollback_stop" if cfg.guard_action == "stop" else "rollback_continue"
             if cfg.guard_action == "stop":
                 self.stopped_by = "guard"
 
         def mean(values):
-            return None if not values else float(torch.stack([v.detach().double() for v in values]).mean())
+            return (
+                None
+                if not values
+                else float(torch.stack([v.detach().double() for v in values]).mean())
+            )
 
         record = {
             "step": self.step,
             "suppression_loss": mean(suppression_losses),
-            "restricted_accuracy": None if not restricted_accuracies else 100.0 * mean(restricted_accuracies),
+            "restricted_accuracy": None
+            if not restricted_accuracies
+            else 100.0 * mean(restricted_accuracies),
             "ntr_loss": mean(ntr_losses),
             "original_accuracy": original_accuracy,
             "adversaries": adversaries,
@@ -172,18 +195,26 @@ class ProtectionRun:
     ) -> None:
         """Run outer steps until ``outer_steps`` in total, a guard stop or a callback's True."""
         if self.stopped_by == "guard":
-            warnings.warn("the run was stopped by the intactness guard; nothing left to resume", stacklevel=3)
+            warnings.warn(
+                "the run was stopped by the intactness guard; nothing left to resume", stacklevel=3
+            )
             return
         self.stopped_by = None
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=outer_steps, initial=self.step, disable=not progress, desc="protect", unit="step")
+        bar = tqdm(
+            total=outer_steps, initial=self.step, disable=not progress, desc="protect", unit="step"
+        )
         try:
             while self.step < outer_steps:
                 record = self.outer_step()
                 bar.update(1)
                 bar.set_postfix(
-                    {k: f"{record[k]:.4g}" for k in ("suppression_loss", "ntr_loss", "original_accuracy") if record[k] is not None}
+                    {
+                        k: f"{record[k]:.4g}"
+                        for k in ("suppression_loss", "ntr_loss", "original_accuracy")
+                        if record[k] is not None
+                    }
                 )
                 for callback in callbacks:
                     if callback(record) is True:
@@ -218,9 +249,13 @@ class ProtectionRun:
 
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         if meta["engine"] != self.engine.name:
-            raise ValueError(f"checkpoint was written by engine={meta['engine']!r}, this run uses {self.engine.name!r}")
+            raise ValueError(
+                f"checkpoint was written by engine={meta['engine']!r}, this run uses {self.engine.name!r}"
+            )
         prefix = "engine."
-        self.engine.load_state_tensors({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+        self.engine.load_state_tensors(
+            {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        )
         self.restricted_sampler.load_state_tensors(tensors, "sampler.restricted")
         self.original_sampler.load_state_tensors(tensors, "sampler.original")
         self.generator.set_state(tensors["rng.generator"])

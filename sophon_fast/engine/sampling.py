@@ -41,7 +41,11 @@ def as_tensors(data, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         TypeError: anything else.
         ValueError: a dataset or loader yields nothing.
     """
-    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
+    if (
+        isinstance(data, (tuple, list))
+        and len(data) == 2
+        and all(isinstance(t, torch.Tensor) for t in data)
+    ):
         return data[0], data[1]
     tensors = getattr(data, "tensors", None)
     if isinstance(tensors, (tuple, list)) and len(tensors) == 2:
@@ -50,11 +54,15 @@ def as_tensors(data, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         xs, ys = [], []
         for batch in data:
             if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
-                raise TypeError(f"{name}: the DataLoader must yield (x, y) batches, got {type(batch).__name__}")
+                raise TypeError(
+                    f"{name}: the DataLoader must yield (x, y) batches, got {type(batch).__name__}"
+                )
             xs.append(torch.as_tensor(batch[0]))
             ys.append(torch.as_tensor(batch[1]))
         if not xs:
-            raise ValueError(f"{name}: the DataLoader yielded no batches; expected a non-empty data set")
+            raise ValueError(
+                f"{name}: the DataLoader yielded no batches; expected a non-empty data set"
+            )
         return torch.cat(xs), torch.cat(ys)
     if isinstance(data, Dataset) and hasattr(data, "__len__"):
         if len(data) == 0:
@@ -102,12 +110,16 @@ class EpochSampler:
         """Restore from :meth:`state_tensors` output."""
         permutation = tensors[f"{prefix}.permutation"]
         if permutation.numel() != self.n:
-            raise ValueError(f"checkpoint sampler {prefix!r} covers {permutation.numel()} samples, data has {self.n}")
+            raise ValueError(
+                f"checkpoint sampler {prefix!r} covers {permutation.numel()} samples, data has {self.n}"
+            )
         self.permutation = permutation.clone().to(torch.int64)
         self.position = int(tensors[f"{prefix}.position"][0])
 
 
-def draw_split(batch_size: int, adapt_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def draw_split(
+    batch_size: int, adapt_size: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Random adapt / evaluate split of one batch: two complementary (batch_size,) bool masks."""
     chosen = torch.randperm(batch_size, generator=generator)[:adapt_size]
     adapt = torch.zeros(batch_size, dtype=torch.bool)

@@ -36,7 +36,9 @@ __all__ = ["cross_entropy", "inverse_cross_entropy", "inverse_cross_entropy_pape
 
 def _check(logits: torch.Tensor, labels: torch.Tensor | None, loss: str) -> None:
     if logits.dim() != 2:
-        raise ValueError(f"{loss}: logits must be (batch, classes); got shape {tuple(logits.shape)}")
+        raise ValueError(
+            f"{loss}: logits must be (batch, classes); got shape {tuple(logits.shape)}"
+        )
     if logits.shape[0] == 0:
         raise ValueError(f"{loss}: empty batch; the batch mean is undefined")
     if labels is not None and labels.shape != logits.shape[:1]:

@@ -54,7 +54,10 @@ def clone_module(module: nn.Module, memo: dict | None = None) -> nn.Module:
                 memo[id(param)] = param.clone()
             clone._parameters[name] = memo[id(param)]
     clone._buffers = dict(module._buffers)
-    clone._modules = {name: None if child is None else clone_module(child, memo) for name, child in module._modules.items()}
+    clone._modules = {
+        name: None if child is None else clone_module(child, memo)
+        for name, child in module._modules.items()
+    }
     return clone
 
 
@@ -87,7 +90,9 @@ def load_bn(model: nn.Module, saved: list[tuple[torch.Tensor | None, ...]]) -> N
     """Copy the saved statistics back, tensor by tensor."""
     with torch.no_grad():
         for bn, values in zip(_bn_modules(model), saved):
-            for current, value in zip((bn.running_mean, bn.running_var, bn.num_batches_tracked), values):
+            for current, value in zip(
+                (bn.running_mean, bn.running_var, bn.num_batches_tracked), values
+            ):
                 if current is not None:
                     current.copy_(value)
 
@@ -125,7 +130,9 @@ def _eager_update(
         elif hp["weight_decay"]:
             grad = grad + hp["weight_decay"] * param
         exp_avg = beta1 * state.get("exp_avg", torch.zeros_like(param)) + (1.0 - beta1) * grad
-        exp_avg_sq = beta2 * state.get("exp_avg_sq", torch.zeros_like(param)) + (1.0 - beta2) * grad * grad
+        exp_avg_sq = (
+            beta2 * state.get("exp_avg_sq", torch.zeros_like(param)) + (1.0 - beta2) * grad * grad
+        )
         state["exp_avg"], state["exp_avg_sq"] = exp_avg, exp_avg_sq
         bias_correction1 = 1.0 - beta1**step
         bias_correction2 = 1.0 - beta2**step
@@ -135,7 +142,9 @@ def _eager_update(
         if hp["weight_decay"]:
             grad = grad + hp["weight_decay"] * param
         alpha = hp["alpha"]
-        square_avg = alpha * state.get("square_avg", torch.zeros_like(param)) + (1.0 - alpha) * grad * grad
+        square_avg = (
+            alpha * state.get("square_avg", torch.zeros_like(param)) + (1.0 - alpha) * grad * grad
+        )
         state["square_avg"] = square_avg
         return param - lr * grad / (safe_sqrt(square_avg) + hp["eps"])
     raise ValueError(f"unknown inner optimizer {name!r}")
@@ -228,20 +237,43 @@ class ReferenceEngine:
 
     name = "reference"
 
-    def __init__(self, model: nn.Module, *, meta_lr: float, ntr_lr: float, suppression_loss: LossFn,
-                 adapt_loss: LossFn, ntr_loss: LossFn, order: int, truncate: int | None, restore_bn: bool) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        meta_lr: float,
+        ntr_lr: float,
+        suppression_loss: LossFn,
+        adapt_loss: LossFn,
+        ntr_loss: LossFn,
+        order: int,
+        truncate: int | None,
+        restore_bn: bool,
+    ) -> None:
         self.model = model
         self.params = list(model.parameters())
         self.meta_optimizer = torch.optim.Adam(self.params, lr=meta_lr)
         self.ntr_optimizer = torch.optim.Adam(self.params, lr=ntr_lr)
-        self.suppression_loss, self.adapt_loss, self.ntr_loss = suppression_loss, adapt_loss, ntr_loss
+        self.suppression_loss, self.adapt_loss, self.ntr_loss = (
+            suppression_loss,
+            adapt_loss,
+            ntr_loss,
+        )
         self.order, self.truncate, self.restore_bn = order, truncate, restore_bn
 
     def simulate(self, batches, adapt_masks, eval_masks, head_values, adversary):
         return simulate_reference(
-            self.model, batches, adapt_masks, eval_masks,
-            suppression_loss=self.suppression_loss, adapt_loss=self.adapt_loss, adversary=adversary,
-            order=self.order, truncate=self.truncate, head_values=head_values, restore_stats=self.restore_bn,
+            self.model,
+            batches,
+            adapt_masks,
+            eval_masks,
+            suppression_loss=self.suppression_loss,
+            adapt_loss=self.adapt_loss,
+            adversary=adversary,
+            order=self.order,
+            truncate=self.truncate,
+            head_values=head_values,
+            restore_stats=self.restore_bn,
         )
 
     def meta_step(self, meta_grad: dict[str, torch.Tensor], max_grad_norm: float | None) -> None:
@@ -273,7 +305,9 @@ class ReferenceEngine:
 
     def restore(self, backup: nn.Module) -> None:
         with torch.no_grad():
-            for current, saved in zip(self.model.state_dict().values(), backup.state_dict().values()):
+            for current, saved in zip(
+                self.model.state_dict().values(), backup.state_dict().values()
+            ):
                 current.copy_(saved)
 
     def named_grad(self, meta_grad: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -290,7 +324,7 @@ class ReferenceEngine:
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         from sophon_fast.engine.checkpoint import load_optimizer_tensors
 
-        state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+        state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
         self.model.load_state_dict(state, strict=True)
         load_optimizer_tensors(self.meta_optimizer, tensors, "meta_adam")
         load_optimizer_tensors(self.ntr_optimizer, tensors, "ntr_adam")
