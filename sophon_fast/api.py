@@ -479,7 +479,7 @@ def protect(
     if first_param is None:
         raise ValueError(f"model: {type(model).__name__} has no parameters")
     device = torch.device(device) if device is not None else first_param.device
-    _, head_linear = find_head(model, config.head)
+    head_name, head_linear = find_head(model, config.head)  # warns once for an unnamed head
     num_classes = head_linear.out_features
 
     original_x, original_y = as_tensors(original, "original")
@@ -535,7 +535,7 @@ def protect(
     def to_device(x, y):
         return x.to(device=device, dtype=dtype), y.to(device=device, dtype=torch.int64)
 
-    head = find_head(work, config.head) if config.reinit_head_resolved else None
+    head = find_head(work, head_name) if config.reinit_head_resolved else None
     run = ProtectionRun(
         engine=_make_engine(config, work),
         config=config,

@@ -529,3 +529,33 @@ def test_order2_head_reinit_semantics_against_finite_differences():
             )
             numeric_head[i] += sign * value / (2 * step)
     assert rel_err(exact["fc.weight"].reshape(-1), numeric_head) <= 1e-7
+
+
+# ---------------------------------------------------------------- shared draws
+
+
+def test_epoch_sampler_gives_full_batches_across_epoch_ends():
+    from sophon_fast.engine.sampling import EpochSampler
+
+    sampler = EpochSampler(30, torch.Generator().manual_seed(0))
+    epoch = [sampler.next(8) for _ in range(3)]  # 24 of 30: the 6-sample tail is skipped
+    assert all(b.numel() == 8 for b in epoch)
+    assert torch.cat(epoch).unique().numel() == 24
+    wrapped = sampler.next(8)  # a new epoch: a full batch, never a short simulation
+    assert wrapped.numel() == 8 and sampler.position == 8
+    state = sampler.state_tensors("s")
+    twin = EpochSampler(30, torch.Generator().manual_seed(5))
+    twin.load_state_tensors(state, "s")
+    assert torch.equal(twin.next(8), sampler.next(8))
+    with pytest.raises(ValueError, match="covers 30 samples"):
+        EpochSampler(31, torch.Generator()).load_state_tensors(state, "s")
+
+
+def test_draw_split_is_a_random_complementary_split():
+    from sophon_fast.engine.sampling import draw_split
+
+    g = torch.Generator().manual_seed(0)
+    splits = [draw_split(10, 7, g) for _ in range(5)]
+    for adapt, evaluate in splits:
+        assert adapt.dtype == torch.bool and int(adapt.sum()) == 7 and torch.equal(evaluate, ~adapt)
+    assert len({tuple(a.tolist()) for a, _ in splits}) > 1

@@ -667,3 +667,34 @@ def test_save_load_user_model_needs_an_instance(tmp_path):
     assert_same_state(result.model, loaded.model)
     with pytest.raises(ValueError, match="do not fit"):
         ProtectResult.load(tmp_path, model=tiny_cnn())
+
+
+def test_progress_bar_and_denormal_flushing_on_cpu(capsys):
+    tiny = torch.tensor([1e-310], dtype=torch.float64)  # a float64 denormal
+    flushed_inside = []
+
+    def probe(record):
+        flushed_inside.append(float(tiny * 1.0) == 0.0)
+
+    protect(tiny_cnn(), *domains(), tiny_config(outer_steps=2), callbacks=(probe,), progress=True)
+    assert "protect" in capsys.readouterr().err  # the tqdm bar
+    assert flushed_inside == [True, True]  # denormals flushed during the run ...
+    assert float(tiny * 1.0) != 0.0  # ... and PyTorch's default restored after it
+
+
+def test_unnamed_head_warns_once():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, 5), nn.Tanh())
+            self.last = nn.Linear(5, 3)
+
+        def forward(self, x):
+            return self.last(self.body(x))
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        protect(Net(), *domains(), tiny_config(outer_steps=1), progress=False)
+    messages = [str(w.message) for w in caught if "no classifier head named" in str(w.message)]
+    assert len(messages) == 1 and "'last'" in messages[0]

@@ -177,9 +177,10 @@ def draw_simulation(
 
         name, linear = head
         weight, bias = xavier_head_values(linear, generator=generator)
-        head_values = {f"{name}.weight": weight}
+        prefix = f"{name}." if name else ""  # "" when the model itself is the head Linear
+        head_values = {f"{prefix}weight": weight}
         if bias is not None:
-            head_values[f"{name}.bias"] = bias
+            head_values[f"{prefix}bias"] = bias
     chosen = list(adversaries)
     if sample_one and len(chosen) > 1:
         chosen = [chosen[int(torch.randint(len(chosen), (1,), generator=generator))]]
