@@ -459,7 +459,8 @@ def protect(
     Raises:
         TypeError: a config or data of the wrong type.
         ValueError: invalid data (shape, non-finite values, labels outside the head's classes,
-            class-count mismatch, empty data, fewer samples than ``batch_size``), a checkpoint
+            class-count mismatch, empty data, fewer samples than ``batch_size``), frozen
+            parameters, a checkpoint
             that does not match, or ``resume`` without ``checkpoint_dir``.
         FileNotFoundError: ``resume=True`` but no checkpoint in ``checkpoint_dir``.
     """
@@ -478,6 +479,12 @@ def protect(
     first_param = next(model.parameters(), None)
     if first_param is None:
         raise ValueError(f"model: {type(model).__name__} has no parameters")
+    frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
+    if frozen:
+        raise ValueError(
+            f"model: parameters {frozen} do not require grad; SOPHON updates every weight "
+            "(call .requires_grad_(True) on the model first)"
+        )
     device = torch.device(device) if device is not None else first_param.device
     head_name, head_linear = find_head(model, config.head)  # warns once for an unnamed head
     num_classes = head_linear.out_features

@@ -450,6 +450,10 @@ def test_bad_arguments_raise():
         protect(tiny_cnn(), original, restricted, tiny_config(), resume=True)
     with pytest.raises(ValueError, match="no submodule"):
         protect(tiny_cnn(), original, restricted, tiny_config(head="classifier"))
+    frozen = tiny_cnn()
+    frozen.fc.bias.requires_grad_(False)
+    with pytest.raises(ValueError, match="fc.bias"):
+        protect(frozen, original, restricted, tiny_config())
 
 
 @pytest.mark.parametrize(
