@@ -134,6 +134,27 @@ def test_engines_agree_with_several_adversaries_and_no_bn_restore(sampling):
         assert all(len(u) == 1 for u in used)
 
 
+def test_engines_agree_with_several_steps_per_outer_step_and_no_clipping():
+    model = tiny_cnn()
+    original, restricted = domains()
+    config = dict(
+        suppression_steps=2,
+        ntr_steps=2,
+        loss="ice_paper",
+        order=2,
+        truncate=1,
+        max_grad_norm=None,
+        adversaries=(("nesterov", 0.1), ("adamw", 0.01)),
+    )
+    fast = protect(model, original, restricted, tiny_config(**config), progress=False)
+    ref = protect(
+        model, original, restricted, tiny_config(**config, engine="reference"), progress=False
+    )
+    assert_same_state(fast.model, ref.model, atol=WEIGHTS_ATOL)
+    assert all(len(h["adversaries"]) == 2 for h in fast.history)
+    assert [h["adversaries"] for h in fast.history] == [h["adversaries"] for h in ref.history]
+
+
 def test_protect_does_not_touch_the_callers_model():
     model = tiny_cnn()
     model.eval()
