@@ -1,5 +1,6 @@
 # sophon_fast developer entry points. `make test` works on a fresh machine: it creates .venv,
-# installs the pinned toolchain, builds the extension and runs the whole suite.
+# installs the pinned toolchain, builds the extension and runs the whole suite; `make demo` then
+# shows the algorithm end to end.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -11,7 +12,7 @@ CUDA_ARCHS ?= 80 90
 PYTEST_ARGS ?=
 CSRC := $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: test test-noext build cuda-check bench bench-quick lint clean
+.PHONY: test test-noext demo build cuda-check bench bench-quick lint clean
 
 $(VENV)/.deps: requirements/dev.txt requirements/data.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +29,11 @@ build: $(VENV)/.built
 
 test: $(VENV)/.built
 	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest $(PYTEST_ARGS)
+
+# Pre-train, protect and attack on the built-in offline domains (<= 10 minutes on 2 CPU cores).
+DEMO_OUT ?= demo_out
+demo: $(VENV)/.built
+	OMP_WAIT_POLICY=PASSIVE $(VENV)/bin/sophon-fast demo --out $(DEMO_OUT)
 
 # The pure-Python install (SOPHON_FAST_NO_EXT=1): build a wheel without the extension, check it
 # holds no compiled code, install it into a scratch folder and run the suite against that copy.

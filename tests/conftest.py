@@ -6,7 +6,11 @@ without a CUDA device every Triton kernel runs (slowly) under the interpreter on
 
 import os
 
-import pytest
+# Passive OpenMP waits, set before torch loads its OpenMP runtime: spinning workers made tiny-tensor
+# tests ~100x slower whenever another process shared the two cores.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
 
 try:
     import torch

@@ -23,8 +23,10 @@ from sophon_fast.data.formats import (
     resize_images,
     set_channels,
 )
+from sophon_fast.data.specs import FORMATS, load_spec
 
 __all__ = [
+    "FORMATS",
     "ImageDataset",
     "check_classification_data",
     "check_num_classes",
@@ -34,6 +36,7 @@ __all__ = [
     "load_image_folder",
     "load_mnist_idx",
     "load_npz",
+    "load_spec",
     "load_stl10",
     "read_idx",
     "resize_images",

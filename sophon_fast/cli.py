@@ -1,0 +1,196 @@
+"""Command line: ``sophon-fast demo | protect | show | backends``.
+
+    sophon-fast demo [--out DIR] [--device cpu|cuda] [--seed N] [--quick]
+    sophon-fast protect --config FILE.toml [--out DIR] [--device D] [--resume]
+    sophon-fast show DIR [--data builtin:NAME]
+    sophon-fast backends
+
+A protect config (TOML):
+
+    [model]
+    name = "small_cnn"                          # a sophon_fast.models zoo name
+    kwargs = { num_classes = 10, in_channels = 1, image_size = 28 }
+    weights = "demo_out/pretrained"             # a saved result directory (required)
+    [data]
+    original = "builtin:mnist5k"                # or a table, see sophon_fast.data.specs
+    restricted = "builtin:sklearn_digits"
+    [protect]                                   # any ProtectConfig field
+    outer_steps = 100
+    inner_steps = 10
+    [output]
+    dir = "protected"                           # --out overrides it
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python < 3.11
+    import tomli as tomllib
+
+
+def _load_toml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise SystemExit(f"sophon-fast: config file {path} does not exist")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as error:
+        raise SystemExit(f"sophon-fast: {path} is not valid TOML: {error}") from None
+
+
+def _section(config: dict, name: str, path: Path) -> dict:
+    section = config.get(name)
+    if not isinstance(section, dict):
+        raise SystemExit(f"sophon-fast: {path} needs a [{name}] table")
+    return section
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(
+        args.out,
+        device=args.device,
+        seed=args.seed,
+        quick=args.quick,
+        progress=not args.no_progress,
+    )
+    print(
+        f"wrote {Path(args.out) / 'report.json'} and {Path(args.out) / 'restricted_accuracy.png'}"
+    )
+    return 0
+
+
+def cmd_protect(args) -> int:
+    import torch
+
+    from .api import ProtectConfig, ProtectResult, protect
+    from .data import load_spec
+    from .models import build_model
+
+    config_path = Path(args.config)
+    raw = _load_toml(config_path)
+    model_section = _section(raw, "model", config_path)
+    data_section = _section(raw, "data", config_path)
+    for key in ("original", "restricted"):
+        if key not in data_section:
+            raise SystemExit(f"sophon-fast: {config_path} [data] needs '{key}'")
+    if "weights" not in model_section:
+        raise SystemExit(
+            f"sophon-fast: {config_path} [model] needs 'weights' (a directory written by "
+            "ProtectResult.save or `sophon-fast demo`): protecting an untrained model makes no sense"
+        )
+    model = None
+    if "name" in model_section:
+        model = build_model(model_section["name"], model_section.get("kwargs"))
+    model = ProtectResult.load(model_section["weights"], model=model).model
+    config = ProtectConfig.from_dict(raw.get("protect", {}))
+    original, original_eval = load_spec(data_section["original"], what="[data] original")
+    restricted, _ = load_spec(data_section["restricted"], what="[data] restricted")
+    out = Path(args.out or raw.get("output", {}).get("dir", "protected"))
+    device = torch.device(args.device) if args.device else None
+    result = protect(
+        model,
+        original,
+        restricted,
+        config,
+        original_eval=original_eval,
+        device=device,
+        progress=not args.no_progress,
+        checkpoint_dir=out / "checkpoints",
+        resume=args.resume,
+    )
+    result.save(out)
+    last = result.history[-1] if result.history else {}
+    print(
+        f"protected model written to {out} ({len(result.history)} outer steps, stopped by "
+        f"{result.stopped_by or 'completion'}; last original accuracy {last.get('original_accuracy')})"
+    )
+    return 0
+
+
+def cmd_show(args) -> int:
+    from .api import ProtectResult
+
+    result = ProtectResult.load(args.directory)
+    model = result.model
+    n_params = sum(p.numel() for p in model.parameters())
+    spec = getattr(model, "model_spec", None)
+    print(f"{args.directory}: {type(model).__name__} {spec or ''}, {n_params:,} parameters")
+    print(
+        f"outer steps run: {len(result.history)}; stopped by: {result.stopped_by or 'completion'}"
+    )
+    if result.history:
+        last = result.history[-1]
+        print("last step: " + ", ".join(f"{k}={v}" for k, v in last.items()))
+    if args.data:
+        from .data import load_spec
+        from .training import accuracy
+
+        _, test = load_spec(args.data, what="--data")
+        if test is None:
+            raise SystemExit(f"sophon-fast: {args.data} has no test part to evaluate on")
+        print(f"accuracy on {test.name}: {accuracy(model, test):.2f} %")
+    return 0
+
+
+def cmd_backends(args) -> int:
+    from . import _backend
+
+    for name, description in _backend.available_backends().items():
+        print(f"{name:<10} available    {description}")
+    for name, reason in _backend.unavailable_backends().items():
+        print(f"{name:<10} unavailable  {reason}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sophon-fast", description="SOPHON non-fine-tunable learning"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="pre-train, protect and attack on built-in offline domains")
+    demo.add_argument("--out", default="demo_out", help="output directory (default: demo_out)")
+    demo.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--quick", action="store_true", help="a few steps only: checks the pipeline")
+    demo.add_argument("--no-progress", action="store_true")
+    demo.set_defaults(run=cmd_demo)
+
+    prot = sub.add_parser("protect", help="protect a saved model as a TOML config says")
+    prot.add_argument(
+        "--config", required=True, help="TOML file: [model], [data], [protect], [output]"
+    )
+    prot.add_argument("--out", help="output directory (default: [output] dir, else 'protected')")
+    prot.add_argument("--device", help="cpu or cuda (default: where the model is)")
+    prot.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints")
+    prot.add_argument("--no-progress", action="store_true")
+    prot.set_defaults(run=cmd_protect)
+
+    show = sub.add_parser("show", help="load a saved result and summarise it")
+    show.add_argument("directory")
+    show.add_argument("--data", help="'builtin:NAME': also report test accuracy on that domain")
+    show.set_defaults(run=cmd_show)
+
+    backends = sub.add_parser("backends", help="list the kernel backends that work here")
+    backends.set_defaults(run=cmd_backends)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (ValueError, TypeError, FileNotFoundError) as error:
+        print(f"sophon-fast {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
