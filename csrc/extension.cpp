@@ -2,7 +2,9 @@
 // .cpp; this file only exposes them (typed stub: sophon_fast/_C.pyi).
 #include <torch/extension.h>
 
+#include "flat_optim/flat_optim.h"
 #include "flat_sgd_step/flat_sgd_step.h"
+#include "losses/losses.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "sophon_fast compiled kernels (C++ CPU, and CUDA when built with it)";
@@ -20,4 +22,47 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "(grad_params, grad_grad) = ((1 - lr * weight_decay) * grad_out, -lr * "
         "grad_out); "
         "grad_params is grad_out itself when weight_decay == 0");
+  m.def("flat_momentum_step_forward", &sophon_fast::flat_momentum_step_forward, py::arg("params"),
+        py::arg("grad"), py::arg("momentum_buffer"), py::arg("step"), py::arg("lr"),
+        py::arg("momentum"), py::arg("dampening"), py::arg("weight_decay"), py::arg("nesterov"),
+        py::arg("out") = py::none(),
+        "[new_params, new_momentum_buffer] of momentum SGD on flat buffers, into out if given");
+  m.def("flat_momentum_step_backward", &sophon_fast::flat_momentum_step_backward,
+        py::arg("grad_new_params"), py::arg("grad_new_buffer"), py::arg("step"), py::arg("lr"),
+        py::arg("momentum"), py::arg("dampening"), py::arg("weight_decay"), py::arg("nesterov"),
+        "[grad_params, grad_grad, grad_momentum_buffer]: the fused VJP of the momentum step");
+  m.def("flat_adam_step_forward", &sophon_fast::flat_adam_step_forward, py::arg("params"),
+        py::arg("grad"), py::arg("exp_avg"), py::arg("exp_avg_sq"), py::arg("step"), py::arg("lr"),
+        py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"),
+        py::arg("decoupled"), py::arg("out") = py::none(),
+        "[new_params, new_exp_avg, new_exp_avg_sq] of Adam (AdamW when decoupled)");
+  m.def("flat_adam_step_backward", &sophon_fast::flat_adam_step_backward,
+        py::arg("grad_new_params"), py::arg("grad_new_exp_avg"), py::arg("grad_new_exp_avg_sq"),
+        py::arg("params"), py::arg("grad"), py::arg("exp_avg"), py::arg("exp_avg_sq"),
+        py::arg("step"), py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"),
+        py::arg("weight_decay"), py::arg("decoupled"),
+        "[grad_params, grad_grad, grad_exp_avg, grad_exp_avg_sq]: the fused VJP of Adam/AdamW");
+  m.def("flat_rmsprop_step_forward", &sophon_fast::flat_rmsprop_step_forward, py::arg("params"),
+        py::arg("grad"), py::arg("square_avg"), py::arg("grad_avg"), py::arg("lr"),
+        py::arg("alpha"), py::arg("eps"), py::arg("weight_decay"), py::arg("out") = py::none(),
+        "[new_params, new_square_avg(, new_grad_avg)] of RMSprop (centered iff grad_avg)");
+  m.def("flat_rmsprop_step_backward", &sophon_fast::flat_rmsprop_step_backward,
+        py::arg("grad_new_params"), py::arg("grad_new_square_avg"), py::arg("grad_new_grad_avg"),
+        py::arg("params"), py::arg("grad"), py::arg("square_avg"), py::arg("grad_avg"),
+        py::arg("lr"), py::arg("alpha"), py::arg("eps"), py::arg("weight_decay"),
+        "[grad_params, grad_grad, grad_square_avg(, grad_grad_avg)]: the fused VJP of RMSprop");
+  m.def("flat_clip_adam_step_", &sophon_fast::flat_clip_adam_step_, py::arg("params"),
+        py::arg("grad"), py::arg("exp_avg"), py::arg("exp_avg_sq"), py::arg("step"), py::arg("lr"),
+        py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"),
+        py::arg("max_norm") = py::none(),
+        "clip grad to global L2 norm max_norm, in-place Adam step, step += 1; returns the norm");
+  m.def("flat_accumulate_", &sophon_fast::flat_accumulate_, py::arg("acc"), py::arg("grad"),
+        py::arg("weight"), "acc += weight * grad in place; returns acc");
+  m.def("classification_loss_forward", &sophon_fast::classification_loss_forward, py::arg("logits"),
+        py::arg("labels"), py::arg("kind"),
+        "(loss, grad) of the batch-mean loss kind (0 ce, 1 ice, 2 ice_paper, 3 klu) on logits "
+        "(batch, classes) with int64 labels (batch,), in one pass");
+  m.def("mean_square_loss_forward", &sophon_fast::mean_square_loss_forward, py::arg("prediction"),
+        py::arg("target"), py::arg("sign"),
+        "(loss, grad) of sign * mean((prediction - target)^2) (target None: zeros), one pass");
 }

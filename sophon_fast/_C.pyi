@@ -1,5 +1,7 @@
 """Typed stub of the compiled extension sophon_fast._C (csrc/extension.cpp)."""
 
+from collections.abc import Sequence
+
 from torch import Tensor
 
 with_cuda: bool
@@ -7,4 +9,100 @@ with_cuda: bool
 def flat_sgd_step_forward(
     params: Tensor, grad: Tensor, lr: float, weight_decay: float, out: Tensor | None = None
 ) -> Tensor: ...
-def flat_sgd_step_backward(grad_out: Tensor, lr: float, weight_decay: float) -> tuple[Tensor, Tensor]: ...
+def flat_sgd_step_backward(
+    grad_out: Tensor, lr: float, weight_decay: float
+) -> tuple[Tensor, Tensor]: ...
+def flat_momentum_step_forward(
+    params: Tensor,
+    grad: Tensor,
+    momentum_buffer: Tensor,
+    step: Tensor,
+    lr: float,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+    out: Sequence[Tensor] | None = None,
+) -> list[Tensor]: ...
+def flat_momentum_step_backward(
+    grad_new_params: Tensor,
+    grad_new_buffer: Tensor,
+    step: Tensor,
+    lr: float,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+) -> list[Tensor]: ...
+def flat_adam_step_forward(
+    params: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    step: Tensor,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled: bool,
+    out: Sequence[Tensor] | None = None,
+) -> list[Tensor]: ...
+def flat_adam_step_backward(
+    grad_new_params: Tensor,
+    grad_new_exp_avg: Tensor,
+    grad_new_exp_avg_sq: Tensor,
+    params: Tensor | None,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    step: Tensor,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled: bool,
+) -> list[Tensor]: ...
+def flat_rmsprop_step_forward(
+    params: Tensor,
+    grad: Tensor,
+    square_avg: Tensor,
+    grad_avg: Tensor | None,
+    lr: float,
+    alpha: float,
+    eps: float,
+    weight_decay: float,
+    out: Sequence[Tensor] | None = None,
+) -> list[Tensor]: ...
+def flat_rmsprop_step_backward(
+    grad_new_params: Tensor,
+    grad_new_square_avg: Tensor,
+    grad_new_grad_avg: Tensor | None,
+    params: Tensor | None,
+    grad: Tensor,
+    square_avg: Tensor,
+    grad_avg: Tensor | None,
+    lr: float,
+    alpha: float,
+    eps: float,
+    weight_decay: float,
+) -> list[Tensor]: ...
+def flat_clip_adam_step_(
+    params: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    step: Tensor,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    max_norm: float | None = None,
+) -> Tensor: ...
+def flat_accumulate_(acc: Tensor, grad: Tensor, weight: float) -> Tensor: ...
+def classification_loss_forward(logits: Tensor, labels: Tensor, kind: int) -> tuple[Tensor, Tensor]: ...
+def mean_square_loss_forward(
+    prediction: Tensor, target: Tensor | None, sign: float
+) -> tuple[Tensor, Tensor]: ...
