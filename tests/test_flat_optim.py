@@ -451,3 +451,19 @@ def test_bias_correction_is_exact_in_float32():
     )
     assert math.isclose(step_size.item(), 10.0, rel_tol=1e-7)
     assert math.isclose(root.item(), math.sqrt(1e-3), rel_tol=1e-7)
+
+
+@pytest.mark.parametrize(("backend", "device"), backend_params())
+@pytest.mark.parametrize("update", UPDATES)
+def test_gradgradcheck_float64(backend, device, update):
+    # Differentiating the backward (create_graph) switches to the reference VJP on the same
+    # saved tensors: still exact to second order.
+    params, grad, states = _inputs(update, 4, torch.float64, device)
+    inputs = tuple(t.requires_grad_(True) for t in (params, grad, *states))
+    step = _step(2, torch.float64, device)
+
+    def fn(p, g, *s):
+        with _backend.use_backend(backend):
+            return _call(ops, update, p, g, list(s), step)
+
+    assert torch.autograd.gradgradcheck(fn, inputs)

@@ -47,6 +47,7 @@ from sophon_fast.engine.flat import FlatParams
 from sophon_fast.engine.functional import FunctionalModel
 from sophon_fast.engine.optimizers import Adversary, init_state, inner_step, state_dtype
 from sophon_fast.losses import LossFn
+from sophon_fast.ops.flat_optim import flat_accumulate_, flat_clip_adam_step_
 
 __all__ = ["FlatSimulation", "simulate_flat"]
 
@@ -143,7 +144,7 @@ def simulate_flat(
             eval_logits = fmodel(phi, stats, counters, x.index_select(0, e), train=True)
             step_loss = suppression_loss(eval_logits, y_eval)
             (step_grad,) = torch.autograd.grad(step_loss, phi)
-            meta_grad.add_(step_grad.to(accumulate_dtype), alpha=weights[k])
+            flat_accumulate_(meta_grad, step_grad.contiguous(), weights[k])
             loss_total += weights[k] * step_loss.detach().to(accumulate_dtype)
             correct += (eval_logits.detach().argmax(1) == y_eval).sum()
     else:
@@ -247,11 +248,45 @@ class FastEngine:
     def meta_step(self, meta_grad: torch.Tensor, max_grad_norm: float | None) -> None:
         """Clip the meta-gradient to ``max_grad_norm`` (L2) and take one meta Adam step."""
         params = self.flat.params
+        if self._fused_meta_step(meta_grad.to(params.dtype), max_grad_norm):
+            return
         params.grad = meta_grad.to(params.dtype)
         if max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_([params], max_grad_norm)
         self.meta_optimizer.step()
         params.grad = None
+
+    def _fused_meta_step(self, grad: torch.Tensor, max_grad_norm: float | None) -> bool:
+        """Clip + Adam as one fused op on the meta optimizer's own state tensors (so checkpoints
+        and torch.optim stay interchangeable); False where that state layout does not fit
+        (float16/bfloat16 params keep torch.optim's same-dtype moments, amsgrad, several groups)."""
+        optimizer, params = self.meta_optimizer, self.flat.params
+        group = optimizer.param_groups[0]
+        if (
+            len(optimizer.param_groups) != 1
+            or params.dtype not in (torch.float32, torch.float64)
+            or group["amsgrad"]
+            or group["maximize"]
+            or not isinstance(group["lr"], float)
+        ):
+            return False
+        state = optimizer.state[params]
+        if not state:
+            # torch.optim.Adam's layout (step on the device only when fused); a float64 step for
+            # float64 params keeps the count exact as in the inner optimizers.
+            on_device = bool(group.get("fused") or group.get("capturable"))
+            step_dtype = torch.float64 if params.dtype == torch.float64 else torch.float32
+            state["step"] = torch.zeros(
+                (), dtype=step_dtype, device=params.device if on_device else "cpu"
+            )
+            state["exp_avg"] = torch.zeros_like(params, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(params, memory_format=torch.preserve_format)
+        with torch.no_grad():
+            flat_clip_adam_step_(
+                params, grad.contiguous(), state["exp_avg"], state["exp_avg_sq"], state["step"],
+                group["lr"], group["betas"], group["eps"], group["weight_decay"], max_grad_norm,
+            )  # fmt: skip
+        return True
 
     def ntr_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """One normal-training step: CE on an original batch, NTR Adam, no clipping. Returns ()."""

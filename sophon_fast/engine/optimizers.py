@@ -24,8 +24,10 @@ The square roots use a zero-safe form whose derivative at v = 0 is 0 instead of 
 entry that is exactly 0, e.g. behind a dead ReLU, would otherwise turn the order-2 meta-gradient
 into NaN through inf * 0). Values are unchanged.
 
-Fused kernels for the stateful optimizers replace these functions one by one later; the
-signature is the seam.
+Every update runs as one fused kernel from :mod:`sophon_fast.ops.flat_optim` (forward and
+first-order backward), chosen per device by the backend dispatch; the ``reference`` backend runs
+:mod:`sophon_fast.reference.flat_optim`, whose maths is the pure-torch form kept below
+(``_momentum``, ``_adam``, ``_rmsprop``) for the record and as the import-free fallback.
 """
 
 from __future__ import annotations
@@ -219,14 +221,33 @@ def _momentum(params, grad, state, hp, nesterov):
     }
 
 
+def _flat_optim():
+    try:
+        from sophon_fast.ops import flat_optim
+    except ImportError:  # the fused ops need the backend layer; fall back to the torch forms
+        return None
+    return flat_optim
+
+
+def _fused_momentum(params, grad, state, hp, nesterov):
+    fused = _flat_optim()
+    if fused is None:
+        return _momentum(params, grad, state, hp, nesterov)
+    new, buf = fused.flat_momentum_step(
+        params, grad.contiguous(), state["momentum_buffer"], state["step"], hp["lr"],
+        hp["momentum"], 0.0 if nesterov else hp["dampening"], hp["weight_decay"], nesterov,
+    )  # fmt: skip
+    return new, {"step": state["step"] + 1, "momentum_buffer": buf}
+
+
 def momentum_step(params, grad, state, hp):
-    """Heavy-ball momentum SGD (torch.optim.SGD semantics). (n,) -> (n,)."""
-    return _momentum(params, grad, state, hp, nesterov=False)
+    """Heavy-ball momentum SGD (torch.optim.SGD semantics), one fused kernel. (n,) -> (n,)."""
+    return _fused_momentum(params, grad, state, hp, nesterov=False)
 
 
 def nesterov_step(params, grad, state, hp):
     """Nesterov momentum SGD (torch.optim.SGD(nesterov=True) semantics). (n,) -> (n,)."""
-    return _momentum(params, grad, state, hp, nesterov=True)
+    return _fused_momentum(params, grad, state, hp, nesterov=True)
 
 
 def _adam(params, grad, state, hp, decoupled):
@@ -248,18 +269,41 @@ def _adam(params, grad, state, hp, decoupled):
     return new.to(params.dtype), {"step": step, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
 
 
+def _fused_adam(params, grad, state, hp, decoupled):
+    fused = _flat_optim()
+    if fused is None:
+        return _adam(params, grad, state, hp, decoupled)
+    step_fn = fused.flat_adamw_step if decoupled else fused.flat_adam_step
+    new, exp_avg, exp_avg_sq = step_fn(
+        params, grad.contiguous(), state["exp_avg"], state["exp_avg_sq"], state["step"],
+        hp["lr"], hp["betas"], hp["eps"], hp["weight_decay"],
+    )  # fmt: skip
+    return new, {"step": state["step"] + 1, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+
+
 def adam_step(params, grad, state, hp):
     """Adam with L2 weight decay in the gradient (torch.optim.Adam semantics). (n,) -> (n,)."""
-    return _adam(params, grad, state, hp, decoupled=False)
+    return _fused_adam(params, grad, state, hp, decoupled=False)
 
 
 def adamw_step(params, grad, state, hp):
     """AdamW, decoupled weight decay (torch.optim.AdamW semantics). (n,) -> (n,)."""
-    return _adam(params, grad, state, hp, decoupled=True)
+    return _fused_adam(params, grad, state, hp, decoupled=True)
 
 
 def rmsprop_step(params, grad, state, hp):
     """RMSprop without momentum or centering (torch.optim.RMSprop semantics). (n,) -> (n,)."""
+    fused = _flat_optim()
+    if fused is None:
+        return _rmsprop(params, grad, state, hp)
+    new, square_avg = fused.flat_rmsprop_step(
+        params, grad.contiguous(), state["square_avg"], hp["lr"], hp["alpha"], hp["eps"],
+        hp["weight_decay"],
+    )  # fmt: skip
+    return new, {"step": state["step"] + 1, "square_avg": square_avg}
+
+
+def _rmsprop(params, grad, state, hp):
     lr = hp["lr"]
     dtype = state_dtype(params.dtype)
     p, d = params.to(dtype), grad.to(dtype)

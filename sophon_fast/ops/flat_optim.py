@@ -26,8 +26,11 @@ What each backward saves, and why (everything else is recomputed in the backward
                and params only when L2 weight decay puts params into d. Saving the inputs rather
                than the outputs keeps nothing alive that the caller's graph does not already hold.
     rmsprop    grad, square_avg (and grad_avg when centered), params only with weight decay.
-The backwards are once-differentiable: a second-order meta-gradient passes through an inner
-update once (DESIGN.md; the losses and model ops carry the create_graph derivatives).
+A second-order meta-gradient passes through an inner update once (DESIGN.md), so the fused
+backward kernels are first-order. When the backward itself is differentiated (create_graph=True,
+e.g. gradgradcheck or a third-order objective) the Functions switch to the reference twin's
+autograd VJP on the same saved tensors: correct to any order, at eager speed. (Parameters that
+were not saved enter that path as zeros: the VJPs do not depend on them.)
 
 Also here: in-place non-differentiable variants (``*_``: first-order simulation and outer steps,
 step += 1 on the device), :func:`flat_clip_adam_step_` (global L2-norm clip + Adam, one norm pass
@@ -39,7 +42,6 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from .. import _backend
 from ..reference import flat_optim as _reference
@@ -508,6 +510,14 @@ def _rmsprop_backward(backend):
 # ------------------------------------------------------------------------------ autograd Functions
 
 
+def _differentiable_vjp(forward, inputs, grad_outputs):
+    """VJPs of ``forward`` at ``inputs`` with a graph (create_graph=True) to differentiate them."""
+    inputs = [x if x.requires_grad else x.detach().requires_grad_(True) for x in inputs]
+    outputs = forward(*inputs)
+    grads = torch.autograd.grad(outputs, inputs, grad_outputs, create_graph=True, allow_unused=True)
+    return tuple(torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads))
+
+
 class FlatMomentumStepFunction(torch.autograd.Function):
     """(params', buf') of momentum SGD; backward = one fused kernel, saves only ``step``."""
 
@@ -518,9 +528,16 @@ class FlatMomentumStepFunction(torch.autograd.Function):
         return tuple(_momentum_forward(backend)(params, grad, buf, step, *hp))
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_new_params, grad_new_buf):
         (step,) = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: a differentiable VJP (linear, value-free)
+            zeros = torch.zeros_like(grad_new_params)
+            grads = _differentiable_vjp(
+                lambda p, g, b: _reference.flat_momentum_step(p, g, b, step, *ctx.hp),
+                (zeros, zeros, torch.zeros_like(grad_new_buf)),
+                (grad_new_params, grad_new_buf),
+            )
+            return (*grads, None, None, None)
         grads = _momentum_backward(ctx.backend)(
             grad_new_params.contiguous(), grad_new_buf.contiguous(), step, *ctx.hp
         )
@@ -543,9 +560,18 @@ class FlatAdamStepFunction(torch.autograd.Function):
         return tuple(_adam_forward(backend)(params, grad, exp_avg, exp_avg_sq, step, *hp))
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_new_params, grad_new_exp_avg, grad_new_exp_avg_sq):
         params, grad, exp_avg, exp_avg_sq, step = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            lr, beta1, beta2, eps, weight_decay, decoupled = ctx.hp
+            grads = _differentiable_vjp(
+                lambda p, g, m, v: _reference._adam(
+                    p, g, m, v, step, lr, (beta1, beta2), eps, weight_decay, decoupled
+                ),
+                (params if ctx.needs_params else torch.zeros_like(grad), grad, exp_avg, exp_avg_sq),
+                (grad_new_params, grad_new_exp_avg, grad_new_exp_avg_sq),
+            )
+            return (*grads, None, None, None)
         grads = _adam_backward(ctx.backend)(
             grad_new_params.contiguous(), grad_new_exp_avg.contiguous(),
             grad_new_exp_avg_sq.contiguous(), params if ctx.needs_params else None, grad,
@@ -569,9 +595,19 @@ class FlatRmspropStepFunction(torch.autograd.Function):
         return _rmsprop_forward(backend)(params, grad, square_avg, grad_avg, *hp)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, *grad_outputs):
         params, grad, square_avg, grad_avg = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            p = params if ctx.needs_params else torch.zeros_like(grad)
+            states = (square_avg, grad_avg) if ctx.centered else (square_avg,)
+            grads = _differentiable_vjp(
+                lambda p, g, v, *ga: _reference.flat_rmsprop_step(
+                    p, g, v, *ctx.hp, grad_avg=ga[0] if ga else None
+                ),
+                (p, grad, *states),
+                grad_outputs,
+            )
+            return (*grads[:3], grads[3] if ctx.centered else None, None, None)
         grads = _rmsprop_backward(ctx.backend)(
             tuple(g.contiguous() for g in grad_outputs),
             params if ctx.needs_params else None,
