@@ -22,6 +22,14 @@ are written as differences of logsumexps, so they stay finite at any finite logi
 
 ``klu`` uses log_softmax (the official code's ``log(softmax)`` underflows to -inf) and u = 1/C
 (the official code hard-codes 0.1, uniform only for C = 10).
+
+Generation (noise prediction, ``prediction`` and ``target`` are (batch, channels, height, width)):
+``mse_ascent`` = -mean((prediction - target)^2) (the official code minimises minus the denoising
+error) and ``dos`` = mean(prediction^2) (denial of service: drive the predicted noise to zero).
+
+These functions are the pure-PyTorch twins of :mod:`sophon_fast.ops.losses` (same signatures);
+:func:`loss_gradient` and :func:`loss_hvp` are the closed forms the fused backward kernels
+compute, kept here as their oracle.
 """
 
 from __future__ import annotations
@@ -31,7 +39,16 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["cross_entropy", "inverse_cross_entropy", "inverse_cross_entropy_paper", "kl_uniform"]
+__all__ = [
+    "cross_entropy",
+    "dos",
+    "inverse_cross_entropy",
+    "inverse_cross_entropy_paper",
+    "kl_uniform",
+    "loss_gradient",
+    "loss_hvp",
+    "mse_ascent",
+]
 
 
 def _check(logits: torch.Tensor, labels: torch.Tensor | None, loss: str) -> None:
@@ -121,3 +138,96 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """
     _check(logits, labels, "ce")
     return F.cross_entropy(logits, labels)
+
+
+def _check_prediction(prediction: torch.Tensor, target: torch.Tensor | None, loss: str) -> None:
+    if prediction.dim() != 4:
+        raise ValueError(
+            f"{loss}: prediction must be (batch, channels, height, width); "
+            f"got shape {tuple(prediction.shape)}"
+        )
+    if prediction.numel() == 0:
+        raise ValueError(f"{loss}: empty prediction; the mean is undefined")
+    if target is not None and target.shape != prediction.shape:
+        raise ValueError(
+            f"{loss}: target must have the prediction's shape {tuple(prediction.shape)}; "
+            f"got {tuple(target.shape)}"
+        )
+
+
+def mse_ascent(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Gradient-ascent denoising loss ``mse_ascent``: -mean((prediction - target)^2).
+
+    Args:
+        prediction: (batch, channels, height, width) predicted noise.
+        target: (batch, channels, height, width) true noise.
+
+    Returns:
+        () loss (minimising it maximises the denoising error).
+    """
+    _check_prediction(prediction, target, "mse_ascent")
+    return -F.mse_loss(prediction, target)
+
+
+def dos(prediction: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
+    """Denial-of-service loss ``dos``: mean(prediction^2), the MSE against zero noise.
+
+    Args:
+        prediction: (batch, channels, height, width) predicted noise.
+        target: ignored (accepted so both generation losses share one signature). Default None.
+
+    Returns:
+        () loss.
+    """
+    _check_prediction(prediction, None, "dos")
+    return prediction.square().mean()
+
+
+_KINDS = ("ce", "ice", "ice_paper", "klu")
+
+
+def _distributions(logits: torch.Tensor, labels: torch.Tensor, kind: str):
+    """(first, second) softmax-like rows whose difference is the per-row gradient (see below)."""
+    classes = logits.shape[1]
+    onehot = F.one_hot(labels, classes).to(logits.dtype)
+    if kind == "ce":
+        return torch.softmax(logits, 1), onehot
+    if kind == "ice":
+        return onehot, torch.softmax(-logits, 1)
+    if kind == "ice_paper":
+        others = logits.masked_fill(onehot.bool(), float("-inf"))
+        return torch.softmax(logits, 1), torch.softmax(others, 1)
+    if kind == "klu":
+        return torch.softmax(logits, 1), torch.full_like(logits, 1.0 / classes)
+    raise ValueError(f"unknown classification loss kind {kind!r}; expected one of {_KINDS}")
+
+
+def loss_gradient(logits: torch.Tensor, labels: torch.Tensor, kind: str) -> torch.Tensor:
+    """d loss / d logits of the batch-mean loss ``kind``: (batch, classes).
+
+    ce: (p - onehot) / B; ice: (onehot - softmax(-z)) / B; ice_paper: (p - r) / B with r the
+    softmax over the classes j != y; klu: (p - 1/C) / B.
+    """
+    first, second = _distributions(logits, labels, kind)
+    return (first - second) / logits.shape[0]
+
+
+def loss_hvp(
+    logits: torch.Tensor, labels: torch.Tensor, kind: str, vector: torch.Tensor
+) -> torch.Tensor:
+    """Hessian of the batch-mean loss ``kind`` times ``vector``, both (batch, classes).
+
+    Each row's Hessian is a sum of softmax Jacobians J(s) = diag(s) - s s^T, so
+    J(s) v = s * (v - <s, v>): ce and klu J(p); ice J(softmax(-z)); ice_paper J(p) - J(r).
+    """
+
+    def jac(s):
+        return s * (vector - (s * vector).sum(1, keepdim=True))
+
+    batch = logits.shape[0]
+    if kind in ("ce", "klu"):
+        return jac(torch.softmax(logits, 1)) / batch
+    if kind == "ice":
+        return jac(torch.softmax(-logits, 1)) / batch
+    p, r = _distributions(logits, labels, "ice_paper")
+    return (jac(p) - jac(r)) / batch

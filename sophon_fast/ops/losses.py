@@ -1,0 +1,467 @@
+"""losses: fused suppression and training losses, value and gradient in one pass.
+
+Classification (``logits`` z: (batch, classes), ``labels`` y: (batch,) int64, batch mean; formulas
+and their stability in :mod:`sophon_fast.reference.losses`, the pure-torch twin):
+
+    ce         lse(z) - z_y                  grad (p - onehot) / B
+    ice        z_y + lse(-z)                 grad (onehot - softmax(-z)) / B
+    ice_paper  lse(z) - lse_{j != y}(z)      grad (p - r) / B,  r = softmax over j != y
+    klu        lse(z) - mean(z) - log C      grad (p - 1/C) / B
+
+Each row is one logsumexp problem (two for ice_paper, with separate maxima so a gap of 100 stays
+finite). The forward reads the logits once and writes the per-row loss and the gradient: 8 B per
+logit at fp32 against 5-23 kernels and ~24-40 B per logit for the eager formulas. The backward is
+``grad * grad_out`` (or the saved gradient itself when grad_out is 1 on the CPU: no pass at all).
+
+Generation (``prediction``, ``target``: (batch, channels, height, width), mean over all elements):
+``mse_ascent`` = -mean((prediction - target)^2), grad -2 (prediction - target) / N;
+``dos`` = mean(prediction^2), grad 2 prediction / N. One pass: 12 B/element (8 for dos).
+
+Double differentiability: the backward is itself an autograd Function (ClassificationLossBackward,
+MeanSquareBackward) whose backward is the exact Hessian-vector product, so ``ce`` can be the inner
+adaptation loss under ``create_graph=True`` (second-order simulation). For the softmax losses the
+Hessian of a row is a sum of J(s) = diag(s) - s s^T and J(s) v = s * (v - <s, v>): computed from
+the logits in a few row-wise torch ops (the double backward is not a hot spot: one per inner step).
+
+Every backend computes in float32 for float32/float16/bfloat16 inputs (float64 for float64) and
+returns the loss and gradient in the input dtype. Labels outside [0, classes) raise on the CPU
+backends and give a NaN loss (never a silent value) on the GPU ones, where a check would sync.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import _backend
+from ..reference import losses as _reference
+from . import _triton
+
+OP_NAME = "losses"
+KINDS = ("ce", "ice", "ice_paper", "klu")
+KIND_CODES = {name: code for code, name in enumerate(KINDS)}
+GENERATION_KINDS = ("mse_ascent", "dos")
+# One program per row holds the whole row: the interpreter and a GPU SM both handle 64 K fp32.
+MAX_TRITON_CLASSES = 1 << 16
+# Elements per program of the generation reduction: 16 KiB of fp32 per program.
+MSE_BLOCK_SIZE = 4096
+
+tl = _triton.tl
+
+
+@_triton.jit
+def _classification_loss_forward_kernel(
+    logits_ptr,
+    labels_ptr,
+    grad_ptr,
+    row_loss_ptr,
+    logits_stride_row,
+    grad_stride_row,
+    n_cols,
+    inv_batch,
+    log_classes,
+    KIND: tl.constexpr,
+    COMPUTE_F64: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_SIZE)
+    mask = cols < n_cols
+    z = tl.load(logits_ptr + row * logits_stride_row + cols, mask=mask, other=0.0)
+    if COMPUTE_F64:
+        z = z.to(tl.float64)
+    else:
+        z = z.to(tl.float32)
+    label = tl.load(labels_ptr + row)
+    valid = (label >= 0) & (label < n_cols)
+    is_label = (cols == label) & mask
+    true_logit = tl.sum(tl.where(is_label, z, 0.0), axis=0)
+    neg_inf = float("-inf")
+    if KIND == 1:  # ice: logsumexp over -z
+        w = tl.where(mask, -z, neg_inf)
+    else:
+        w = tl.where(mask, z, neg_inf)
+    w_max = tl.max(w, axis=0)
+    e = tl.exp(w - w_max)
+    e_sum = tl.sum(e, axis=0)
+    lse = w_max + tl.log(e_sum)
+    soft = e / e_sum
+    one = tl.where(is_label, 1.0, 0.0)
+    if KIND == 0:  # ce
+        loss = lse - true_logit
+        grad = soft - one
+    elif KIND == 1:  # ice
+        loss = true_logit + lse
+        grad = one - soft
+    elif KIND == 2:  # ice_paper: a second logsumexp with its own max, over j != y
+        o = tl.where(mask & (cols != label), z, neg_inf)
+        o_max = tl.max(o, axis=0)
+        eo = tl.exp(o - o_max)
+        eo_sum = tl.sum(eo, axis=0)
+        loss = lse - (o_max + tl.log(eo_sum))
+        grad = soft - eo / eo_sum
+    else:  # klu
+        loss = lse - tl.sum(tl.where(mask, z, 0.0), axis=0) / n_cols - log_classes
+        grad = soft - 1.0 / n_cols
+    if KIND != 3:
+        loss = tl.where(valid, loss, float("nan"))
+    tl.store(
+        grad_ptr + row * grad_stride_row + cols,
+        (grad * inv_batch).to(grad_ptr.dtype.element_ty),
+        mask=mask,
+    )
+    tl.store(row_loss_ptr + row, loss)
+
+
+@_triton.jit
+def _mean_square_forward_kernel(
+    prediction_ptr,
+    target_ptr,
+    grad_ptr,
+    partial_ptr,
+    n_elements,
+    grad_scale,
+    HAS_TARGET: tl.constexpr,
+    COMPUTE_F64: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offsets = pid.to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    mask = offsets < n_elements
+    d = tl.load(prediction_ptr + offsets, mask=mask, other=0.0)
+    if COMPUTE_F64:
+        d = d.to(tl.float64)
+    else:
+        d = d.to(tl.float32)
+    if HAS_TARGET:
+        t = tl.load(target_ptr + offsets, mask=mask, other=0.0)
+        if COMPUTE_F64:
+            d = d - t.to(tl.float64)
+        else:
+            d = d - t.to(tl.float32)
+    tl.store(grad_ptr + offsets, (grad_scale * d).to(grad_ptr.dtype.element_ty), mask=mask)
+    tl.store(partial_ptr + pid, tl.sum(d * d, axis=0))
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _triton_classification(logits, labels, kind_code):
+    batch, classes = logits.shape
+    if classes > MAX_TRITON_CLASSES:
+        raise _backend.BackendUnavailableError(
+            f"the triton losses kernel holds one row per program: at most {MAX_TRITON_CLASSES} "
+            f"classes, got {classes}"
+        )
+    logits = logits if logits.stride(1) == 1 else logits.contiguous()
+    grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
+    row_loss = torch.empty(batch, dtype=_compute_dtype(logits.dtype), device=logits.device)
+    _classification_loss_forward_kernel[(batch,)](
+        logits,
+        labels,
+        grad,
+        row_loss,
+        logits.stride(0),
+        grad.stride(0),
+        classes,
+        1.0 / batch,
+        math.log(classes),
+        KIND=kind_code,
+        COMPUTE_F64=logits.dtype == torch.float64,
+        BLOCK_SIZE=triton_block(classes),
+    )
+    return (row_loss.sum() / batch).to(logits.dtype), grad
+
+
+def triton_block(n: int) -> int:
+    """Next power of two >= n (Triton blocks are powers of two)."""
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _triton_mean_square(prediction, target, sign):
+    prediction = prediction.contiguous()
+    target = None if target is None else target.contiguous()
+    n = prediction.numel()
+    grad = torch.empty_like(prediction)
+    programs = max(1, -(-n // MSE_BLOCK_SIZE))
+    partial = torch.empty(
+        programs, dtype=_compute_dtype(prediction.dtype), device=prediction.device
+    )
+    _mean_square_forward_kernel[(programs,)](
+        prediction,
+        prediction if target is None else target,
+        grad,
+        partial,
+        n,
+        2.0 * sign / n,
+        HAS_TARGET=target is not None,
+        COMPUTE_F64=prediction.dtype == torch.float64,
+        BLOCK_SIZE=MSE_BLOCK_SIZE,
+    )
+    return (partial.sum() * (sign / n)).to(prediction.dtype), grad
+
+
+def _classification_impl(backend):
+    if backend == "triton":
+        return _triton_classification
+    return _backend.extension().classification_loss_forward
+
+
+def _mean_square_impl(backend):
+    if backend == "triton":
+        return _triton_mean_square
+    return _backend.extension().mean_square_loss_forward
+
+
+def _scale(grad: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+    # A loss is almost always the root of backward (grad_out = 1): on the CPU, where reading the
+    # scalar costs no sync, hand back the saved gradient instead of a 4-32 MB multiply.
+    if grad_out.device.type == "cpu" and float(grad_out) == 1.0:
+        return grad
+    return grad * grad_out.to(grad.dtype)
+
+
+class ClassificationLossFunction(torch.autograd.Function):
+    """Batch-mean classification loss ``kind`` with its gradient computed in the same pass."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, kind, backend):
+        loss, grad = _classification_impl(backend)(logits, labels, KIND_CODES[kind])
+        ctx.kind = kind
+        ctx.save_for_backward(logits, labels, grad)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        logits, labels, grad = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: keep a differentiable backward
+            grad_logits = ClassificationLossBackwardFunction.apply(
+                logits, grad_out, labels, grad, ctx.kind
+            )
+        else:
+            grad_logits = _scale(grad, grad_out)
+        return grad_logits, None, None, None
+
+
+class ClassificationLossBackwardFunction(torch.autograd.Function):
+    """grad_logits = grad_out * G(logits) (G saved by the forward); backward = the exact HVP."""
+
+    @staticmethod
+    def forward(ctx, logits, grad_out, labels, grad, kind):
+        ctx.kind = kind
+        ctx.save_for_backward(logits, grad_out, labels, grad)
+        return grad * grad_out.to(grad.dtype)
+
+    @staticmethod
+    def backward(ctx, vector):
+        logits, grad_out, labels, grad = ctx.saved_tensors
+        hvp = _reference.loss_hvp(logits, labels, ctx.kind, vector.to(logits.dtype))
+        grad_logits = hvp * grad_out.to(hvp.dtype)
+        grad_grad_out = (vector * grad).sum().to(grad_out.dtype)
+        return grad_logits, grad_grad_out, None, None, None
+
+
+class MeanSquareLossFunction(torch.autograd.Function):
+    """sign * mean((prediction - target)^2) with its gradient computed in the same pass."""
+
+    @staticmethod
+    def forward(ctx, prediction, target, sign, backend):
+        loss, grad = _mean_square_impl(backend)(prediction, target, sign)
+        ctx.sign = sign
+        ctx.save_for_backward(prediction, target, grad)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        prediction, target, grad = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            grad_prediction = MeanSquareBackwardFunction.apply(
+                prediction, target, grad_out, grad, ctx.sign
+            )
+        else:
+            grad_prediction = _scale(grad, grad_out)
+        grad_target = -grad_prediction if target is not None and ctx.needs_input_grad[1] else None
+        return grad_prediction, grad_target, None, None
+
+
+class MeanSquareBackwardFunction(torch.autograd.Function):
+    """grad_prediction = grad_out * 2 sign (prediction - target) / N, differentiable once more.
+
+    The Jacobian is constant: d/d prediction = grad_out * 2 sign / N * I, d/d target its
+    negative, d/d grad_out the saved gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, prediction, target, grad_out, grad, sign):
+        ctx.sign, ctx.numel = sign, prediction.numel()
+        ctx.has_target = target is not None
+        ctx.save_for_backward(grad_out, grad)
+        return grad * grad_out.to(grad.dtype)
+
+    @staticmethod
+    def backward(ctx, vector):
+        grad_out, grad = ctx.saved_tensors
+        grad_prediction = vector * (grad_out.to(vector.dtype) * (2.0 * ctx.sign / ctx.numel))
+        grad_target = -grad_prediction if ctx.has_target else None
+        grad_grad_out = (vector * grad).sum().to(grad_out.dtype)
+        return grad_prediction, grad_target, grad_grad_out, None, None
+
+
+def _check_logits(logits, labels, name: str, *, need_labels: bool = True) -> None:
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"{name}: logits must be a torch.Tensor, got {type(logits).__name__}")
+    if logits.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        raise TypeError(
+            f"{name}: logits must be float32, float64, float16 or bfloat16, got {logits.dtype}"
+        )
+    _reference._check(logits, labels if need_labels else None, name)
+    if need_labels:
+        if not isinstance(labels, torch.Tensor) or labels.dtype != torch.int64:
+            got = labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__
+            raise TypeError(f"{name}: labels must be an int64 tensor, got {got}")
+        if labels.device != logits.device:
+            raise ValueError(
+                f"{name}: labels are on {labels.device} but logits on {logits.device}; "
+                "they must be on the same device"
+            )
+
+
+def classification_loss(logits: torch.Tensor, labels: torch.Tensor | None, kind: str):
+    """Batch-mean classification loss ``kind`` (one of :data:`KINDS`), fused; see the functions."""
+    if kind not in KIND_CODES:
+        raise ValueError(f"unknown classification loss {kind!r}; expected one of {KINDS}")
+    need_labels = kind != "klu"
+    _check_logits(logits, labels, kind, need_labels=need_labels)
+    if kind == "ice_paper" and logits.shape[1] < 2:
+        raise ValueError(
+            "ice_paper: -log(1 - p_y) is +inf for every input when there is 1 class; "
+            "expected at least 2 classes"
+        )
+    backend = _backend.resolve(OP_NAME, logits.device)
+    if backend == "reference":
+        return _REFERENCE[kind](logits, labels)
+    if not need_labels:
+        labels = torch.zeros(logits.shape[0], dtype=torch.int64, device=logits.device)
+    labels = labels.contiguous()
+    if logits.stride(1) != 1:  # kernels take any row stride, but unit column stride
+        logits = logits.contiguous()
+    return ClassificationLossFunction.apply(logits, labels, kind, backend)
+
+
+_REFERENCE = {
+    "ce": _reference.cross_entropy,
+    "ice": _reference.inverse_cross_entropy,
+    "ice_paper": _reference.inverse_cross_entropy_paper,
+    "klu": _reference.kl_uniform,
+}
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy ``ce``: mean_b [lse(z_b) - z_{b, y_b}], fused, twice differentiable.
+
+    The adaptation and normal-training loss; under ``create_graph=True`` its backward is itself
+    differentiable (exact Hessian-vector product), so it can be the inner loss of a second-order
+    simulation.
+
+    Args:
+        logits: (batch, classes) float32, float64, float16 or bfloat16 (rows contiguous or not).
+        labels: (batch,) int64 in [0, classes).
+
+    Returns:
+        () loss in ``logits.dtype`` (accumulated in float32, float64 for float64).
+
+    Raises:
+        TypeError: non-floating logits or non-int64 labels.
+        ValueError: wrong shapes, empty batch, labels on another device, or (CPU backends) a
+            label outside [0, classes).
+        BackendUnavailableError: a forced backend cannot run here.
+    """
+    return classification_loss(logits, labels, "ce")
+
+
+def inverse_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The official code's inverse cross-entropy ``ice``: mean_b [z_y + lse(-z)], fused.
+
+    Args / Returns / Raises: as :func:`cross_entropy`.
+    """
+    return classification_loss(logits, labels, "ice")
+
+
+def inverse_cross_entropy_paper(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Textbook inverse cross-entropy ``ice_paper``: mean_b [-log(1 - p_y)], fused and stable.
+
+    Computed as lse(z) - lse_{j != y}(z) with two maxima: finite at any finite logit gap (about
+    100 at a gap of 100, where the naive form is inf in float32). ``classes == 1`` raises
+    ValueError (the loss is +inf for every input).
+
+    Args / Returns / Raises: as :func:`cross_entropy`.
+    """
+    return classification_loss(logits, labels, "ice_paper")
+
+
+def kl_uniform(logits: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """KL from the uniform distribution ``klu``: mean_b KL(u || softmax(z_b)), u = 1/C, fused.
+
+    Args:
+        logits: (batch, classes).
+        labels: ignored (one signature for every loss). Default None.
+
+    Returns / Raises: as :func:`cross_entropy`.
+    """
+    return classification_loss(logits, labels, "klu")
+
+
+def _mean_square(prediction, target, sign, name):
+    if not isinstance(prediction, torch.Tensor) or prediction.dtype not in (
+        torch.float32,
+        torch.float64,
+        torch.float16,
+        torch.bfloat16,
+    ):
+        raise TypeError(f"{name}: prediction must be a floating torch.Tensor")
+    _reference._check_prediction(prediction, target, name)
+    if target is not None and (
+        target.dtype != prediction.dtype or target.device != prediction.device
+    ):
+        raise ValueError(
+            f"{name}: target must have the prediction's dtype and device "
+            f"({prediction.dtype}, {prediction.device}); got ({target.dtype}, {target.device})"
+        )
+    backend = _backend.resolve(OP_NAME, prediction.device)
+    if backend == "reference":
+        return (
+            _reference.mse_ascent(prediction, target)
+            if target is not None
+            else (_reference.dos(prediction))
+        )
+    return MeanSquareLossFunction.apply(prediction, target, sign, backend)
+
+
+def mse_ascent(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Gradient-ascent denoising loss ``mse_ascent``: -mean((prediction - target)^2), fused.
+
+    Args:
+        prediction: (batch, channels, height, width) predicted noise, floating.
+        target: (batch, channels, height, width) true noise, same dtype and device.
+
+    Returns:
+        () loss in ``prediction.dtype``; gradients flow to prediction and target.
+
+    Raises:
+        TypeError / ValueError: non-floating input, wrong or mismatched shapes, empty input.
+    """
+    return _mean_square(prediction, target, -1.0, "mse_ascent")
+
+
+def dos(prediction: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
+    """Denial-of-service loss ``dos``: mean(prediction^2), fused.
+
+    Args:
+        prediction: (batch, channels, height, width) predicted noise, floating.
+        target: ignored (one signature for both generation losses). Default None.
+
+    Returns / Raises: as :func:`mse_ascent`.
+    """
+    return _mean_square(prediction, None, 1.0, "dos")
