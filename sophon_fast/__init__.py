@@ -1,12 +1,14 @@
 """sophon_fast: SOPHON non-fine-tunable learning with fused Triton, C++ and CUDA kernels.
 
 Most users need :func:`protect` (run the algorithm), :class:`ProtectConfig` and
-:class:`ProtectResult`; :func:`simulate` inspects a single fine-tuning simulation; the fused ops
-(:func:`flat_sgd_step`) and :func:`available_backends` are the kernel layer.
+:class:`ProtectResult`; :func:`evaluate` fine-tunes the protected model, the unprotected one and a
+fresh one with one attack grid (:class:`Report`); :func:`simulate` inspects a single fine-tuning
+simulation; the fused ops (:func:`flat_sgd_step`) and :func:`available_backends` are the kernel layer.
 """
 
 from ._backend import BackendUnavailableError, available_backends, use_backend
 from .api import ProtectConfig, ProtectResult, SimulationResult, protect, simulate
+from .attacks import Report, evaluate
 from .engine.optimizers import Adversary
 from .ops.flat_sgd_step import flat_sgd_step
 
@@ -17,8 +19,10 @@ __all__ = [
     "BackendUnavailableError",
     "ProtectConfig",
     "ProtectResult",
+    "Report",
     "SimulationResult",
     "available_backends",
+    "evaluate",
     "flat_sgd_step",
     "protect",
     "simulate",
