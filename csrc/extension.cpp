@@ -2,6 +2,7 @@
 // .cpp; this file only exposes them (typed stub: sophon_fast/_C.pyi).
 #include <torch/extension.h>
 
+#include "batch_norm/batch_norm.h"
 #include "flat_optim/flat_optim.h"
 #include "flat_sgd_step/flat_sgd_step.h"
 #include "losses/losses.h"
@@ -65,4 +66,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mean_square_loss_forward", &sophon_fast::mean_square_loss_forward, py::arg("prediction"),
         py::arg("target"), py::arg("sign"),
         "(loss, grad) of sign * mean((prediction - target)^2) (target None: zeros), one pass");
+  m.def("batch_norm_forward", &sophon_fast::batch_norm_forward, py::arg("x"), py::arg("weight"),
+        py::arg("bias"), py::arg("running_mean"), py::arg("running_var"), py::arg("momentum"),
+        py::arg("eps"),
+        "(y, mean, invstd) of training-mode BatchNorm2d on x (N, C, H, W); updates the running "
+        "statistics in place");
+  m.def("batch_norm_backward", &sophon_fast::batch_norm_backward, py::arg("x"), py::arg("weight"),
+        py::arg("grad_y"), py::arg("mean"), py::arg("invstd"),
+        "(grad_x, grad_weight, grad_bias) of training-mode BatchNorm2d");
+  m.def("batch_norm_double_backward", &sophon_fast::batch_norm_double_backward, py::arg("x"),
+        py::arg("weight"), py::arg("grad_y"), py::arg("mean"), py::arg("invstd"),
+        py::arg("grad_dx"), py::arg("grad_dweight"), py::arg("grad_dbias"),
+        "(grad_x, grad_weight, grad_grad_y): the fused VJP of batch_norm_backward");
 }

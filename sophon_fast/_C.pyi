@@ -106,3 +106,14 @@ def classification_loss_forward(logits: Tensor, labels: Tensor, kind: int) -> tu
 def mean_square_loss_forward(
     prediction: Tensor, target: Tensor | None, sign: float
 ) -> tuple[Tensor, Tensor]: ...
+def batch_norm_forward(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
+    running_var: Tensor | None, momentum: float, eps: float,
+) -> tuple[Tensor, Tensor, Tensor]: ...
+def batch_norm_backward(
+    x: Tensor, weight: Tensor | None, grad_y: Tensor, mean: Tensor, invstd: Tensor
+) -> tuple[Tensor, Tensor, Tensor]: ...
+def batch_norm_double_backward(
+    x: Tensor, weight: Tensor | None, grad_y: Tensor, mean: Tensor, invstd: Tensor,
+    grad_dx: Tensor | None, grad_dweight: Tensor | None, grad_dbias: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]: ...

@@ -30,8 +30,6 @@ backends and give a NaN loss (never a silent value) on the GPU ones, where a che
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .. import _backend
@@ -58,9 +56,8 @@ def _classification_loss_forward_kernel(
     row_loss_ptr,
     logits_stride_row,
     grad_stride_row,
+    n_rows,
     n_cols,
-    inv_batch,
-    log_classes,
     KIND: tl.constexpr,
     COMPUTE_F64: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
@@ -69,10 +66,16 @@ def _classification_loss_forward_kernel(
     cols = tl.arange(0, BLOCK_SIZE)
     mask = cols < n_cols
     z = tl.load(logits_ptr + row * logits_stride_row + cols, mask=mask, other=0.0)
+    # Sizes enter as integers and are converted here: a float kernel argument is float32 when
+    # compiled, which would cost float64 inputs 1e-8 of relative accuracy.
     if COMPUTE_F64:
         z = z.to(tl.float64)
+        rows = n_rows.to(tl.float64)
+        classes = n_cols.to(tl.float64)
     else:
         z = z.to(tl.float32)
+        rows = n_rows.to(tl.float32)
+        classes = n_cols.to(tl.float32)
     label = tl.load(labels_ptr + row)
     valid = (label >= 0) & (label < n_cols)
     is_label = (cols == label) & mask
@@ -102,13 +105,13 @@ def _classification_loss_forward_kernel(
         loss = lse - (o_max + tl.log(eo_sum))
         grad = soft - eo / eo_sum
     else:  # klu
-        loss = lse - tl.sum(tl.where(mask, z, 0.0), axis=0) / n_cols - log_classes
-        grad = soft - 1.0 / n_cols
+        loss = lse - tl.sum(tl.where(mask, z, 0.0), axis=0) / classes - tl.log(classes)
+        grad = soft - 1.0 / classes
     if KIND != 3:
         loss = tl.where(valid, loss, float("nan"))
     tl.store(
         grad_ptr + row * grad_stride_row + cols,
-        (grad * inv_batch).to(grad_ptr.dtype.element_ty),
+        (grad / rows).to(grad_ptr.dtype.element_ty),
         mask=mask,
     )
     tl.store(row_loss_ptr + row, loss)
@@ -121,7 +124,7 @@ def _mean_square_forward_kernel(
     grad_ptr,
     partial_ptr,
     n_elements,
-    grad_scale,
+    sign,
     HAS_TARGET: tl.constexpr,
     COMPUTE_F64: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
@@ -140,6 +143,10 @@ def _mean_square_forward_kernel(
             d = d - t.to(tl.float64)
         else:
             d = d - t.to(tl.float32)
+    if COMPUTE_F64:
+        grad_scale = 2.0 * sign / n_elements.to(tl.float64)
+    else:
+        grad_scale = 2.0 * sign / n_elements.to(tl.float32)
     tl.store(grad_ptr + offsets, (grad_scale * d).to(grad_ptr.dtype.element_ty), mask=mask)
     tl.store(partial_ptr + pid, tl.sum(d * d, axis=0))
 
@@ -165,9 +172,8 @@ def _triton_classification(logits, labels, kind_code):
         row_loss,
         logits.stride(0),
         grad.stride(0),
+        batch,
         classes,
-        1.0 / batch,
-        math.log(classes),
         KIND=kind_code,
         COMPUTE_F64=logits.dtype == torch.float64,
         BLOCK_SIZE=triton_block(classes),
@@ -195,7 +201,7 @@ def _triton_mean_square(prediction, target, sign):
         grad,
         partial,
         n,
-        2.0 * sign / n,
+        int(sign),
         HAS_TARGET=target is not None,
         COMPUTE_F64=prediction.dtype == torch.float64,
         BLOCK_SIZE=MSE_BLOCK_SIZE,
