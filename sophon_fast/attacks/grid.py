@@ -2,8 +2,10 @@
 
 A grid is a list of *sweeps*; each sweep is a table whose values are single values or lists,
 expanded as a Cartesian product into :class:`~sophon_fast.attacks.attack.Attack` recipes (the
-grid is the union, duplicates dropped, order kept). ``lr = "family"`` takes the optimizer's
-learning-rate grid from ``LR_GRIDS``. In TOML::
+grid is the union, duplicates dropped, order kept). ``lr = "family"`` (also when ``lr`` is
+omitted) takes the optimizer's learning-rate grid from ``LR_GRIDS``. Any :class:`Attack` field
+may be swept; ``epochs`` is the grid's, not the sweep's. Unknown keys and bad values are
+rejected with the key named. In TOML::
 
     [grid]
     epochs = 20            # budget of every cell (evaluate(epochs=...) overrides it)
