@@ -1,6 +1,7 @@
-// batch_norm: input checks and dispatch. CPU kernels work on NCHW-contiguous
-// planes; a channels_last input is converted on the way in and its outputs on
-// the way out (one copy each way; the kernels' per-channel sweeps want
+// batch_norm: input checks and device dispatch. CPU kernels (batch_norm_cpu.cpp)
+// and CUDA kernels (torch-free launchers of batch_norm_cuda.cu) work on
+// NCHW-contiguous planes; a channels_last input is converted on the way in and
+// its outputs on the way out (one copy each way; the per-channel sweeps want
 // contiguous planes).
 #include "batch_norm.h"
 
@@ -10,6 +11,15 @@
 #include <vector>
 
 #include "../checks.h"
+
+#ifdef SOPHON_FAST_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cuda_runtime.h>
+
+#include "../dtypes.h"
+#include "batch_norm_cuda.h"
+#endif
 
 namespace sophon_fast {
 namespace {
@@ -26,9 +36,15 @@ void check_input(const at::Tensor& x) {
   TORCH_CHECK_VALUE(x.size(0) * x.size(2) * x.size(3) > 1, kOp,
                     ": expected more than 1 value per channel when training, got input shape ",
                     x.sizes());
+#ifdef SOPHON_FAST_WITH_CUDA
+  TORCH_CHECK_VALUE(x.is_cpu() || x.is_cuda(), kOp, ": x on ", x.device(),
+                    " is not supported by the compiled kernels (CPU and CUDA only); use the "
+                    "reference backend");
+#else
   TORCH_CHECK_VALUE(x.is_cpu(), kOp, ": x on ", x.device(),
                     " is not supported by the compiled kernels (CPU only); use the reference "
                     "backend");
+#endif
 }
 
 void check_like(const at::Tensor& x, const at::Tensor& t, const char* name) {
@@ -70,6 +86,125 @@ at::Tensor from_values(const std::vector<double>& v, const at::TensorOptions& op
   return t.to(options.dtype());
 }
 
+#ifdef SOPHON_FAST_WITH_CUDA
+int dtype_code(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat:
+      return SOPHON_FAST_DTYPE_FLOAT32;
+    case at::kDouble:
+      return SOPHON_FAST_DTYPE_FLOAT64;
+    case at::kHalf:
+      return SOPHON_FAST_DTYPE_FLOAT16;
+    default:
+      return SOPHON_FAST_DTYPE_BFLOAT16;
+  }
+}
+
+void check_launch(int status, const char* what) {
+  TORCH_CHECK(status == 0, what, " failed: ", cudaGetErrorString(static_cast<cudaError_t>(status)));
+}
+
+// The launchers take per-channel arrays in the compute dtype (float32, float64
+// for float64 x).
+at::TensorOptions compute_options(const at::Tensor& x) {
+  return x.options().dtype(x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+}
+
+// A (C,) tensor on x's device as a contiguous compute-dtype tensor (undefined
+// when absent).
+at::Tensor channel_tensor(const c10::optional<at::Tensor>& t, const at::Tensor& x,
+                          const char* name) {
+  if (!t.has_value() || !t->defined()) return {};
+  TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == x.size(1), kOp, ": ", name,
+                    " must be (channels,) = (", x.size(1), ",), got shape ", t->sizes());
+  TORCH_CHECK_VALUE(t->device() == x.device(), kOp, ": ", name, " is on ", t->device(),
+                    " but x on ", x.device());
+  return t->detach().to(compute_options(x).dtype()).contiguous();
+}
+
+const void* cptr(const at::Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; }
+void* mptr(at::Tensor& t) { return t.defined() ? t.mutable_data_ptr() : nullptr; }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(
+    const at::Tensor& x, bool cl, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
+    const c10::optional<at::Tensor>& running_var, double momentum, double eps) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto w = channel_tensor(weight, x, "weight");
+  const auto b = channel_tensor(bias, x, "bias");
+  // Running statistics are updated in a compute-dtype working copy (the tensor
+  // itself when it already is one) and copied back.
+  at::Tensor running[2];
+  const c10::optional<at::Tensor>* given[2] = {&running_mean, &running_var};
+  for (int k = 0; k < 2; ++k) {
+    if (!given[k]->has_value() || !(*given[k])->defined()) continue;
+    const at::Tensor& r = **given[k];
+    TORCH_CHECK_VALUE(
+        r.dim() == 1 && r.size(0) == x.size(1) && r.is_contiguous() && r.device() == x.device(),
+        kOp, ": running statistics must be contiguous (channels,) tensors on ", x.device());
+    running[k] = r.scalar_type() == compute_options(x).dtype() ? r : r.to(compute_options(x));
+  }
+  auto y = at::empty_like(x, at::MemoryFormat::Contiguous);
+  auto mean = at::empty({x.size(1)}, compute_options(x));
+  auto invstd = at::empty({x.size(1)}, compute_options(x));
+  check_launch(sophon_fast_batch_norm_forward_cuda(
+                   dtype_code(x.scalar_type()), x.const_data_ptr(), cptr(w), cptr(b),
+                   y.mutable_data_ptr(), mean.mutable_data_ptr(), invstd.mutable_data_ptr(),
+                   mptr(running[0]), mptr(running[1]), x.size(0), x.size(1), x.size(2) * x.size(3),
+                   momentum, eps, at::cuda::getCurrentCUDAStream().stream()),
+               "batch_norm forward kernel");
+  for (int k = 0; k < 2; ++k)
+    if (running[k].defined() && !running[k].is_same(**given[k])) (*given[k])->copy_(running[k]);
+  return {like_input(y, cl), mean, invstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
+    const at::Tensor& x, bool cl, const c10::optional<at::Tensor>& weight, const at::Tensor& grad_y,
+    const at::Tensor& mean, const at::Tensor& invstd) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto w = channel_tensor(weight, x, "weight");
+  const auto mu = channel_tensor(mean, x, "mean");
+  const auto is = channel_tensor(invstd, x, "invstd");
+  auto dx = at::empty_like(x, at::MemoryFormat::Contiguous);
+  auto dw = at::empty({x.size(1)}, compute_options(x));
+  auto db = at::empty({x.size(1)}, compute_options(x));
+  check_launch(sophon_fast_batch_norm_backward_cuda(
+                   dtype_code(x.scalar_type()), x.const_data_ptr(), cptr(w),
+                   grad_y.const_data_ptr(), mu.const_data_ptr(), is.const_data_ptr(),
+                   dx.mutable_data_ptr(), dw.mutable_data_ptr(), db.mutable_data_ptr(), x.size(0),
+                   x.size(1), x.size(2) * x.size(3), at::cuda::getCurrentCUDAStream().stream()),
+               "batch_norm backward kernel");
+  const auto param =
+      weight.has_value() && weight->defined() ? weight->scalar_type() : x.scalar_type();
+  return {like_input(dx, cl), dw.to(param), db.to(param)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> double_backward_cuda(
+    const at::Tensor& x, bool cl, const c10::optional<at::Tensor>& weight, const at::Tensor& grad_y,
+    const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& ggx,
+    const c10::optional<at::Tensor>& grad_dweight, const c10::optional<at::Tensor>& grad_dbias) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto w = channel_tensor(weight, x, "weight");
+  const auto mu = channel_tensor(mean, x, "mean");
+  const auto is = channel_tensor(invstd, x, "invstd");
+  const auto ggw = channel_tensor(grad_dweight, x, "grad_dweight");
+  const auto ggb = channel_tensor(grad_dbias, x, "grad_dbias");
+  auto gx = at::empty_like(x, at::MemoryFormat::Contiguous);
+  auto ggy = at::empty_like(x, at::MemoryFormat::Contiguous);
+  auto gw = at::empty({x.size(1)}, compute_options(x));
+  check_launch(
+      sophon_fast_batch_norm_double_backward_cuda(
+          dtype_code(x.scalar_type()), x.const_data_ptr(), cptr(w), grad_y.const_data_ptr(),
+          mu.const_data_ptr(), is.const_data_ptr(), cptr(ggx), cptr(ggw), cptr(ggb),
+          gx.mutable_data_ptr(), gw.mutable_data_ptr(), ggy.mutable_data_ptr(), x.size(0),
+          x.size(1), x.size(2) * x.size(3), at::cuda::getCurrentCUDAStream().stream()),
+      "batch_norm double backward kernel");
+  const auto param =
+      weight.has_value() && weight->defined() ? weight->scalar_type() : x.scalar_type();
+  return {like_input(gx, cl), gw.to(param), like_input(ggy, cl)};
+}
+#endif
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward(
@@ -81,6 +216,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward(
   const int64_t channels = x_in.size(1);
   const bool cl = is_channels_last(x_in);
   const auto x = planes(x_in);
+#ifdef SOPHON_FAST_WITH_CUDA
+  if (x.is_cuda())
+    return forward_cuda(x, cl, weight, bias, running_mean, running_var, momentum, eps);
+#endif
   const auto w = channel_values(weight, channels, "weight");
   const auto b = channel_values(bias, channels, "bias");
   auto y = at::empty_like(x, at::MemoryFormat::Contiguous);
@@ -117,6 +256,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
   const bool cl = is_channels_last(x_in);
   const auto x = planes(x_in);
   const auto grad_y = planes(grad_y_in);
+#ifdef SOPHON_FAST_WITH_CUDA
+  if (x.is_cuda()) return backward_cuda(x, cl, weight, grad_y, mean, invstd);
+#endif
   const auto w = channel_values(weight, channels, "weight");
   const auto mu = channel_values(mean, channels, "mean");
   const auto is = channel_values(invstd, channels, "invstd");
@@ -143,6 +285,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_double_backward(
     check_like(x_in, *grad_dx, "grad_dx");
     ggx = planes(*grad_dx);
   }
+#ifdef SOPHON_FAST_WITH_CUDA
+  if (x.is_cuda())
+    return double_backward_cuda(x, cl, weight, grad_y, mean, invstd, ggx, grad_dweight, grad_dbias);
+#endif
   const auto w = channel_values(weight, channels, "weight");
   const auto mu = channel_values(mean, channels, "mean");
   const auto is = channel_values(invstd, channels, "invstd");
