@@ -19,9 +19,10 @@
 namespace sophon_fast {
 namespace optim {
 
+// sqrt of max(x, 0): branch-free, so the CPU loops vectorise.
 template <typename C>
 SF_HD C sqrt_pos(C x) {
-  return x > C(0) ? std::sqrt(x) : C(0);
+  return std::sqrt(x > C(0) ? x : C(0));
 }
 
 // momentum: first = (step == 0); dampening is already 0 for Nesterov.
@@ -48,36 +49,50 @@ SF_HD void momentum_backward(C a, C c, bool first, const SfMomentumHp& hp, C& gp
   gp = a + static_cast<C>(hp.weight_decay) * g_d;
 }
 
+// Each stateful update is split at its square root: *_moments produces the
+// radicand, the caller takes the root, *_finish (or *_vjp) completes the
+// element. The CPU loops take the roots of a whole chunk with SIMD
+// instructions in between (a scalar sqrt call sets errno and blocks
+// vectorisation: Adam was compute-bound at ~5 GB/s); CUDA calls all three
+// per element. Same maths, same rounding on both.
+
 // adam / adamw: g arrives already multiplied by the clip coefficient.
+// Returns the (decayed) params in p, d in g, and the new moments.
 template <typename C>
-SF_HD void adam_forward(C p, C g, C m, C v, C step_size, C sqrt_bc2, const SfAdamHp& hp, C& new_p,
-                        C& new_m, C& new_v) {
+SF_HD void adam_moments(C& p, C& g, C m, C v, const SfAdamHp& hp, C& new_m, C& new_v) {
   const C wd = static_cast<C>(hp.weight_decay);
-  C d = g;
-  if (hp.decoupled) {
-    p = p * (C(1) - static_cast<C>(hp.lr) * wd);
-  } else {
-    d = g + wd * p;
-  }
+  const C d = hp.decoupled ? g : g + wd * p;
+  p = hp.decoupled ? p * (C(1) - static_cast<C>(hp.lr) * wd) : p;
+  g = d;
   const C b1 = static_cast<C>(hp.beta1), b2 = static_cast<C>(hp.beta2);
   new_m = b1 * m + (C(1) - b1) * d;
   new_v = b2 * v + (C(1) - b2) * d * d;
-  const C denom = sqrt_pos(new_v) / sqrt_bc2 + static_cast<C>(hp.eps);
-  new_p = p - step_size * new_m / denom;
 }
 
-// Recomputes d, m', v' from the saved inputs (p only matters for L2 decay).
+// root = sqrt(max(new_v, 0)).
 template <typename C>
-SF_HD void adam_backward(C a, C c_m, C c_v, C p, C g, C m, C v, C step_size, C sqrt_bc2,
-                         const SfAdamHp& hp, C& gp, C& gg, C& gm, C& gv) {
+SF_HD C adam_finish(C p, C new_m, C root, C step_size, C sqrt_bc2, const SfAdamHp& hp) {
+  const C denom = root / sqrt_bc2 + static_cast<C>(hp.eps);
+  return p - step_size * new_m / denom;
+}
+
+template <typename C>
+SF_HD void adam_forward(C p, C g, C m, C v, C step_size, C sqrt_bc2, const SfAdamHp& hp, C& new_p,
+                        C& new_m, C& new_v) {
+  adam_moments<C>(p, g, m, v, hp, new_m, new_v);
+  new_p = adam_finish<C>(p, new_m, sqrt_pos(new_v), step_size, sqrt_bc2, hp);
+}
+
+// VJP from d, the recomputed moments and root = sqrt(max(new_v, 0)). a, c_m,
+// c_v: gradients w.r.t. (params', exp_avg', exp_avg_sq').
+template <typename C>
+SF_HD void adam_vjp(C a, C c_m, C c_v, C d, C new_m, C new_v, C root_raw, C step_size, C sqrt_bc2,
+                    const SfAdamHp& hp, C& gp, C& gg, C& gm, C& gv) {
   const C wd = static_cast<C>(hp.weight_decay);
-  const C d = hp.decoupled ? g : g + wd * p;
   const C b1 = static_cast<C>(hp.beta1), b2 = static_cast<C>(hp.beta2);
-  const C new_m = b1 * m + (C(1) - b1) * d;
-  const C new_v = b2 * v + (C(1) - b2) * d * d;
   const bool positive = new_v > C(0);
-  const C root = positive ? std::sqrt(new_v) : C(1);
-  const C denom = (positive ? root : C(0)) / sqrt_bc2 + static_cast<C>(hp.eps);
+  const C root = positive ? root_raw : C(1);
+  const C denom = root_raw / sqrt_bc2 + static_cast<C>(hp.eps);
   const C g_m = c_m - a * step_size / denom;
   // d root / d v = 1 / (2 root) for v > 0, 0 at v = 0 (the zero-safe root).
   const C g_v =
@@ -89,47 +104,67 @@ SF_HD void adam_backward(C a, C c_m, C c_v, C p, C g, C m, C v, C step_size, C s
   gv = b2 * g_v;
 }
 
+// Recomputes d, m', v' from the saved inputs (p only matters for L2 decay).
+template <typename C>
+SF_HD void adam_backward(C a, C c_m, C c_v, C p, C g, C m, C v, C step_size, C sqrt_bc2,
+                         const SfAdamHp& hp, C& gp, C& gg, C& gm, C& gv) {
+  C new_m, new_v;
+  adam_moments<C>(p, g, m, v, hp, new_m, new_v);
+  adam_vjp<C>(a, c_m, c_v, g, new_m, new_v, sqrt_pos(new_v), step_size, sqrt_bc2, hp, gp, gg, gm,
+              gv);
+}
+
+// rmsprop: returns d in g, the new averages and the radicand q (v' or, centered,
+// v' - ga'^2).
+template <typename C>
+SF_HD void rmsprop_moments(C p, C& g, C v, C ga, bool centered, const SfRmspropHp& hp, C& new_v,
+                           C& new_ga, C& q) {
+  const C alpha = static_cast<C>(hp.alpha);
+  const C d = g + static_cast<C>(hp.weight_decay) * p;
+  g = d;
+  new_v = alpha * v + (C(1) - alpha) * d * d;
+  new_ga = centered ? alpha * ga + (C(1) - alpha) * d : C(0);
+  q = centered ? new_v - new_ga * new_ga : new_v;
+}
+
+template <typename C>
+SF_HD C rmsprop_finish(C p, C d, C root, const SfRmspropHp& hp) {
+  return p - static_cast<C>(hp.lr) * d / (root + static_cast<C>(hp.eps));
+}
+
 template <typename C>
 SF_HD void rmsprop_forward(C p, C g, C v, C ga, bool centered, const SfRmspropHp& hp, C& new_p,
                            C& new_v, C& new_ga) {
+  C q;
+  rmsprop_moments<C>(p, g, v, ga, centered, hp, new_v, new_ga, q);
+  new_p = rmsprop_finish<C>(p, g, sqrt_pos(q), hp);
+}
+
+template <typename C>
+SF_HD void rmsprop_vjp(C a, C c_v, C c_ga, C d, C new_ga, C q, C root_raw, bool centered,
+                       const SfRmspropHp& hp, C& gp, C& gg, C& gv, C& gga) {
   const C alpha = static_cast<C>(hp.alpha);
-  const C d = g + static_cast<C>(hp.weight_decay) * p;
-  new_v = alpha * v + (C(1) - alpha) * d * d;
-  C q = new_v;
-  if (centered) {
-    new_ga = alpha * ga + (C(1) - alpha) * d;
-    q = new_v - new_ga * new_ga;
-  }
-  new_p = p - static_cast<C>(hp.lr) * d / (sqrt_pos(q) + static_cast<C>(hp.eps));
+  const C lr = static_cast<C>(hp.lr);
+  const bool positive = q > C(0);
+  const C root = positive ? root_raw : C(1);
+  const C denom = root_raw + static_cast<C>(hp.eps);
+  const C g_q = positive ? a * lr * d / (denom * denom) * C(0.5) / root : C(0);
+  const C g_v = c_v + g_q;
+  const C g_ga = c_ga - C(2) * new_ga * g_q;
+  const C g_d =
+      -lr * a / denom + (C(1) - alpha) * C(2) * d * g_v + (centered ? (C(1) - alpha) * g_ga : C(0));
+  gga = centered ? alpha * g_ga : C(0);
+  gp = a + static_cast<C>(hp.weight_decay) * g_d;
+  gg = g_d;
+  gv = alpha * g_v;
 }
 
 template <typename C>
 SF_HD void rmsprop_backward(C a, C c_v, C c_ga, C p, C g, C v, C ga, bool centered,
                             const SfRmspropHp& hp, C& gp, C& gg, C& gv, C& gga) {
-  const C alpha = static_cast<C>(hp.alpha);
-  const C lr = static_cast<C>(hp.lr);
-  const C wd = static_cast<C>(hp.weight_decay);
-  const C d = g + wd * p;
-  const C new_v = alpha * v + (C(1) - alpha) * d * d;
-  C q = new_v, new_ga = C(0);
-  if (centered) {
-    new_ga = alpha * ga + (C(1) - alpha) * d;
-    q = new_v - new_ga * new_ga;
-  }
-  const bool positive = q > C(0);
-  const C root = positive ? std::sqrt(q) : C(1);
-  const C denom = (positive ? root : C(0)) + static_cast<C>(hp.eps);
-  const C g_q = positive ? a * lr * d / (denom * denom) * C(0.5) / root : C(0);
-  const C g_v = c_v + g_q;
-  C g_d = -lr * a / denom + (C(1) - alpha) * C(2) * d * g_v;
-  if (centered) {
-    const C g_ga = c_ga - C(2) * new_ga * g_q;
-    g_d += (C(1) - alpha) * g_ga;
-    gga = alpha * g_ga;
-  }
-  gp = a + wd * g_d;
-  gg = g_d;
-  gv = alpha * g_v;
+  C new_v, new_ga, q;
+  rmsprop_moments<C>(p, g, v, ga, centered, hp, new_v, new_ga, q);
+  rmsprop_vjp<C>(a, c_v, c_ga, g, new_ga, q, sqrt_pos(q), centered, hp, gp, gg, gv, gga);
 }
 
 }  // namespace optim
