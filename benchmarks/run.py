@@ -24,7 +24,7 @@ sys.path.insert(0, str(HERE))
 import _harness  # noqa: E402
 import torch  # noqa: E402
 
-SUITES = {"ops": ["bench_flat_sgd_step", "bench_losses_batch_norm"]}
+SUITES = {"ops": ["bench_flat_sgd_step", "bench_losses_batch_norm", "bench_flat_optim"]}
 
 
 def main(argv=None) -> int:
