@@ -10,6 +10,17 @@ from ._backend import BackendUnavailableError, available_backends, use_backend
 from .api import ProtectConfig, ProtectResult, SimulationResult, protect, simulate
 from .attacks import Report, evaluate
 from .engine.optimizers import Adversary
+from .ops.flat_optim import (
+    flat_accumulate_,
+    flat_adam_step,
+    flat_adam_step_,
+    flat_adamw_step,
+    flat_clip_adam_step_,
+    flat_momentum_step,
+    flat_momentum_step_,
+    flat_rmsprop_step,
+    flat_rmsprop_step_,
+)
 from .ops.flat_sgd_step import flat_sgd_step
 
 __version__ = "0.1.0"
@@ -23,6 +34,15 @@ __all__ = [
     "SimulationResult",
     "available_backends",
     "evaluate",
+    "flat_accumulate_",
+    "flat_adam_step",
+    "flat_adam_step_",
+    "flat_adamw_step",
+    "flat_clip_adam_step_",
+    "flat_momentum_step",
+    "flat_momentum_step_",
+    "flat_rmsprop_step",
+    "flat_rmsprop_step_",
     "flat_sgd_step",
     "protect",
     "simulate",
