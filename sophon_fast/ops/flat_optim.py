@@ -11,13 +11,17 @@ kernel (t = step + 1), so nothing synchronises with the host. With d = grad + wd
     adamw      d = grad, and p decayed first: p <- p (1 - lr wd)
     rmsprop    v' = a v + (1-a) d^2,  g' = a g + (1-a) d (centered);  p' = p - lr d / (sqrt(v' [- g'^2]) + eps)
 
-Memory traffic per parameter at float32 (forward | fused backward), against the eager per-tensor
-differentiable update (one read-modify-write temporary per elementwise op):
+Memory traffic per parameter at float32, forward | fused backward:
 
-    momentum   20 B (read p, g, b; write p', b')     | 20 B (read dp', db'; write dp, dg, db)
-    adam       28 B (read p, g, m, v; write p', m', v') | 44 B (read dp', dm', dv', g, m, v; write
+    momentum   20 B (read p, g, b; write p', b') | 20 B (read dp', db'; write dp, dg, db); 16 B
+               without weight decay, where dp is dp' itself
+    adam       28 B (read p, g, m, v; write p', m', v') | 40 B (read dp', dm', dv', g, m, v; write
                dp, dg, dm, dv), +4 B when L2 weight decay needs p
-    rmsprop    20 B (read p, g, v; write p', v')     | 32 B, centered 28 B | 48 B
+    rmsprop    20 B (read p, g, v; write p', v'), centered 28 B | 28 B (read dp', dv', g, v; write
+               dp, dg, dv), centered 40 B, +4 B with weight decay
+
+The eager per-tensor differentiable update moves 32 B (momentum: mul, add, add), 84 B (Adam,
+8 ops) and 56 B (RMSprop, 5 ops), plus one launch per op per tensor.
 
 What each backward saves, and why (everything else is recomputed in the backward kernel):
     momentum   only ``step``: the update is linear, its Jacobian holds only (lr, mu, dampening, wd)
