@@ -3,13 +3,18 @@
 Most users need :func:`protect` (run the algorithm), :class:`ProtectConfig` and
 :class:`ProtectResult`; :func:`evaluate` fine-tunes the protected model, the unprotected one and a
 fresh one with one attack grid (:class:`Report`); :func:`simulate` inspects a single fine-tuning
-simulation; the fused ops (:func:`flat_sgd_step`) and :func:`available_backends` are the kernel layer.
+simulation; the fused ops (:func:`flat_sgd_step`, the losses :func:`cross_entropy`,
+:func:`inverse_cross_entropy`, :func:`inverse_cross_entropy_paper`, :func:`kl_uniform`,
+:func:`mse_ascent`, :func:`dos`, and :func:`batch_norm2d` with :func:`convert_batchnorm`) and
+:func:`available_backends` are the kernel layer.
 """
 
 from ._backend import BackendUnavailableError, available_backends, use_backend
 from .api import ProtectConfig, ProtectResult, SimulationResult, protect, simulate
 from .attacks import Report, evaluate
 from .engine.optimizers import Adversary
+from .nn import FusedBatchNorm2d, convert_batchnorm
+from .ops.batch_norm import batch_norm2d
 from .ops.flat_optim import (
     flat_accumulate_,
     flat_adam_step,
@@ -22,17 +27,30 @@ from .ops.flat_optim import (
     flat_rmsprop_step_,
 )
 from .ops.flat_sgd_step import flat_sgd_step
+from .ops.losses import (
+    cross_entropy,
+    dos,
+    inverse_cross_entropy,
+    inverse_cross_entropy_paper,
+    kl_uniform,
+    mse_ascent,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Adversary",
     "BackendUnavailableError",
+    "FusedBatchNorm2d",
     "ProtectConfig",
     "ProtectResult",
     "Report",
     "SimulationResult",
     "available_backends",
+    "batch_norm2d",
+    "convert_batchnorm",
+    "cross_entropy",
+    "dos",
     "evaluate",
     "flat_accumulate_",
     "flat_adam_step",
@@ -44,6 +62,10 @@ __all__ = [
     "flat_rmsprop_step",
     "flat_rmsprop_step_",
     "flat_sgd_step",
+    "inverse_cross_entropy",
+    "inverse_cross_entropy_paper",
+    "kl_uniform",
+    "mse_ascent",
     "protect",
     "simulate",
     "use_backend",

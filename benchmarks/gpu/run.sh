@@ -42,7 +42,7 @@ step build 300 env MAX_JOBS="${MAX_JOBS:-16}" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA
 step backends 60 "$PY" -c "import sophon_fast, sophon_fast._backend as b; print(sophon_fast.available_backends()); print(b.unavailable_backends())"
 
 if "$PY" -c "import pytest" 2>/dev/null; then
-  step tests 150 "$PY" -m pytest -q -x tests/test_flat_sgd_step.py tests/test_flat_optim.py tests/test_backend.py
+  step tests 150 "$PY" -m pytest -q -x tests/test_flat_sgd_step.py tests/test_flat_optim.py tests/test_backend.py tests/test_losses_ops.py tests/test_batch_norm.py
 else
   echo "pytest is not installed here: GPU tests skipped" | tee "$out/tests.log"
   status=1
