@@ -75,10 +75,25 @@ def _loss_records(device, repeats, env):
     return records
 
 
+def _fused_backends(device: torch.device) -> list[str]:
+    """Every compiled fused backend here (cuda and Triton on a GPU, cpu on the CPU)."""
+    return [
+        name
+        for name in ("cuda", "cpu", "triton")
+        if _backend.why_unavailable(name, device) is None
+        and not (name == "triton" and _backend.triton_mode() == "interpreted")
+    ]
+
+
 def _bn_records(device, repeats, env):
-    backend = "cpu" if device.type == "cpu" else None
-    if backend is None or _backend.why_unavailable(backend, device) is not None:
-        return []
+    return [
+        record
+        for backend in _fused_backends(device)
+        for record in _bn_backend_records(device, backend, repeats, env)
+    ]
+
+
+def _bn_backend_records(device, backend, repeats, env):
     records = []
     for shape in RESNET18_BN_SHAPES:
         x = torch.randn(shape, device=device, requires_grad=True)

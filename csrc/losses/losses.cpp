@@ -4,6 +4,7 @@
 
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/scalar_tensor.h>
 
 #include <cmath>
 
@@ -82,7 +83,13 @@ std::tuple<at::Tensor, at::Tensor> classification_loss_forward(const at::Tensor&
     TORCH_CHECK_VALUE(bad < 0, op, ": labels[", bad,
                       "] = ", bad < 0 ? 0 : labels.const_data_ptr<int64_t>()[bad],
                       " is outside [0, classes) = [0, ", classes, ")");
-    return {row_loss.sum().div_(static_cast<double>(batch)).to(logits.scalar_type()), grad};
+    // The batch mean summed here and returned as one 0-dim tensor: at 150 x 10
+    // the three ATen ops it replaces (sum, div_, to) cost ~8 us of a ~50 us
+    // fwd+bwd call.
+    const double* rows = row_loss.const_data_ptr<double>();
+    double total = 0.0;
+    for (int64_t r = 0; r < batch; ++r) total += rows[r];
+    return {at::scalar_tensor(total / static_cast<double>(batch), logits.options()), grad};
   }
 #ifdef SOPHON_FAST_WITH_CUDA
   if (logits.is_cuda()) {
