@@ -376,13 +376,15 @@ class Report:
         mean, half = agg["mean_curve"], agg["ci95_curve"]
         epochs = range(len(mean))
         ax.plot(epochs, mean, color=color, linewidth=2, label=label)
+        # accuracy lives in [0, 100]; a t-interval over 2-3 seeds often reaches past it
         ax.fill_between(
             epochs,
-            [m - h for m, h in zip(mean, half)],
-            [m + h for m, h in zip(mean, half)],
+            [max(0.0, m - h) for m, h in zip(mean, half)],
+            [min(100.0, m + h) for m, h in zip(mean, half)],
             color=color,
             alpha=0.2,
         )
+        ax.set_ylim(-2, 102)
 
     def write(self, directory: str | Path) -> Path:
         """Write report.json, report.md, curves.png and worst_case.png to ``directory``."""
