@@ -8,8 +8,13 @@
 #include <ATen/ops/linalg_vector_norm.h>
 
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <string>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include "../checks.h"
 
@@ -54,6 +59,24 @@ at::Tensor step_on_device(const at::Tensor& params, const at::Tensor& step) {
   return step.to(params.device(), state_type(params)).reshape({1}).contiguous();
 }
 
+// A fresh output like t. On the CPU a new 45 MB buffer (ResNet-18 size) costs
+// 11 k page faults on first touch, 4x the update itself (47 vs 11 ms for a
+// fresh momentum step here); asking for transparent huge pages before the
+// first touch cuts them 512-fold. A no-op where THP is off or unsupported.
+at::Tensor fresh_like(const at::Tensor& t) {
+  at::Tensor out = at::empty_like(t);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  if (out.is_cpu() && out.nbytes() >= 2 * kHuge) {
+    const auto begin = reinterpret_cast<uintptr_t>(out.mutable_data_ptr());
+    const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1);
+    const uintptr_t last = (begin + out.nbytes()) & ~(kHuge - 1);
+    if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+  }
+#endif
+  return out;
+}
+
 // Outputs: the given buffers (checked) or fresh ones like the inputs.
 std::vector<at::Tensor> outputs(const at::Tensor& params, const std::vector<at::Tensor>& states,
                                 const c10::optional<std::vector<at::Tensor>>& out) {
@@ -68,8 +91,8 @@ std::vector<at::Tensor> outputs(const at::Tensor& params, const std::vector<at::
     }
     return *out;
   }
-  result.push_back(at::empty_like(params));
-  for (const auto& s : states) result.push_back(at::empty_like(s));
+  result.push_back(fresh_like(params));
+  for (const auto& s : states) result.push_back(fresh_like(s));
   return result;
 }
 
@@ -150,9 +173,9 @@ std::vector<at::Tensor> flat_momentum_step_backward(const at::Tensor& grad_new_p
   check_step(grad_new_params, step);
   // weight_decay == 0: d_params = d_params' exactly; hand it back uncopied.
   const bool identity = weight_decay == 0.0;
-  at::Tensor grad_params = identity ? at::Tensor() : at::empty_like(grad_new_params);
-  auto grad_grad = at::empty_like(grad_new_params);
-  auto grad_buf = at::empty_like(grad_new_buffer);
+  at::Tensor grad_params = identity ? at::Tensor() : fresh_like(grad_new_params);
+  auto grad_grad = fresh_like(grad_new_params);
+  auto grad_buf = fresh_like(grad_new_buffer);
   const SfMomentumHp hp{lr, momentum, nesterov ? 0.0 : dampening, weight_decay, nesterov ? 1 : 0};
   if (grad_new_params.is_cpu()) {
     flat_momentum_backward_cpu(grad_new_params, grad_new_buffer, step.item<double>() == 0.0,
@@ -245,8 +268,8 @@ std::vector<at::Tensor> flat_adam_step_backward(
   TORCH_CHECK_VALUE(params.defined() || decoupled || weight_decay == 0.0,
                     "flat_adam_step backward needs params when L2 weight_decay != 0");
   if (params.defined()) check_same_buffer(grad, "grad", params, "params");
-  auto grad_params = at::empty_like(grad), grad_grad = at::empty_like(grad);
-  auto grad_exp_avg = at::empty_like(exp_avg), grad_exp_avg_sq = at::empty_like(exp_avg_sq);
+  auto grad_params = fresh_like(grad), grad_grad = fresh_like(grad);
+  auto grad_exp_avg = fresh_like(exp_avg), grad_exp_avg_sq = fresh_like(exp_avg_sq);
   const SfAdamHp hp{lr, beta1, beta2, eps, weight_decay, decoupled ? 1 : 0};
   if (grad.is_cpu()) {
     flat_adam_backward_cpu(grad_new_params, grad_new_exp_avg, grad_new_exp_avg_sq, params, grad,
@@ -331,9 +354,9 @@ std::vector<at::Tensor> flat_rmsprop_step_backward(
     check_state(grad, grad_avg, "grad_avg");
     check_state(grad, grad_new_grad_avg, "grad_new_grad_avg");
   }
-  auto grad_params = at::empty_like(grad), grad_grad = at::empty_like(grad);
-  auto grad_square_avg = at::empty_like(square_avg);
-  at::Tensor grad_grad_avg = grad_avg.defined() ? at::empty_like(grad_avg) : at::Tensor();
+  auto grad_params = fresh_like(grad), grad_grad = fresh_like(grad);
+  auto grad_square_avg = fresh_like(square_avg);
+  at::Tensor grad_grad_avg = grad_avg.defined() ? fresh_like(grad_avg) : at::Tensor();
   const SfRmspropHp hp{lr, alpha, eps, weight_decay};
   std::vector<at::Tensor> result{grad_params, grad_grad, grad_square_avg};
   if (grad_avg.defined()) result.push_back(grad_grad_avg);
