@@ -46,7 +46,7 @@ def _channel_offsets(
 ):
     """Element offsets and mask of values [start, start + BLOCK_SIZE) of channel c, any layout."""
     i = start + tl.arange(0, BLOCK_SIZE)
-    n = i // n_hw
+    n = (i // n_hw).to(tl.int64)  # n * stride_n passes 2^31 on large activations
     s = i % n_hw
     offsets = n * stride_n + c * stride_c + (s // width) * stride_h + (s % width) * stride_w
     return offsets, i
