@@ -487,15 +487,26 @@ double flat_sum_of_squares_cpu(const at::Tensor& x) {
   double total = 0.0;
   SF_DISPATCH(x.scalar_type(), "flat_sum_of_squares_cpu", [&] {
     const scalar_t* data = x.const_data_ptr<scalar_t>();
-    // Per-task sums in double: the clip coefficient of a 11 M-param buffer stays
-    // exact to ~1e-16 instead of fp32's ~1e-4 sequential error.
+    // Sums in double: the clip coefficient of a 11 M-param buffer stays exact to
+    // ~1e-16 instead of fp32's ~1e-4 sequential error. Eight independent
+    // partial sums: one dependent add chain ran at 4 cycles per element (12 ms
+    // for ResNet-18 size on 2 cores); eight overlap.
     total = at::parallel_reduce(
         0, x.numel(), kGrain, 0.0,
         [&](int64_t begin, int64_t end, double acc) {
-          for (int64_t i = begin; i < end; ++i) {
+          double part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+          int64_t i = begin;
+          for (; i + 8 <= end; i += 8) {
+            for (int u = 0; u < 8; ++u) {
+              const double v = static_cast<double>(data[i + u]);
+              part[u] += v * v;
+            }
+          }
+          for (; i < end; ++i) {
             const double v = static_cast<double>(data[i]);
             acc += v * v;
           }
+          for (int u = 0; u < 8; ++u) acc += part[u];
           return acc;
         },
         [](double a, double b) { return a + b; });
