@@ -1,8 +1,7 @@
 // batch_norm: input checks and device dispatch. CPU kernels (batch_norm_cpu.cpp)
-// and CUDA kernels (torch-free launchers of batch_norm_cuda.cu) work on
-// NCHW-contiguous planes; a channels_last input is converted on the way in and
-// its outputs on the way out (one copy each way; the per-channel sweeps want
-// contiguous planes).
+// run NCHW planes and channels_last row matrices natively; the CUDA kernels
+// (torch-free launchers of batch_norm_cuda.cu) work on NCHW planes, a
+// channels_last input converted on the way in and its outputs on the way out.
 #include "batch_norm.h"
 
 #include <ATen/ops/empty.h>
@@ -74,7 +73,14 @@ bool is_channels_last(const at::Tensor& x) {
   return x.suggest_memory_format() == at::MemoryFormat::ChannelsLast && !x.is_contiguous();
 }
 
-at::Tensor planes(const at::Tensor& t) { return t.contiguous(); }
+// NCHW planes, or channels_last kept as is for the CPU NHWC kernels.
+at::Tensor planes(const at::Tensor& t, bool nhwc = false) {
+  return t.contiguous(nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+}
+
+at::MemoryFormat format(bool nhwc) {
+  return nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
 
 at::Tensor like_input(const at::Tensor& out, bool channels_last) {
   return channels_last ? out.contiguous(at::MemoryFormat::ChannelsLast) : out;
@@ -215,16 +221,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward(
   TORCH_CHECK_VALUE(eps > 0.0, kOp, ": eps must be > 0, got ", eps);
   const int64_t channels = x_in.size(1);
   const bool cl = is_channels_last(x_in);
-  const auto x = planes(x_in);
+  const bool nhwc = cl && x_in.is_cpu();
+  const auto x = planes(x_in, nhwc);
 #ifdef SOPHON_FAST_WITH_CUDA
   if (x.is_cuda())
     return forward_cuda(x, cl, weight, bias, running_mean, running_var, momentum, eps);
 #endif
   const auto w = channel_values(weight, channels, "weight");
   const auto b = channel_values(bias, channels, "bias");
-  auto y = at::empty_like(x, at::MemoryFormat::Contiguous);
+  auto y = at::empty_like(x, format(nhwc));
   std::vector<double> mean(channels), invstd(channels), var(channels);
-  batch_norm_forward_cpu(x, ptr(w), ptr(b), y, mean.data(), invstd.data(), var.data(), eps);
+  (nhwc ? batch_norm_forward_cpu_nhwc : batch_norm_forward_cpu)(x, ptr(w), ptr(b), y, mean.data(),
+                                                                invstd.data(), var.data(), eps);
   // Running statistics exactly as torch: momentum * batch + (1 - momentum) *
   // running, the variance unbiased (count / (count - 1)).
   const double count = static_cast<double>(x.numel() / channels);
@@ -254,17 +262,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
   check_like(x_in, grad_y_in, "grad_y");
   const int64_t channels = x_in.size(1);
   const bool cl = is_channels_last(x_in);
-  const auto x = planes(x_in);
-  const auto grad_y = planes(grad_y_in);
+  const bool nhwc = cl && x_in.is_cpu();
+  const auto x = planes(x_in, nhwc);
+  const auto grad_y = planes(grad_y_in, nhwc);
 #ifdef SOPHON_FAST_WITH_CUDA
   if (x.is_cuda()) return backward_cuda(x, cl, weight, grad_y, mean, invstd);
 #endif
   const auto w = channel_values(weight, channels, "weight");
   const auto mu = channel_values(mean, channels, "mean");
   const auto is = channel_values(invstd, channels, "invstd");
-  auto dx = at::empty_like(x, at::MemoryFormat::Contiguous);
+  auto dx = at::empty_like(x, format(nhwc));
   std::vector<double> dw(channels), db(channels);
-  batch_norm_backward_cpu(x, ptr(w), grad_y, mu.data(), is.data(), dx, dw.data(), db.data());
+  (nhwc ? batch_norm_backward_cpu_nhwc : batch_norm_backward_cpu)(
+      x, ptr(w), grad_y, mu.data(), is.data(), dx, dw.data(), db.data());
   const auto param_options =
       weight.has_value() && weight->defined() ? weight->options() : x.options();
   return {like_input(dx, cl), from_values(dw, param_options), from_values(db, param_options)};
@@ -278,12 +288,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_double_backward(
   check_like(x_in, grad_y_in, "grad_y");
   const int64_t channels = x_in.size(1);
   const bool cl = is_channels_last(x_in);
-  const auto x = planes(x_in);
-  const auto grad_y = planes(grad_y_in);
+  const bool nhwc = cl && x_in.is_cpu();
+  const auto x = planes(x_in, nhwc);
+  const auto grad_y = planes(grad_y_in, nhwc);
   at::Tensor ggx;
   if (grad_dx.has_value() && grad_dx->defined()) {
     check_like(x_in, *grad_dx, "grad_dx");
-    ggx = planes(*grad_dx);
+    ggx = planes(*grad_dx, nhwc);
   }
 #ifdef SOPHON_FAST_WITH_CUDA
   if (x.is_cuda())
@@ -294,12 +305,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_double_backward(
   const auto is = channel_values(invstd, channels, "invstd");
   const auto ggw = channel_values(grad_dweight, channels, "grad_dweight");
   const auto ggb = channel_values(grad_dbias, channels, "grad_dbias");
-  auto gx = at::empty_like(x, at::MemoryFormat::Contiguous);
-  auto ggy = at::empty_like(x, at::MemoryFormat::Contiguous);
+  auto gx = at::empty_like(x, format(nhwc));
+  auto ggy = at::empty_like(x, format(nhwc));
   std::vector<double> gw(channels);
-  batch_norm_double_backward_cpu(x, ptr(w), grad_y, mu.data(), is.data(),
-                                 ggx.defined() ? &ggx : nullptr, ptr(ggw), ptr(ggb), gx, gw.data(),
-                                 ggy);
+  (nhwc ? batch_norm_double_backward_cpu_nhwc : batch_norm_double_backward_cpu)(
+      x, ptr(w), grad_y, mu.data(), is.data(), ggx.defined() ? &ggx : nullptr, ptr(ggw), ptr(ggb),
+      gx, gw.data(), ggy);
   const auto param_options =
       weight.has_value() && weight->defined() ? weight->options() : x.options();
   return {like_input(gx, cl), from_values(gw, param_options), like_input(ggy, cl)};

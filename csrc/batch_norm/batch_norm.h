@@ -43,4 +43,19 @@ void batch_norm_double_backward_cpu(const at::Tensor& x, const double* weight,
                                     const double* grad_dweight, const double* grad_dbias,
                                     at::Tensor& gx, double* gweight, at::Tensor& ggrad_y);
 
+// The same kernels on channels_last tensors (a (N*H*W, C) row matrix), no
+// layout conversion.
+void batch_norm_forward_cpu_nhwc(const at::Tensor& x, const double* weight, const double* bias,
+                                 at::Tensor& y, double* mean, double* invstd, double* var,
+                                 double eps);
+void batch_norm_backward_cpu_nhwc(const at::Tensor& x, const double* weight,
+                                  const at::Tensor& grad_y, const double* mean,
+                                  const double* invstd, at::Tensor& dx, double* dweight,
+                                  double* dbias);
+void batch_norm_double_backward_cpu_nhwc(const at::Tensor& x, const double* weight,
+                                         const at::Tensor& grad_y, const double* mean,
+                                         const double* invstd, const at::Tensor* grad_dx,
+                                         const double* grad_dweight, const double* grad_dbias,
+                                         at::Tensor& gx, double* gweight, at::Tensor& ggrad_y);
+
 }  // namespace sophon_fast
