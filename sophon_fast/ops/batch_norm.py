@@ -13,8 +13,9 @@ reduction pass (five sums) and one elementwise pass writing grad_x and grad_grad
 Memory traffic of the double backward at fp32: reads x, grad_y, grad_dx twice (reduction, then
 map) and writes two tensors: 32 B/element, against ~100 eager ops of 8-12 B/element each.
 
-Backends: ``cpu`` (C++ in csrc/batch_norm, NCHW planes; channels_last converted in and out),
-``cuda`` (csrc/batch_norm/batch_norm_cuda.cu: one block per channel, NCHW planes), ``triton``
+Backends: ``cpu`` (C++ in csrc/batch_norm: NCHW planes, channels_last natively as rows of
+channels), ``cuda`` (csrc/batch_norm/batch_norm_cuda.cu: one block per channel, NCHW planes;
+channels_last converted in and out), ``triton``
 (the kernels below: one program per channel looping over its M values through the input's
 strides, so NCHW and channels_last run without a copy) and ``reference`` (``F.batch_norm``: eager
 autograd). Sums accumulate in float32 (float64 for float64 inputs). Derivatives beyond the second
