@@ -467,3 +467,18 @@ def test_gradgradcheck_float64(backend, device, update):
             return _call(ops, update, p, g, list(s), step)
 
     assert torch.autograd.gradgradcheck(fn, inputs)
+
+
+@pytest.mark.ext
+@pytest.mark.skipif(_backend.extension() is None, reason="compiled extension unavailable")
+@pytest.mark.parametrize("update", ("adamw", "rmsprop_centered"))
+def test_large_out_buffers_take_the_streaming_store_path(update):
+    # From 1 M elements the C++ kernels write reused out= buffers with non-temporal stores.
+    params, grad, states = _inputs(update, (1 << 20) + 3, torch.float32)
+    step = _step(2, torch.float32)
+    expected = _call(reference, update, params, grad, states, step)
+    out = tuple(torch.empty_like(t) for t in expected)
+    with _backend.use_backend("cpu"):
+        _call(ops, update, params, grad, states, step, out=out)
+    for o, e in zip(out, expected):
+        torch.testing.assert_close(o, e, **elementwise(torch.float32))

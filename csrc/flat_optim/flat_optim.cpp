@@ -206,10 +206,10 @@ namespace {
 void adam_dispatch(const at::Tensor& params, const at::Tensor& grad, const at::Tensor& exp_avg,
                    const at::Tensor& exp_avg_sq, const at::Tensor& step, double clip,
                    const at::Tensor& partials, double max_norm, std::vector<at::Tensor>& result,
-                   const SfAdamHp& hp) {
+                   const SfAdamHp& hp, bool outputs_given) {
   if (params.is_cpu()) {
     flat_adam_forward_cpu(params, grad, exp_avg, exp_avg_sq, step.item<double>(), clip, result[0],
-                          result[1], result[2], hp);
+                          result[1], result[2], hp, outputs_given);
     return;
   }
 #ifdef SOPHON_FAST_WITH_CUDA
@@ -228,6 +228,7 @@ void adam_dispatch(const at::Tensor& params, const at::Tensor& grad, const at::T
 #endif
   (void)partials;
   (void)max_norm;
+  (void)outputs_given;
   unsupported("flat_adam_step", params);
 }
 
@@ -251,7 +252,8 @@ std::vector<at::Tensor> flat_adam_step_forward(const at::Tensor& params, const a
   check_adam(params, grad, exp_avg, exp_avg_sq, step);
   auto result = outputs(params, {exp_avg, exp_avg_sq}, out);
   const SfAdamHp hp{lr, beta1, beta2, eps, weight_decay, decoupled ? 1 : 0};
-  adam_dispatch(params, grad, exp_avg, exp_avg_sq, step, 1.0, at::Tensor(), 0.0, result, hp);
+  adam_dispatch(params, grad, exp_avg, exp_avg_sq, step, 1.0, at::Tensor(), 0.0, result, hp,
+                out.has_value());
   return result;
 }
 
@@ -314,7 +316,7 @@ std::vector<at::Tensor> flat_rmsprop_step_forward(
   const SfRmspropHp hp{lr, alpha, eps, weight_decay};
   if (params.is_cpu()) {
     flat_rmsprop_forward_cpu(params, grad, square_avg, grad_avg, result[0], result[1], out_grad_avg,
-                             hp);
+                             hp, out.has_value());
     return result;
   }
 #ifdef SOPHON_FAST_WITH_CUDA
@@ -396,7 +398,8 @@ at::Tensor flat_clip_adam_step_(const at::Tensor& params, const at::Tensor& grad
     const double norm = std::sqrt(flat_sum_of_squares_cpu(grad));
     double clip = 1.0;
     if (max_norm.has_value()) clip = std::min(1.0, *max_norm / (norm + 1e-6));
-    adam_dispatch(params, grad, exp_avg, exp_avg_sq, step, clip, at::Tensor(), 0.0, result, hp);
+    adam_dispatch(params, grad, exp_avg, exp_avg_sq, step, clip, at::Tensor(), 0.0, result, hp,
+                  true);
     total_norm = at::empty({}, params.options().dtype(state)).fill_(norm);
   } else {
 #ifdef SOPHON_FAST_WITH_CUDA
@@ -408,7 +411,7 @@ at::Tensor flat_clip_adam_step_(const at::Tensor& params, const at::Tensor& grad
                  "flat_clip_adam_step_ norm kernel");
     adam_dispatch(params, grad, exp_avg, exp_avg_sq, step, 1.0,
                   max_norm.has_value() ? partials : at::Tensor(), max_norm.value_or(0.0), result,
-                  hp);
+                  hp, true);
     total_norm = partials.sum().sqrt();
 #else
     unsupported("flat_clip_adam_step_", params);
