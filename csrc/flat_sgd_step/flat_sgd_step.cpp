@@ -3,8 +3,7 @@
 // with CUDA).
 #include "flat_sgd_step.h"
 
-#include <ATen/ops/empty_like.h>
-
+#include "../alloc.h"
 #include "../checks.h"
 
 #ifdef SOPHON_FAST_WITH_CUDA
@@ -47,7 +46,7 @@ at::Tensor flat_sgd_step_forward(const at::Tensor& params, const at::Tensor& gra
     out = *out_opt;
     check_same_buffer(params, "params", out, "out");
   } else {
-    out = at::empty_like(params);
+    out = fresh_like(params);
   }
   if (params.is_cpu()) {
     flat_sgd_step_forward_cpu(params, grad, out, lr, weight_decay);
@@ -78,8 +77,8 @@ std::tuple<at::Tensor, at::Tensor> flat_sgd_step_backward(const at::Tensor& grad
   // weight_decay == 0: d_params = d_out exactly, so hand d_out back instead of
   // copying it.
   const bool identity = weight_decay == 0.0;
-  at::Tensor grad_params = identity ? at::Tensor() : at::empty_like(grad_out);
-  auto grad_grad = at::empty_like(grad_out);
+  at::Tensor grad_params = identity ? at::Tensor() : fresh_like(grad_out);
+  auto grad_grad = fresh_like(grad_out);
   if (grad_out.is_cpu()) {
     flat_sgd_step_backward_cpu(grad_out, grad_params, grad_grad, lr, weight_decay);
     return {identity ? grad_out : grad_params, grad_grad};
