@@ -15,7 +15,6 @@ import os
 import platform
 import statistics
 import subprocess
-import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -160,11 +159,30 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's resident-set high-water mark (Linux >= 4.0); False where unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise OSError("no VmHWM in /proc/self/status")
+
+
 def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float | None:
     """Peak memory one call adds above what was live before it (MiB).
 
-    CUDA: max_memory_allocated. CPU: resident set size sampled every 0.2 ms on a side thread
-    (Linux /proc), so short-lived peaks may be missed by at most one sampling interval.
+    CUDA: max_memory_allocated. CPU: the kernel's resident-set high-water mark, reset right
+    before the call (/proc/self/clear_refs), so a peak inside a C++ kernel that holds the GIL is
+    seen too; None where Linux's /proc interface is missing.
     """
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -173,26 +191,11 @@ def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float | No
         fn()
         torch.cuda.synchronize(device)
         return (torch.cuda.max_memory_allocated(device) - base) / 2**20
-    if not Path("/proc/self/statm").exists():
+    if not Path("/proc/self/statm").exists() or not _reset_peak_rss():
         return None
     base = _rss_bytes()
-    peak = [base]
-    done = threading.Event()
-
-    def sample():
-        while not done.is_set():
-            peak[0] = max(peak[0], _rss_bytes())
-            time.sleep(0.0002)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    try:
-        fn()
-    finally:
-        done.set()
-        sampler.join()
-    peak[0] = max(peak[0], _rss_bytes())
-    return (peak[0] - base) / 2**20
+    fn()
+    return max(0, _peak_rss_bytes() - base) / 2**20
 
 
 def copy_bandwidth_gbps(device: torch.device, n_bytes: int, repeats: int = 7) -> float:
