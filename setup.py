@@ -81,7 +81,8 @@ def _extensions():
 
     cpp_sources, cu_sources = _read_sources()
     with_cuda = cuda_home is not None and torch.version.cuda is not None
-    cxx_flags = ["-O3", "-fopenmp", "-std=c++17"]
+    # No -std here: torch's BuildExtension passes the standard its headers need (C++20 in 2.13).
+    cxx_flags = ["-O3", "-fopenmp"]
     include_dirs = [str(ROOT / "csrc")]
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
@@ -94,7 +95,7 @@ def _extensions():
             sources=cpp_sources + cu_sources,
             include_dirs=include_dirs,
             define_macros=[("SOPHON_FAST_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
             extra_link_args=["-fopenmp"],
         )
     else:

@@ -16,6 +16,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_runtime.h>
 
+#include "../cuda_launch.h"
 #include "../dtypes.h"
 #include "batch_norm_cuda.h"
 #endif
@@ -93,22 +94,6 @@ at::Tensor from_values(const std::vector<double>& v, const at::TensorOptions& op
 }
 
 #ifdef SOPHON_FAST_WITH_CUDA
-int dtype_code(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat:
-      return SOPHON_FAST_DTYPE_FLOAT32;
-    case at::kDouble:
-      return SOPHON_FAST_DTYPE_FLOAT64;
-    case at::kHalf:
-      return SOPHON_FAST_DTYPE_FLOAT16;
-    default:
-      return SOPHON_FAST_DTYPE_BFLOAT16;
-  }
-}
-
-void check_launch(int status, const char* what) {
-  TORCH_CHECK(status == 0, what, " failed: ", cudaGetErrorString(static_cast<cudaError_t>(status)));
-}
 
 // The launchers take per-channel arrays in the compute dtype (float32, float64
 // for float64 x).

@@ -19,6 +19,8 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_runtime.h>
+
+#include "../cuda_launch.h"
 #endif
 
 namespace sophon_fast {
@@ -85,21 +87,6 @@ std::vector<at::Tensor> outputs(const at::Tensor& params, const std::vector<at::
 }
 
 #ifdef SOPHON_FAST_WITH_CUDA
-int dtype_code(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat:
-      return SOPHON_FAST_DTYPE_FLOAT32;
-    case at::kDouble:
-      return SOPHON_FAST_DTYPE_FLOAT64;
-    case at::kHalf:
-      return SOPHON_FAST_DTYPE_FLOAT16;
-    default:
-      return SOPHON_FAST_DTYPE_BFLOAT16;
-  }
-}
-void check_launch(int status, const char* what) {
-  TORCH_CHECK(status == 0, what, " failed: ", cudaGetErrorString(static_cast<cudaError_t>(status)));
-}
 cudaStream_t stream() { return at::cuda::getCurrentCUDAStream().stream(); }
 const void* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; }
 void* mut_or_null(const at::Tensor& t) { return t.defined() ? t.mutable_data_ptr() : nullptr; }

@@ -11,31 +11,12 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_runtime.h>
 
+#include "../cuda_launch.h"
 #include "../dtypes.h"
 #include "flat_sgd_step_cuda.h"
 #endif
 
 namespace sophon_fast {
-
-#ifdef SOPHON_FAST_WITH_CUDA
-namespace {
-int dtype_code(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat:
-      return SOPHON_FAST_DTYPE_FLOAT32;
-    case at::kDouble:
-      return SOPHON_FAST_DTYPE_FLOAT64;
-    case at::kHalf:
-      return SOPHON_FAST_DTYPE_FLOAT16;
-    default:
-      return SOPHON_FAST_DTYPE_BFLOAT16;
-  }
-}
-void check_launch(int status, const char* what) {
-  TORCH_CHECK(status == 0, what, " failed: ", cudaGetErrorString(static_cast<cudaError_t>(status)));
-}
-}  // namespace
-#endif
 
 at::Tensor flat_sgd_step_forward(const at::Tensor& params, const at::Tensor& grad, double lr,
                                  double weight_decay, const c10::optional<at::Tensor>& out_opt) {

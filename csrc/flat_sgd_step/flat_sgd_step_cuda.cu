@@ -18,44 +18,14 @@
 
 #include <cstdint>
 
+#include "../cuda_elementwise.cuh"
 #include "flat_sgd_step_cuda.h"
 
 namespace {
 
-template <typename T>
-struct Compute {
-  using type = float;
-};
-template <>
-struct Compute<double> {
-  using type = double;
-};
-
-template <typename T>
-__device__ __forceinline__ typename Compute<T>::type load_as(const T* ptr, int64_t i) {
-  return static_cast<typename Compute<T>::type>(ptr[i]);
-}
-template <>
-__device__ __forceinline__ float load_as<__half>(const __half* ptr, int64_t i) {
-  return __half2float(ptr[i]);
-}
-template <>
-__device__ __forceinline__ float load_as<__nv_bfloat16>(const __nv_bfloat16* ptr, int64_t i) {
-  return __bfloat162float(ptr[i]);
-}
-
-template <typename T>
-__device__ __forceinline__ T store_as(typename Compute<T>::type v) {
-  return static_cast<T>(v);
-}
-template <>
-__device__ __forceinline__ __half store_as<__half>(float v) {
-  return __float2half_rn(v);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 store_as<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
+using sophon_fast::cuda::Compute;
+using sophon_fast::cuda::load_as;
+using sophon_fast::cuda::store_as;
 
 // Grid-stride loops: one launch covers any n, and a capped grid keeps the
 // launch cheap for ResNet-18-sized buffers (11.2 M params) without idle blocks.

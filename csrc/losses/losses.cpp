@@ -15,6 +15,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_runtime.h>
 
+#include "../cuda_launch.h"
 #include "../dtypes.h"
 #include "losses_cuda.h"
 #endif
@@ -30,21 +31,6 @@ void check_floating(const at::Tensor& t, const char* op, const char* name) {
 }
 
 #ifdef SOPHON_FAST_WITH_CUDA
-int dtype_code(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat:
-      return SOPHON_FAST_DTYPE_FLOAT32;
-    case at::kDouble:
-      return SOPHON_FAST_DTYPE_FLOAT64;
-    case at::kHalf:
-      return SOPHON_FAST_DTYPE_FLOAT16;
-    default:
-      return SOPHON_FAST_DTYPE_BFLOAT16;
-  }
-}
-void check_launch(int status, const char* what) {
-  TORCH_CHECK(status == 0, what, " failed: ", cudaGetErrorString(static_cast<cudaError_t>(status)));
-}
 #endif
 
 at::ScalarType accumulate_type(at::ScalarType t) {
