@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
+
+from ._progress import progress as progress_bar
 
 
 def as_tensors(data) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,7 +88,7 @@ def train_classifier(
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(seed)
     losses = []
-    for _ in tqdm(range(epochs), desc=description, disable=not progress, leave=False):
+    for _ in progress_bar(range(epochs), desc=description, enabled=progress):
         order = torch.randperm(len(labels), generator=generator).to(device)
         total = 0.0
         for start in range(0, len(labels), batch_size):

@@ -14,8 +14,8 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
+from .._progress import progress as progress_bar
 from ..training import accuracy, as_tensors
 
 OPTIMIZERS = ("sgd", "adam")
@@ -94,7 +94,7 @@ def finetune(
     optimizer = attack.make_optimizer(victim.parameters())
     generator = torch.Generator().manual_seed(seed)
     curve = [accuracy(victim, test, device=device)]
-    for _ in tqdm(range(attack.epochs), desc=description, disable=not progress, leave=False):
+    for _ in progress_bar(range(attack.epochs), desc=description, enabled=progress):
         victim.train()
         order = torch.randperm(len(labels), generator=generator).to(device)
         for start in range(0, len(labels), attack.batch_size):

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 
 __all__ = [
     "CHECKPOINT_JSON",
@@ -71,6 +70,9 @@ def atomic_save_tensors(
 ) -> None:
     """Save ``tensors`` (moved to the CPU, contiguous, unshared) as safetensors, atomically."""
     plain = {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
+    # Imported here: the kernel layer (import sophon_fast, the ops) must not need safetensors.
+    from safetensors.torch import save_file
+
     _atomic(Path(path), lambda tmp: save_file(plain, tmp, metadata=metadata))
 
 
@@ -139,4 +141,6 @@ def load_checkpoint(directory: str | os.PathLike) -> tuple[dict[str, torch.Tenso
             f"checkpoint in {directory} is inconsistent: tensors are from step {tensor_step}, "
             f"JSON from step {meta.get('step')}"
         )
+    from safetensors.torch import load_file
+
     return load_file(str(tensor_path)), meta
