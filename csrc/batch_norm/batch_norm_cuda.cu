@@ -19,6 +19,7 @@
 
 namespace {
 
+using sophon_fast::cuda::by_dtype;
 using sophon_fast::cuda::Compute;
 using sophon_fast::cuda::load_as;
 using sophon_fast::cuda::store_as;
@@ -234,26 +235,15 @@ int launch_double_backward(const void* x, const void* weight, const void* grad_y
 
 }  // namespace
 
-#define SOPHON_FAST_BN_DISPATCH(LAUNCH, ...)          \
-  switch (dtype) {                                    \
-    case SOPHON_FAST_DTYPE_FLOAT32:                   \
-      return LAUNCH<float>(__VA_ARGS__);              \
-    case SOPHON_FAST_DTYPE_FLOAT64:                   \
-      return LAUNCH<double>(__VA_ARGS__);             \
-    case SOPHON_FAST_DTYPE_FLOAT16:                   \
-      return LAUNCH<__half>(__VA_ARGS__);             \
-    case SOPHON_FAST_DTYPE_BFLOAT16:                  \
-      return LAUNCH<__nv_bfloat16>(__VA_ARGS__);      \
-    default:                                          \
-      return static_cast<int>(cudaErrorInvalidValue); \
-  }
-
 extern "C" int sophon_fast_batch_norm_forward_cuda(
     int dtype, const void* x, const void* weight, const void* bias, void* y, void* mean,
     void* invstd, void* running_mean, void* running_var, int64_t batch, int64_t channels,
     int64_t spatial, double momentum, double eps, cudaStream_t stream) {
-  SOPHON_FAST_BN_DISPATCH(launch_forward, x, weight, bias, y, mean, invstd, running_mean,
-                          running_var, batch, channels, spatial, momentum, eps, stream)
+  return by_dtype(dtype, [&](auto tag) {
+    return launch_forward<decltype(tag)>(x, weight, bias, y, mean, invstd, running_mean,
+                                         running_var, batch, channels, spatial, momentum, eps,
+                                         stream);
+  });
 }
 
 extern "C" int sophon_fast_batch_norm_backward_cuda(int dtype, const void* x, const void* weight,
@@ -261,8 +251,10 @@ extern "C" int sophon_fast_batch_norm_backward_cuda(int dtype, const void* x, co
                                                     const void* invstd, void* dx, void* dweight,
                                                     void* dbias, int64_t batch, int64_t channels,
                                                     int64_t spatial, cudaStream_t stream) {
-  SOPHON_FAST_BN_DISPATCH(launch_backward, x, weight, grad_y, mean, invstd, dx, dweight, dbias,
-                          batch, channels, spatial, stream)
+  return by_dtype(dtype, [&](auto tag) {
+    return launch_backward<decltype(tag)>(x, weight, grad_y, mean, invstd, dx, dweight, dbias,
+                                          batch, channels, spatial, stream);
+  });
 }
 
 extern "C" int sophon_fast_batch_norm_double_backward_cuda(
@@ -270,7 +262,9 @@ extern "C" int sophon_fast_batch_norm_double_backward_cuda(
     const void* invstd, const void* grad_dx, const void* grad_dweight, const void* grad_dbias,
     void* gx, void* gweight, void* ggrad_y, int64_t batch, int64_t channels, int64_t spatial,
     cudaStream_t stream) {
-  SOPHON_FAST_BN_DISPATCH(launch_double_backward, x, weight, grad_y, mean, invstd, grad_dx,
-                          grad_dweight, grad_dbias, gx, gweight, ggrad_y, batch, channels, spatial,
-                          stream)
+  return by_dtype(dtype, [&](auto tag) {
+    return launch_double_backward<decltype(tag)>(x, weight, grad_y, mean, invstd, grad_dx,
+                                                 grad_dweight, grad_dbias, gx, gweight, ggrad_y,
+                                                 batch, channels, spatial, stream);
+  });
 }

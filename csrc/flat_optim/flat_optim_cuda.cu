@@ -18,22 +18,16 @@ namespace {
 
 using namespace sophon_fast::optim;
 
+using sophon_fast::cuda::by_dtype;
 using sophon_fast::cuda::Compute;
+using sophon_fast::cuda::grid_for;
 using sophon_fast::cuda::load_as;
 using sophon_fast::cuda::store_as;
 
 constexpr int kThreads = 256;
-constexpr int64_t kMaxBlocks = 65535;
 // The norm pass writes this many partial sums; the update kernel's every
 // thread block reduces them again (4 KiB, L2-resident), so no host read.
 constexpr int kNormPartials = 1024;
-
-inline unsigned grid_for(int64_t n) {
-  int64_t blocks = (n + kThreads - 1) / kThreads;
-  if (blocks > kMaxBlocks) blocks = kMaxBlocks;
-  if (blocks < 1) blocks = 1;
-  return static_cast<unsigned>(blocks);
-}
 
 #define SF_GRID_STRIDE(i, n)                                                \
   for (int64_t i = static_cast<int64_t>(blocks_x_threads_begin()); i < (n); \
@@ -217,23 +211,6 @@ template <typename T>
 using S = typename Compute<T>::type;
 
 inline int last_error() { return static_cast<int>(cudaGetLastError()); }
-
-// Calls fn.template operator()<T>() for the parameter dtype code.
-template <typename Fn>
-int by_dtype(int dtype, Fn&& fn) {
-  switch (dtype) {
-    case SOPHON_FAST_DTYPE_FLOAT32:
-      return fn(float{});
-    case SOPHON_FAST_DTYPE_FLOAT64:
-      return fn(double{});
-    case SOPHON_FAST_DTYPE_FLOAT16:
-      return fn(__half{});
-    case SOPHON_FAST_DTYPE_BFLOAT16:
-      return fn(__nv_bfloat16{});
-    default:
-      return static_cast<int>(cudaErrorInvalidValue);
-  }
-}
 
 }  // namespace
 

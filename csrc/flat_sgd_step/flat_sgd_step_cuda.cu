@@ -23,7 +23,9 @@
 
 namespace {
 
+using sophon_fast::cuda::by_dtype;
 using sophon_fast::cuda::Compute;
+using sophon_fast::cuda::grid_for;
 using sophon_fast::cuda::load_as;
 using sophon_fast::cuda::store_as;
 
@@ -61,14 +63,6 @@ __global__ void flat_sgd_step_backward_kernel(const T* __restrict__ grad_out,
 }
 
 constexpr int kThreads = 256;
-constexpr int64_t kMaxBlocks = 65535;
-
-inline unsigned grid_for(int64_t n) {
-  int64_t blocks = (n + kThreads - 1) / kThreads;
-  if (blocks > kMaxBlocks) blocks = kMaxBlocks;
-  if (blocks < 1) blocks = 1;
-  return static_cast<unsigned>(blocks);
-}
 
 template <typename T>
 int launch_forward(const void* params, const void* grad, void* out, int64_t n, double lr,
@@ -98,35 +92,17 @@ extern "C" int sophon_fast_flat_sgd_step_forward_cuda(int dtype, const void* par
                                                       const void* grad, void* out, int64_t n,
                                                       double lr, double weight_decay,
                                                       cudaStream_t stream) {
-  switch (dtype) {
-    case SOPHON_FAST_DTYPE_FLOAT32:
-      return launch_forward<float>(params, grad, out, n, lr, weight_decay, stream);
-    case SOPHON_FAST_DTYPE_FLOAT64:
-      return launch_forward<double>(params, grad, out, n, lr, weight_decay, stream);
-    case SOPHON_FAST_DTYPE_FLOAT16:
-      return launch_forward<__half>(params, grad, out, n, lr, weight_decay, stream);
-    case SOPHON_FAST_DTYPE_BFLOAT16:
-      return launch_forward<__nv_bfloat16>(params, grad, out, n, lr, weight_decay, stream);
-    default:
-      return static_cast<int>(cudaErrorInvalidValue);
-  }
+  return by_dtype(dtype, [&](auto tag) {
+    return launch_forward<decltype(tag)>(params, grad, out, n, lr, weight_decay, stream);
+  });
 }
 
 extern "C" int sophon_fast_flat_sgd_step_backward_cuda(int dtype, const void* grad_out,
                                                        void* grad_params, void* grad_grad,
                                                        int64_t n, double lr, double weight_decay,
                                                        cudaStream_t stream) {
-  switch (dtype) {
-    case SOPHON_FAST_DTYPE_FLOAT32:
-      return launch_backward<float>(grad_out, grad_params, grad_grad, n, lr, weight_decay, stream);
-    case SOPHON_FAST_DTYPE_FLOAT64:
-      return launch_backward<double>(grad_out, grad_params, grad_grad, n, lr, weight_decay, stream);
-    case SOPHON_FAST_DTYPE_FLOAT16:
-      return launch_backward<__half>(grad_out, grad_params, grad_grad, n, lr, weight_decay, stream);
-    case SOPHON_FAST_DTYPE_BFLOAT16:
-      return launch_backward<__nv_bfloat16>(grad_out, grad_params, grad_grad, n, lr, weight_decay,
-                                            stream);
-    default:
-      return static_cast<int>(cudaErrorInvalidValue);
-  }
+  return by_dtype(dtype, [&](auto tag) {
+    return launch_backward<decltype(tag)>(grad_out, grad_params, grad_grad, n, lr, weight_decay,
+                                          stream);
+  });
 }

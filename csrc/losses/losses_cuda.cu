@@ -19,7 +19,9 @@
 
 namespace {
 
+using sophon_fast::cuda::by_dtype;
 using sophon_fast::cuda::Compute;
+using sophon_fast::cuda::grid_for;
 using sophon_fast::cuda::load_as;
 using sophon_fast::cuda::store_as;
 
@@ -113,11 +115,7 @@ __global__ void classification_loss_kernel(const T* __restrict__ logits, int64_t
 
 constexpr int64_t kMaxBlocks = 1024;
 
-int64_t blocks_for(int64_t n) {
-  int64_t blocks = (n + kThreads - 1) / kThreads;
-  if (blocks > kMaxBlocks) blocks = kMaxBlocks;
-  return blocks < 1 ? 1 : blocks;
-}
+int64_t blocks_for(int64_t n) { return grid_for(n, kThreads, kMaxBlocks); }
 
 template <typename T>
 __global__ void mean_square_kernel(const T* __restrict__ prediction, const T* __restrict__ target,
@@ -167,22 +165,10 @@ extern "C" int sophon_fast_classification_loss_cuda(int dtype, const void* logit
                                                     const int64_t* labels, void* grad,
                                                     void* row_loss, int64_t batch, int64_t classes,
                                                     int kind, cudaStream_t stream) {
-  switch (dtype) {
-    case SOPHON_FAST_DTYPE_FLOAT32:
-      return launch_classification<float>(logits, logits_stride_row, labels, grad, row_loss, batch,
-                                          classes, kind, stream);
-    case SOPHON_FAST_DTYPE_FLOAT64:
-      return launch_classification<double>(logits, logits_stride_row, labels, grad, row_loss, batch,
-                                           classes, kind, stream);
-    case SOPHON_FAST_DTYPE_FLOAT16:
-      return launch_classification<__half>(logits, logits_stride_row, labels, grad, row_loss, batch,
-                                           classes, kind, stream);
-    case SOPHON_FAST_DTYPE_BFLOAT16:
-      return launch_classification<__nv_bfloat16>(logits, logits_stride_row, labels, grad, row_loss,
-                                                  batch, classes, kind, stream);
-    default:
-      return static_cast<int>(cudaErrorInvalidValue);
-  }
+  return by_dtype(dtype, [&](auto tag) {
+    return launch_classification<decltype(tag)>(logits, logits_stride_row, labels, grad, row_loss,
+                                                batch, classes, kind, stream);
+  });
 }
 
 extern "C" int sophon_fast_mean_square_blocks(int64_t n) { return static_cast<int>(blocks_for(n)); }
@@ -191,17 +177,8 @@ extern "C" int sophon_fast_mean_square_loss_cuda(int dtype, const void* predicti
                                                  const void* target, void* grad, void* partial,
                                                  int64_t n, double grad_scale,
                                                  cudaStream_t stream) {
-  switch (dtype) {
-    case SOPHON_FAST_DTYPE_FLOAT32:
-      return launch_mean_square<float>(prediction, target, grad, partial, n, grad_scale, stream);
-    case SOPHON_FAST_DTYPE_FLOAT64:
-      return launch_mean_square<double>(prediction, target, grad, partial, n, grad_scale, stream);
-    case SOPHON_FAST_DTYPE_FLOAT16:
-      return launch_mean_square<__half>(prediction, target, grad, partial, n, grad_scale, stream);
-    case SOPHON_FAST_DTYPE_BFLOAT16:
-      return launch_mean_square<__nv_bfloat16>(prediction, target, grad, partial, n, grad_scale,
-                                               stream);
-    default:
-      return static_cast<int>(cudaErrorInvalidValue);
-  }
+  return by_dtype(dtype, [&](auto tag) {
+    return launch_mean_square<decltype(tag)>(prediction, target, grad, partial, n, grad_scale,
+                                             stream);
+  });
 }
