@@ -4,7 +4,6 @@
 #include "flat_optim.h"
 
 #include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
 #include <ATen/ops/linalg_vector_norm.h>
 
 #include <cmath>
