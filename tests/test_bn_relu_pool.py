@@ -1,0 +1,266 @@
+"""Fused BatchNorm2d -> ReLU -> MaxPool2d(2, 2) against the eager modules: pooled outputs, running
+statistics, input/weight/bias gradients (ties, negative and zero gammas, odd sizes, both layouts);
+fuse_bn_relu_pool keeps every parameter and buffer and the model's outputs and gradients."""
+
+import copy
+import inspect
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _backends import backend_params
+from _tolerances import elementwise
+from torch import nn
+from torch.func import functional_call
+
+from sophon_fast import _backend
+from sophon_fast.models.classifiers import SmallCNN
+from sophon_fast.nn import FusedBatchNormReLUMaxPool2d, fuse_bn_relu_pool
+from sophon_fast.ops import bn_relu_pool as ops
+from sophon_fast.ops.bn_relu_pool import batch_norm_relu_maxpool2d
+from sophon_fast.reference import bn_relu_pool as reference
+
+# Odd and even sides, batch 1 and 2, a 2x2 input (one window), primes.
+SHAPES = ((2, 3, 5, 7), (1, 4, 4, 3), (2, 2, 2, 2), (1, 3, 7, 6))
+
+
+def _params():
+    """backend_params(), the compiled ones skipped when the extension predates this op."""
+    params = []
+    for p in backend_params():
+        name = p.values[0]
+        skipped = any(m.name == "skip" for m in p.marks)
+        if name in ("cpu", "cuda") and not skipped and not ops._extension_has_op():
+            reason = "the compiled extension was built without bn_relu_pool"
+            p = pytest.param(*p.values, id=p.id, marks=[pytest.mark.skip(reason=reason)])
+        params.append(p)
+    return params
+
+
+FUSED = _params()
+# Reductions over up to 84 values per channel in float32: a few roundings more than one
+# element-wise op (the statistics' float64 sums against torch's float32 ones), so the float32
+# row of the table scaled by 10; float64 stays at the table.
+SCALE = {torch.float64: 1.0, torch.float32: 10.0}
+
+
+def _tolerance(dtype):
+    tol = elementwise(dtype)
+    return {k: v * SCALE[dtype] for k, v in tol.items()}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _inputs(shape, dtype, channels_last=False, ties=False):
+    x = torch.randn(shape, dtype=torch.float64) * 2 + 0.5
+    if ties:  # half-integers: many equal values inside windows
+        x = torch.round(x)
+        x[..., :2, :2] = 1.0  # one window of four equal values per plane
+    x = x.to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    c = shape[1]
+    weight = torch.randn(c, dtype=dtype)
+    weight[0] = -weight[0].abs() - 0.1  # the min branch: z decreasing in x
+    if c > 2:
+        weight[2] = 0.0  # z constant in a window: the first index gets the gradient
+    bias = torch.randn(c, dtype=dtype).abs()
+    return x, weight, bias
+
+
+def _eager(x, weight, bias, running_mean, running_var, momentum, eps):
+    z = F.batch_norm(x, running_mean, running_var, weight, bias, True, momentum, eps)
+    return F.max_pool2d(F.relu(z), 2, 2)
+
+
+def _run(fn, x, weight, bias, grad_seed, momentum=0.1):
+    leaves = [t.detach().clone().requires_grad_(True) for t in (x, weight, bias)]
+    c = x.shape[1]
+    running = (
+        torch.linspace(-1, 1, c, dtype=x.dtype),
+        torch.linspace(0.5, 2, c, dtype=x.dtype),
+    )
+    y = fn(*leaves, *running, momentum, 1e-3)
+    grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(grad_seed)).to(x.dtype)
+    grads = torch.autograd.grad(y, leaves, grad_y)
+    return y, running, grads
+
+
+@pytest.mark.parametrize(("backend", "device"), FUSED)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("ties", [False, True], ids=["distinct", "ties"])
+def test_matches_eager_modules(backend, device, dtype, shape, channels_last, ties):
+    x, weight, bias = _inputs(shape, dtype, channels_last, ties)
+    with _backend.use_backend(backend):
+        y, running, grads = _run(batch_norm_relu_maxpool2d, x, weight, bias, grad_seed=1)
+    y_ref, running_ref, grads_ref = _run(_eager, x, weight, bias, grad_seed=1)
+    tol = _tolerance(dtype)
+    torch.testing.assert_close(y, y_ref, **tol)
+    for got, want in zip(running + grads, running_ref + grads_ref):
+        torch.testing.assert_close(got, want, **tol)
+    if channels_last and shape[2] // 2 > 1 and shape[3] // 2 > 1:
+        assert y.is_contiguous(memory_format=torch.channels_last)
+        assert grads[0].is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize(("backend", "device"), FUSED)
+def test_gradcheck_float64(backend, device):
+    x = torch.randn(2, 2, 3, 2, dtype=torch.float64)  # ~60 evaluations: interpreted Triton
+    weight = torch.tensor([-0.7, 1.3], dtype=torch.float64)
+    bias = torch.tensor([0.3, 0.5], dtype=torch.float64)
+    inputs = tuple(t.requires_grad_(True) for t in (x, weight, bias))
+
+    def fused(x, w, b):
+        with _backend.use_backend(backend):
+            return batch_norm_relu_maxpool2d(x, w, b, None, None, 0.1, 1e-5)
+
+    assert torch.autograd.gradcheck(fused, inputs)
+
+
+def test_closed_form_backward_matches_autograd():
+    x, weight, bias = _inputs((2, 3, 5, 4), torch.float64, ties=True)
+    leaves = [t.clone().requires_grad_(True) for t in (x, weight, bias)]
+    y = reference.batch_norm_relu_maxpool2d(*leaves, None, None)
+    grad_y = torch.randn_like(y)
+    want = torch.autograd.grad(y, leaves, grad_y)
+    mean = x.mean((0, 2, 3))
+    invstd = (x.var((0, 2, 3), unbiased=False) + 1e-5).rsqrt()
+    got = reference.batch_norm_relu_maxpool2d_backward(x, weight, bias, grad_y, mean, invstd)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, **elementwise(torch.float64))
+
+
+@pytest.mark.parametrize(("backend", "device"), FUSED)
+def test_no_affine_and_no_running_stats(backend, device):
+    x, _, _ = _inputs((2, 3, 4, 5), torch.float64)
+    x.requires_grad_(True)
+    with _backend.use_backend(backend):
+        y = batch_norm_relu_maxpool2d(x, None, None, None, None)
+    y_ref = _eager(x, None, None, None, None, 0.1, 1e-5)
+    torch.testing.assert_close(y, y_ref, **elementwise(torch.float64))
+    g = torch.randn_like(y)
+    torch.testing.assert_close(
+        torch.autograd.grad(y, x, g)[0],
+        torch.autograd.grad(y_ref, x, g)[0],
+        **elementwise(torch.float64),
+    )
+
+
+@pytest.mark.parametrize(("backend", "device"), [p for p in FUSED if p.values[0] != "reference"])
+def test_double_backward_raises_clearly(backend, device):
+    x, weight, bias = _inputs((2, 3, 4, 4), torch.float64)
+    x.requires_grad_(True)
+    with _backend.use_backend(backend):
+        y = batch_norm_relu_maxpool2d(x, weight, bias, None, None)
+        (gx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+        with pytest.raises(RuntimeError, match="once differentiable"):
+            torch.autograd.grad(gx.sum(), x)
+
+
+def _sequential(channels_last=False):
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(4, 3, 1),
+        nn.BatchNorm2d(3, momentum=None),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(kernel_size=2, stride=2),
+        nn.BatchNorm2d(3),  # followed by a 3x3 pool: not fused
+        nn.ReLU(),
+        nn.MaxPool2d(3, 1),
+        nn.Flatten(),
+        nn.Linear(3, 2),
+    ).double()
+    return model.to(memory_format=torch.channels_last) if channels_last else model
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_fuse_keeps_state_and_matches_eager(channels_last):
+    torch.manual_seed(0)
+    model = _sequential(channels_last)
+    eager = copy.deepcopy(model)
+    before = model.state_dict(keep_vars=True)
+    assert fuse_bn_relu_pool(model) is model
+    after = model.state_dict(keep_vars=True)
+    assert list(before) == list(after)
+    assert all(before[k] is after[k] for k in before)  # same tensor objects
+    assert [type(m).__name__ for m in model][1:4] == [
+        "FusedBatchNormReLUMaxPool2d",
+        "Identity",
+        "Identity",
+    ]
+    assert type(model[8]) is nn.BatchNorm2d and type(model[10]) is nn.MaxPool2d
+    x = torch.randn(3, 2, 13, 14, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    for _ in range(3):  # momentum=None: cumulative averaging over num_batches_tracked
+        out, out_ref = model(x), eager(x)
+        torch.testing.assert_close(out, out_ref, **elementwise(torch.float64))
+        grads = torch.autograd.grad(out.square().sum(), list(model.parameters()))
+        grads_ref = torch.autograd.grad(out_ref.square().sum(), list(eager.parameters()))
+        for g, w in zip(grads, grads_ref):
+            torch.testing.assert_close(g, w, **elementwise(torch.float64))
+    for k, v in eager.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[k], v, **elementwise(torch.float64))
+    model.eval()
+    eager.eval()
+    torch.testing.assert_close(model(x), eager(x), **elementwise(torch.float64))
+
+
+def test_fuse_small_cnn_and_functional_call():
+    torch.manual_seed(0)
+    model = SmallCNN(image_size=11, widths=(3, 5)).double()
+    eager = copy.deepcopy(model)
+    fuse_bn_relu_pool(model)
+    fused = [m for m in model.modules() if isinstance(m, FusedBatchNormReLUMaxPool2d)]
+    assert len(fused) == 2
+    assert model.state_dict().keys() == eager.state_dict().keys()
+    params = {k: v.detach().clone().requires_grad_(True) for k, v in eager.named_parameters()}
+    buffers = {k: v.clone() for k, v in eager.named_buffers()}
+    buffers_ref = {k: v.clone() for k, v in eager.named_buffers()}
+    x = torch.randn(2, 1, 11, 11, dtype=torch.float64)
+    out = functional_call(model, {**params, **buffers}, (x,))
+    out_ref = functional_call(eager, {**params, **buffers_ref}, (x,))
+    torch.testing.assert_close(out, out_ref, **elementwise(torch.float64))
+    for k in buffers:  # running statistics updated in the passed buffers
+        torch.testing.assert_close(buffers[k], buffers_ref[k], **elementwise(torch.float64))
+    grads = torch.autograd.grad(out.sum(), list(params.values()))
+    params_ref = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
+    out_ref = functional_call(eager, {**params_ref, **buffers_ref}, (x,))
+    grads_ref = torch.autograd.grad(out_ref.sum(), list(params_ref.values()))
+    for g, w in zip(grads, grads_ref):
+        torch.testing.assert_close(g, w, **elementwise(torch.float64))
+
+
+def test_bad_inputs_raise():
+    with pytest.raises(ValueError, match="height and width >= 2"):
+        batch_norm_relu_maxpool2d(torch.zeros(2, 3, 1, 4), None, None, None, None)
+    with pytest.raises(ValueError, match="height, width"):
+        batch_norm_relu_maxpool2d(torch.zeros(2, 3), None, None, None, None)
+
+
+@pytest.mark.parametrize(("backend", "device"), [p for p in FUSED if p.values[0] != "reference"])
+def test_bad_eps_and_channels_raise(backend, device):
+    x = torch.randn(2, 3, 2, 2, device=device)
+    with _backend.use_backend(backend), pytest.raises(ValueError, match="eps"):
+        batch_norm_relu_maxpool2d(x, None, None, None, None, 0.1, 0.0)
+    with _backend.use_backend(backend), pytest.raises(ValueError, match="channels"):
+        batch_norm_relu_maxpool2d(x, torch.ones(4, device=device), None, None, None)
+
+
+def test_signature_parity_with_reference():
+    public = inspect.signature(batch_norm_relu_maxpool2d)
+    twin = inspect.signature(reference.batch_norm_relu_maxpool2d)
+    assert list(public.parameters) == list(twin.parameters)
+    for name, p in public.parameters.items():
+        assert p.default == twin.parameters[name].default, name
