@@ -9,6 +9,7 @@ registry name           class               head       notes
 ``"resnet18_cifar"``    ResNet18CIFAR       ``fc``     BN, 11.17 M params, 62 tensors
 ``"vgg_small"``         :class:`VGGSmall`   ``head``   no BN
 ``"mlp"``               :class:`MLP`        ``fc``     flattens its input
+``"unet"``              :class:`SmallUNet`  none       DDPM noise predictor, GroupNorm
 ======================  ==================  =========  ============================
 """
 
@@ -26,12 +27,16 @@ from sophon_fast.models.head import (
     reinit_head_,
     xavier_head_values,
 )
+from sophon_fast.models.unet import SmallUNet
+
+MODELS["unet"] = SmallUNet
 
 __all__ = [
     "MLP",
     "MODELS",
     "ResNet18CIFAR",
     "SmallCNN",
+    "SmallUNet",
     "VGGSmall",
     "build_model",
     "find_head",
