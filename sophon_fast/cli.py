@@ -1,7 +1,8 @@
 """Command line: ``sophon-fast demo | protect | show | backends``.
 
-    sophon-fast demo [--out DIR] [--device cpu|cuda] [--seed N] [--quick]
+    sophon-fast demo [--mode classification|generation] [--out DIR] [--device cpu|cuda] [--seed N] [--quick]
     sophon-fast protect --config FILE.toml [--out DIR] [--device D] [--resume]
+                        [--nproc N] [--timeout SECONDS]
     sophon-fast show DIR [--data builtin:NAME]
     sophon-fast evaluate --model CKPT [--normal CKPT] [--config grid.toml | --quick] --out DIR
                          [--restricted SPEC] [--original SPEC] [--workers N] [--epochs E]
@@ -53,6 +54,17 @@ def _section(config: dict, name: str, path: Path) -> dict:
 
 
 def cmd_demo(args) -> int:
+    if getattr(args, "mode", "classification") == "generation":
+        from .demo_generation import format_generation_report, run_generation_demo
+
+        out = args.out if args.out is not None else "demo_generation_out"
+        report = run_generation_demo(
+            out, device=args.device, seed=args.seed, quick=args.quick, progress=not args.no_progress
+        )
+        print(format_generation_report(report))
+        print(f"wrote {Path(out) / 'report.json'} and the sample grids {Path(out) / 'samples_*.png'}")
+        return 0
+    args.out = "demo_out" if args.out is None else args.out
     from .demo import run_demo
 
     run_demo(
@@ -68,10 +80,33 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _protect_rank(args) -> None:
+    """One rank of ``protect --nproc N`` (the process group is already initialised)."""
+    cmd_protect(args)
+
+
+def _launch_protect(args) -> int:
+    """``protect --nproc N``: N local processes (gloo on CPU, NCCL with one GPU each)."""
+    from .distributed import DistributedError, launch
+
+    child = argparse.Namespace(**{**vars(args), "nproc": 1})
+    try:
+        launch(_protect_rank, args.nproc, (child,), device=args.device, timeout_s=args.timeout)
+    except DistributedError as error:
+        print(f"sophon-fast protect: error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_protect(args) -> int:
+    if getattr(args, "nproc", 1) != 1:
+        if args.nproc < 1:
+            raise SystemExit(f"sophon-fast protect: --nproc expects an int >= 1, got {args.nproc}")
+        return _launch_protect(args)
     import torch
 
     from .api import ProtectConfig, ProtectResult, protect
+    from .distributed import init_from_env, is_main_process
     from .data import load_spec
     from .models import build_model
 
@@ -96,17 +131,26 @@ def cmd_protect(args) -> int:
     restricted, _ = load_spec(data_section["restricted"], what="[data] restricted")
     out = Path(args.out or raw.get("output", {}).get("dir", "protected"))
     device = torch.device(args.device) if args.device else None
-    result = protect(
-        model,
-        original,
-        restricted,
-        config,
-        original_eval=original_eval,
-        device=device,
-        progress=not args.no_progress,
-        checkpoint_dir=out / "checkpoints",
-        resume=args.resume,
-    )
+    # under torchrun (WORLD_SIZE > 1): join its process group, with a timeout
+    started_group = init_from_env(device=device, timeout_s=getattr(args, "timeout", None))
+    try:
+        result = protect(
+            model,
+            original,
+            restricted,
+            config,
+            original_eval=original_eval,
+            device=device,
+            progress=not args.no_progress,
+            checkpoint_dir=out / "checkpoints",
+            resume=args.resume,
+        )
+        main_rank = is_main_process()
+    finally:
+        if started_group:
+            torch.distributed.destroy_process_group()
+    if not main_rank:
+        return 0  # rank 0 writes the result
     result.save(out)
     last = result.history[-1] if result.history else {}
     print(
@@ -227,7 +271,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="pre-train, protect and attack on built-in offline domains")
-    demo.add_argument("--out", default="demo_out", help="output directory (default: demo_out)")
+    demo.add_argument(
+        "--mode",
+        choices=("classification", "generation"),
+        default="classification",
+        help="classification (default: CNN, MNIST vs digits) or generation (DDPM UNet, MNIST vs LFW faces)",
+    )
+    demo.add_argument(
+        "--out",
+        default=None,
+        help="output directory (default: demo_out, or demo_generation_out with --mode generation)",
+    )
     demo.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--quick", action="store_true", help="a few steps only: checks the pipeline")
@@ -241,6 +295,19 @@ def build_parser() -> argparse.ArgumentParser:
     prot.add_argument("--out", help="output directory (default: [output] dir, else 'protected')")
     prot.add_argument("--device", help="cpu or cuda (default: where the model is)")
     prot.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints")
+    prot.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="data-parallel processes on this machine (gloo on CPU, one GPU each with "
+        "--device cuda); default 1",
+    )
+    prot.add_argument(
+        "--timeout",
+        type=float,
+        help="seconds a collective waits for a dead or stuck rank before failing "
+        "(default: $SOPHON_FAST_DIST_TIMEOUT, else 1800)",
+    )
     prot.add_argument("--no-progress", action="store_true")
     prot.set_defaults(run=cmd_protect)
 

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..distributed import current as distributed_context
 from ..engine.checkpoint import atomic_write_text
 from ..training import accuracy, as_tensors
 from .attack import Attack, run_attack
@@ -281,6 +282,10 @@ def evaluate(
 ) -> Report:
     """Fine-tune the protected model, the unprotected model and a fresh one with the same attack grid.
 
+    A noise-prediction model (``forward(x, t)``, e.g. a DDPM UNet) is evaluated in generation
+    mode by :func:`sophon_fast.attacks.generation.evaluate_generation` (denoising MSE curves,
+    sample grids, a domain judge; ``workers``, ``benign`` and ``search_trials`` do not apply).
+
     Args:
         model: the protected classifier (not modified). Its head is found by
             :func:`sophon_fast.models.find_head`; a ``model_spec`` lets the scratch arm rebuild
@@ -322,6 +327,22 @@ def evaluate(
     """
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"evaluate: workers must be an int >= 1, got {workers!r}")
+    from .generation import evaluate_generation, is_noise_model
+
+    if is_noise_model(model):  # a DDPM eps-model forward(x, t): generation mode, in-process
+        return evaluate_generation(
+            model,
+            restricted,
+            original=original,
+            normal=normal,
+            attacks=attacks,
+            seeds=seeds,
+            epochs=epochs,
+            device=device,
+            report_dir=report_dir,
+            scratch=scratch,
+            progress=progress,
+        )
     if not isinstance(restricted, (tuple, list)) or len(restricted) != 2:
         raise TypeError("evaluate: restricted must be a (train, test) pair of datasets")
     train, test = restricted
@@ -418,10 +439,20 @@ def evaluate(
         "flush_denormal": device.type == "cpu",
     }
     started = time.perf_counter()
-    cells = _run_cells(specs, payload, workers, cells_dir, progress)
+    dist = distributed_context()  # a process group of > 1 ranks spreads the cells over them
+    if dist is None:
+        cells = _run_cells(specs, payload, workers, cells_dir, progress)
+    else:
+        cells = dist.spread(
+            specs,
+            lambda mine: _run_cells(mine, payload, workers, cells_dir, progress),
+            "evaluate() cells",
+            key=lambda cell: cell["id"],
+        )
     if trials and sampler == "optuna":
-        for arm in arms:
-            cells += _optuna_search(
+
+        def search(arm: str) -> list[dict]:
+            return _optuna_search(
                 arm,
                 model_key(arm, seeds[0]),
                 payload,
@@ -432,6 +463,13 @@ def evaluate(
                 cells_dir,
                 progress,
             )
+
+        if dist is None:
+            for arm in arms:
+                cells += search(arm)
+        else:
+            for part in dist.spread(arms, lambda mine: [search(a) for a in mine], "searches"):
+                cells += part
     baseline = {}
     for key, m in models.items():
         baseline[key] = {
@@ -467,7 +505,7 @@ def evaluate(
         cells, arms=arms, seeds=seeds, baseline=baseline, config=config, target=grid.target
     )
     report.data["seconds"] = time.perf_counter() - started
-    if report_dir is not None:
+    if report_dir is not None and (dist is None or dist.rank == 0):
         report.write(report_dir)
     return report
 

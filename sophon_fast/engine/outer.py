@@ -72,6 +72,7 @@ class ProtectionRun:
     step: int = 0
     stopped_by: str | None = None
     initial_original_accuracy: float | None = None
+    dist: Any = None  # sophon_fast.distributed.DistributedContext under a process group, else None
 
     def __post_init__(self) -> None:
         self.generator = torch.Generator().manual_seed(self.config.seed)
@@ -100,6 +101,8 @@ class ProtectionRun:
 
     def start(self) -> None:
         """Measure the starting original accuracy (needed by the relative guard; recorded)."""
+        if self.dist is not None:
+            self.dist.prepare(self)  # same config/state on every rank; rank 0's weights everywhere
         if (
             self.config.eval_every
             and self.original_eval is not None
@@ -113,8 +116,8 @@ class ProtectionRun:
         started = time.perf_counter()
         backup = engine.backup()
         suppression_losses, restricted_accuracies, adversaries = [], [], []
-        for _ in range(cfg.suppression_steps):
-            draw = draw_simulation(
+        def next_draw():
+            return draw_simulation(
                 images=self.restricted[0],
                 labels=self.restricted[1],
                 sampler=self.restricted_sampler,
@@ -126,25 +129,41 @@ class ProtectionRun:
                 adversaries=cfg.adversaries,
                 sample_one=cfg.adversary_sampling == "one",
             )
-            results = [
-                engine.simulate(
-                    draw.batches, draw.adapt_masks, draw.eval_masks, draw.head_values, adversary
-                )
-                for adversary in draw.adversaries
-            ]
-            loss, accuracy, grad = average_results(results)
+
+        simulations = getattr(cfg, "simulations", 1)
+        if self.dist is not None:
+            self.dist.step = self.step
+        for _ in range(cfg.suppression_steps):
+            if self.dist is not None:  # this rank's share of the draws, averaged over all ranks
+                loss, accuracy, grad, drawn = self.dist.simulate(engine, next_draw, simulations)
+            else:
+                results, drawn = [], []
+                for _ in range(simulations):
+                    draw = next_draw()
+                    drawn.extend(draw.adversaries)
+                    results.extend(
+                        engine.simulate(
+                            draw.batches, draw.adapt_masks, draw.eval_masks, draw.head_values, adversary
+                        )
+                        for adversary in draw.adversaries
+                    )
+                    del draw
+                loss, accuracy, grad = average_results(results)
             engine.meta_step(grad, cfg.max_grad_norm)
             suppression_losses.append(loss)
             restricted_accuracies.append(accuracy)
-            adversaries.extend(a.describe() for a in draw.adversaries)
+            adversaries.extend(a.describe() for a in drawn)
         ntr_losses = []
         for _ in range(cfg.ntr_steps):
             index = self.original_sampler.next(cfg.batch_size).to(self.original[0].device)
+            ntr_step = engine.ntr_step if self.dist is None else self.dist.ntr_for(engine)
             ntr_losses.append(
-                engine.ntr_step(
+                ntr_step(
                     self.original[0].index_select(0, index), self.original[1].index_select(0, index)
                 )
             )
+        if self.dist is not None:
+            self.dist.sync_statistics(engine)  # BatchNorm rule: sophon_fast.distributed
         self.step += 1
         original_accuracy = None
         if cfg.eval_every and self.original_eval is not None and self.step % cfg.eval_every == 0:
@@ -219,6 +238,8 @@ class ProtectionRun:
                 for callback in callbacks:
                     if callback(record) is True:
                         self.stopped_by = self.stopped_by or "callback"
+                if self.dist is not None:  # a stop on any rank stops every rank
+                    self.stopped_by = self.dist.agree_stop(self.stopped_by)
                 due = checkpoint_every and self.step % checkpoint_every == 0
                 if checkpoint is not None and (due or self.stopped_by or self.step == outer_steps):
                     checkpoint()
