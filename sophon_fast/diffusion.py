@@ -127,7 +127,11 @@ class NoiseSchedule:
         self._device_cache: dict[torch.device, dict[str, torch.Tensor]] = {}
 
     def __repr__(self) -> str:
-        betas = "" if self.kind == "cosine" else f", beta_start={self.beta_start}, beta_end={self.beta_end}"
+        betas = (
+            ""
+            if self.kind == "cosine"
+            else f", beta_start={self.beta_start}, beta_end={self.beta_end}"
+        )
         return f"NoiseSchedule(kind={self.kind!r}, timesteps={self.timesteps}{betas})"
 
     # ------------------------------------------------------------------ helpers
@@ -157,7 +161,11 @@ class NoiseSchedule:
             )
         if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
             raise ValueError(f"t must hold integer timesteps; got dtype {t.dtype}")
-        if t.device.type == "cpu" and batch and (int(t.min()) < 0 or int(t.max()) >= self.timesteps):
+        if (
+            t.device.type == "cpu"
+            and batch
+            and (int(t.min()) < 0 or int(t.max()) >= self.timesteps)
+        ):
             raise ValueError(
                 f"timesteps must lie in [0, {self.timesteps}) (0-based, T = {self.timesteps}); got "
                 f"values from {int(t.min())} to {int(t.max())}"
@@ -225,7 +233,9 @@ class NoiseSchedule:
             raise ValueError("x_t must have a leading batch dimension; got a 0-dim tensor")
         self.check_timesteps(t, x_t.shape[0])
         if eps.shape != x_t.shape:
-            raise ValueError(f"eps must have the shape of x_t {tuple(x_t.shape)}; got {tuple(eps.shape)}")
+            raise ValueError(
+                f"eps must have the shape of x_t {tuple(x_t.shape)}; got {tuple(eps.shape)}"
+            )
         return (
             x_t - self._coefficient("sqrt_one_minus_alpha_bars", t, x_t) * eps
         ) / self._coefficient("sqrt_alpha_bars", t, x_t)
@@ -235,12 +245,17 @@ class NoiseSchedule:
 
 
 def _draw_randn(
-    shape: Sequence[int], generator: torch.Generator | None, device: torch.device, dtype: torch.dtype
+    shape: Sequence[int],
+    generator: torch.Generator | None,
+    device: torch.device,
+    dtype: torch.dtype,
 ) -> torch.Tensor:
     """Standard normal noise on ``device``, drawn on the generator's own device when one is given."""
     if generator is None:
         return torch.randn(tuple(shape), device=device, dtype=dtype)
-    return torch.randn(tuple(shape), generator=generator, device=generator.device, dtype=dtype).to(device)
+    return torch.randn(tuple(shape), generator=generator, device=generator.device, dtype=dtype).to(
+        device
+    )
 
 
 def _draw_timesteps(
@@ -249,7 +264,9 @@ def _draw_timesteps(
     """Uniform integer timesteps in ``[0, timesteps)`` on ``device``."""
     if generator is None:
         return torch.randint(0, timesteps, (batch,), device=device)
-    return torch.randint(0, timesteps, (batch,), generator=generator, device=generator.device).to(device)
+    return torch.randint(0, timesteps, (batch,), generator=generator, device=generator.device).to(
+        device
+    )
 
 
 def _model_device_dtype(
@@ -418,7 +435,9 @@ def ddim_timesteps(timesteps: int, steps: int) -> list[int]:
         ValueError: ``steps`` outside [1, T].
     """
     if isinstance(steps, bool) or int(steps) != steps or not 1 <= steps <= timesteps:
-        raise ValueError(f"steps must be an integer in [1, {timesteps}] (the schedule's T); got {steps!r}")
+        raise ValueError(
+            f"steps must be an integer in [1, {timesteps}] (the schedule's T); got {steps!r}"
+        )
     if steps == 1:
         return [timesteps - 1]
     return torch.linspace(timesteps - 1, 0, int(steps), dtype=torch.float64).round().long().tolist()
@@ -497,7 +516,10 @@ def ddim_sample(
                     x0_hat = x0_hat.clamp(-1.0, 1.0)
                     eps = (x - math.sqrt(ab) * x0_hat) / math.sqrt(1.0 - ab)
                 variance = eta**2 * (1.0 - ab_next) / (1.0 - ab) * (1.0 - ab / ab_next)
-                x = math.sqrt(ab_next) * x0_hat + math.sqrt(max(1.0 - ab_next - variance, 0.0)) * eps
+                x = (
+                    math.sqrt(ab_next) * x0_hat
+                    + math.sqrt(max(1.0 - ab_next - variance, 0.0)) * eps
+                )
                 if variance > 0.0:
                     x = x + math.sqrt(variance) * _draw_randn(shape, generator, device, dtype)
     finally:
@@ -587,7 +609,9 @@ def train_denoiser(
             for start in range(0, n, int(batch_size)):
                 index = order[start : start + int(batch_size)]
                 x0 = images[index].to(device=device, dtype=dtype)
-                t = torch.randint(0, schedule.timesteps, (len(index),), generator=generator).to(device)
+                t = torch.randint(0, schedule.timesteps, (len(index),), generator=generator).to(
+                    device
+                )
                 noise = torch.randn(x0.shape, generator=generator, dtype=dtype).to(device)
                 loss = denoising_loss(model, schedule, x0, t=t, noise=noise)
                 optimizer.zero_grad(set_to_none=True)

@@ -113,7 +113,11 @@ def test_deterministic_under_manual_seed(name):
     torch.manual_seed(4321)
     third = build_model(name)
     # Models without a classifier head (the UNet) compare their first weight instead.
-    key = first.head_name + ".weight" if hasattr(first, "head_name") else next(iter(first.state_dict()))
+    key = (
+        first.head_name + ".weight"
+        if hasattr(first, "head_name")
+        else next(iter(first.state_dict()))
+    )
     assert not torch.equal(first.state_dict()[key], third.state_dict()[key])
 
 

@@ -39,7 +39,9 @@ from torch import nn
 __all__ = ["SmallUNet", "timestep_embedding"]
 
 
-def timestep_embedding(t: torch.Tensor, dim: int, *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def timestep_embedding(
+    t: torch.Tensor, dim: int, *, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """Transformer-style sinusoidal embedding of integer timesteps.
 
     ``emb[b, i] = sin(t_b * w_i)`` and ``emb[b, half + i] = cos(t_b * w_i)`` with
@@ -76,7 +78,9 @@ class _ResBlock(nn.Module):
         self.norm2 = nn.GroupNorm(groups, out_channels)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.skip = (
-            nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+            nn.Conv2d(in_channels, out_channels, 1)
+            if in_channels != out_channels
+            else nn.Identity()
         )
 
     def forward(self, x: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
