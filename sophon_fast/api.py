@@ -57,6 +57,7 @@ __all__ = ["ProtectConfig", "ProtectResult", "SimulationResult", "protect", "sim
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 _RESUME_MAY_DIFFER = ("outer_steps", "checkpoint_every")
+_GENERATION_FIELDS = ("mode", "timesteps", "noise_schedule", "diffusion_steps")
 
 
 def _int(name: str, value: Any, *, minimum: int, allow_none: bool = False) -> None:
@@ -122,6 +123,10 @@ class ProtectConfig:
             defaults in :mod:`sophon_fast.engine.optimizers`). None = ``(("sgd", inner_lr),)``.
         adversary_sampling: ``"one"`` (draw one per simulation from the seeded generator) or
             ``"all"`` (simulate every adversary on the same batches and average). Default "one".
+        simulations: independent simulations (batches, splits, head, adversary) drawn and
+            averaged per meta step. Under a torch.distributed process group they are spread over
+            the ranks (:mod:`sophon_fast.distributed`); a multiple of the world size keeps every
+            rank busy. Default 1 (the official run).
         guard_threshold: intactness guard: roll back when original accuracy <= threshold.
             Percent in ``"absolute"`` mode, a fraction in (0, 1] of the starting accuracy in
             ``"relative"`` mode; None = no guard. Default 80.0.
@@ -135,11 +140,34 @@ class ProtectConfig:
         eval_batch_size: batch size of the evaluation forward passes. Default 500.
         seed: seed of the generator every random choice is drawn from. Default 99.
         engine: ``"fast"`` (flat parameters) or ``"reference"`` (eager, official-style).
+        engine_options: fast engine only: speed options as a dict (``channels_last``,
+            ``fused_batchnorm``, ``fused_bn_relu_pool``, ``cuda_graphs``, ``autocast``,
+            ``vmap_adversaries``, ``flush_denormal``), each documented with its measured effect
+            in :mod:`sophon_fast.engine.options`. None = the defaults, which never change the
+            meta-gradient beyond rounding. Default None.
         dtype: ``"float32"`` or ``"float64"`` (the protected copy and data are converted).
         checkpoint_every: with a checkpoint directory, write one every this many outer steps
             (and always at the end); None = only at the end.
         head: dotted name of the classifier head ``nn.Linear``; None = the model's
             ``head_name``, else the last Linear (warning).
+        mode: ``"classification"`` (default) or ``"generation"``: protect a DDPM noise-prediction
+            model ``f(x_t, t)`` (:mod:`sophon_fast.engine.generation`). Generation takes
+            ``loss="mse_ascent"`` (gradient ascent on the restricted denoising MSE after
+            simulated fine-tuning) or ``"dos"`` (push the predicted noise to zero: denial of
+            service), images instead of labelled data, no head re-initialisation and no guard;
+            the FTS adapts and NTR trains with the ordinary noise-prediction MSE. The official
+            generation runs used batch 100 split 90 / 10, alpha 0.1-1.0, beta 2-5.
+        timesteps: generation only: the 0-based schedule indices every noise draw (FTS adapt
+            and evaluation, NTR) picks uniformly from. None = ``1``, the official fixed
+            timestep (noise std 0.015 on the linear schedule): it protects single-step denoising
+            of nearly clean images only, so an attacker training all timesteps can still learn
+            to generate the domain. ``"a:b"`` (inclusive) protects that noise band; ``"all"``
+            protects every timestep, i.e. the whole sampling chain an attacker fine-tunes,
+            at the price of a harder trade-off with the original domain. A list picks
+            explicit timesteps.
+        noise_schedule / diffusion_steps: generation only: the
+            :class:`sophon_fast.diffusion.NoiseSchedule` the model was trained with. Defaults
+            ``"linear"`` / 1000.
     """
 
     loss: str = "ice"
@@ -160,6 +188,7 @@ class ProtectConfig:
     truncate: int | None = None
     adversaries: Any = None
     adversary_sampling: str = "one"
+    simulations: int = 1
     guard_threshold: float | None = 80.0
     guard_mode: str = "absolute"
     guard_action: str = "stop"
@@ -168,12 +197,26 @@ class ProtectConfig:
     eval_batch_size: int = 500
     seed: int = 99
     engine: str = "fast"
+    engine_options: Any = None
     dtype: Any = "float32"
     checkpoint_every: int | None = None
     head: str | None = None
+    mode: str = "classification"
+    timesteps: Any = None
+    noise_schedule: str = "linear"
+    diffusion_steps: int = 1000
 
     def __post_init__(self) -> None:
-        if self.loss not in SUPPRESSION_LOSSES:
+        _choice("mode", self.mode, ("classification", "generation"))
+        if self.mode == "generation":
+            from sophon_fast.engine.generation import validate_generation_config
+
+            validate_generation_config(self)
+        elif self.timesteps is not None:
+            raise ValueError(
+                "ProtectConfig.timesteps: a generation-mode option; set mode='generation' or leave it None"
+            )
+        if self.mode == "classification" and self.loss not in SUPPRESSION_LOSSES:
             extra = (
                 " ('ce' is the adaptation/NTR loss: minimising it on restricted data helps fine-tuning)"
                 if self.loss == "ce"
@@ -228,6 +271,7 @@ class ProtectConfig:
             )
         self.adversaries = tuple(resolve_adversary(spec) for spec in specs)
         _choice("adversary_sampling", self.adversary_sampling, ("one", "all"))
+        _int("simulations", self.simulations, minimum=1)
         _choice("guard_mode", self.guard_mode, ("absolute", "relative"))
         _choice("guard_action", self.guard_action, ("stop", "continue"))
         if self.guard_threshold is not None:
@@ -245,6 +289,13 @@ class ProtectConfig:
         _int("eval_size", self.eval_size, minimum=1, allow_none=True)
         _int("checkpoint_every", self.checkpoint_every, minimum=1, allow_none=True)
         _choice("engine", self.engine, ("fast", "reference"))
+        if self.engine_options is not None:
+            from sophon_fast.engine.options import resolve_options
+
+            if self.engine != "fast":
+                raise ValueError("ProtectConfig.engine_options: only the fast engine takes options")
+            options = resolve_options(self.engine_options, order=self.order)
+            self.engine_options = dataclasses.asdict(options)
         if isinstance(self.dtype, torch.dtype):
             self.dtype = str(self.dtype).removeprefix("torch.")
         _choice("dtype", self.dtype, tuple(_DTYPES))
@@ -270,6 +321,13 @@ class ProtectConfig:
         """Plain JSON-able dict (adversaries as dicts)."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         out["adversaries"] = [a.to_json() for a in self.adversaries]
+        if self.engine_options is None:  # the default: older checkpoints and dicts stay comparable
+            del out["engine_options"]
+        if self.simulations == 1:  # the default: older checkpoints and dicts stay comparable
+            del out["simulations"]
+        if self.mode == "classification":  # classification dicts stay as they were
+            for name in _GENERATION_FIELDS:
+                del out[name]
         return out
 
     @classmethod
@@ -402,7 +460,7 @@ def _make_engine(config: ProtectConfig, model: nn.Module):
     if config.engine == "fast":
         from sophon_fast.engine.inner import FastEngine
 
-        return FastEngine(model, **kwargs)
+        return FastEngine(model, **kwargs, options=config.engine_options)
     from sophon_fast.reference.sophon import ReferenceEngine
 
     return ReferenceEngine(model, **kwargs)
@@ -431,6 +489,10 @@ def protect(
     The caller's model is not modified: a copy is converted to ``config.dtype``, moved to
     ``device`` and protected. All data is validated before any training, then moved to the
     device once.
+
+    With ``config.mode="generation"`` the model is a DDPM noise predictor ``forward(x, t)`` and
+    the data are images (N, C, H, W) in its range (pairs are accepted, labels ignored); see
+    :mod:`sophon_fast.engine.generation` for the losses and what the history records.
 
     Args:
         model: a pre-trained classifier whose head (``config.head``, ``model.head_name`` or the
@@ -464,6 +526,7 @@ def protect(
             that does not match, or ``resume`` without ``checkpoint_dir``.
         FileNotFoundError: ``resume=True`` but no checkpoint in ``checkpoint_dir``.
     """
+    from sophon_fast.distributed import current as distributed_context
     from sophon_fast.engine.checkpoint import load_checkpoint, save_checkpoint
     from sophon_fast.engine.outer import ProtectionRun
     from sophon_fast.engine.sampling import as_tensors
@@ -472,6 +535,21 @@ def protect(
     config = ProtectConfig() if config is None else config
     if not isinstance(config, ProtectConfig):
         raise TypeError(f"config: expected a ProtectConfig or None, got {type(config).__name__}")
+    if config.mode == "generation":
+        from sophon_fast.engine.generation import protect_generation
+
+        return protect_generation(
+            model,
+            original,
+            restricted,
+            config,
+            original_eval=original_eval,
+            device=device,
+            progress=progress,
+            callbacks=callbacks,
+            checkpoint_dir=checkpoint_dir,
+            resume=resume,
+        )
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
     if resume and checkpoint_dir is None:
@@ -550,7 +628,9 @@ def protect(
         original=to_device(original_x, original_y),
         original_eval=to_device(eval_x, eval_y),
         head=head,
+        dist=distributed_context(),  # None without a process group of > 1 ranks
     )
+    main_rank = run.dist is None or run.dist.rank == 0  # writes checkpoints, shows progress
     if resume:
         tensors, meta = load_checkpoint(checkpoint_dir)
         saved = dict(meta["config"])
@@ -565,18 +645,19 @@ def protect(
         run.load_state(tensors, meta)
 
     def checkpoint() -> None:
-        save_checkpoint(
-            checkpoint_dir, run.state_tensors(), {**run.state_meta(), "config": config.to_dict()}
-        )
+        if main_rank:
+            save_checkpoint(
+                checkpoint_dir, run.state_tensors(), {**run.state_meta(), "config": config.to_dict()}
+            )
 
-    flush = device.type == "cpu"
+    flush = device.type == "cpu" and (config.engine_options or {}).get("flush_denormal", True)
     if flush:
         torch.set_flush_denormal(True)  # long CPU runs slow down 2.6x on denormals without it
     try:
         run.start()
         run.run(
             config.outer_steps,
-            progress=progress,
+            progress=progress and main_rank,
             callbacks=callbacks,
             checkpoint=checkpoint if checkpoint_dir is not None else None,
             checkpoint_every=config.checkpoint_every,
@@ -646,6 +727,10 @@ def simulate(
             :func:`sophon_fast.models.xavier_head_values`); None = no re-initialisation.
         engine: "fast" or "reference"; None = ``config.engine``.
 
+    With ``config.mode="generation"``, ``model`` is a noise predictor ``forward(x, t)``, each
+    batch is a triple ``(x0 (B, C, H, W), noise (B, C, H, W), t (B,) int64)`` and ``accuracy``
+    is the mean denoising MSE of the evaluation samples after each step.
+
     Returns:
         :class:`SimulationResult`.
 
@@ -656,6 +741,13 @@ def simulate(
     adversary = config.adversaries[0] if adversary is None else resolve_adversary(adversary)
     engine = config.engine if engine is None else engine
     _choice("engine", engine, ("fast", "reference"))
+    if config.mode == "generation":
+        from sophon_fast.engine.generation import simulate_generation
+
+        loss, mse, grads = simulate_generation(
+            model, batches, adapt_masks, eval_masks, config, adversary=adversary, engine=engine
+        )
+        return SimulationResult(loss=loss, accuracy=mse, meta_grad=grads)
     if not (len(batches) == len(adapt_masks) == len(eval_masks)) or len(batches) == 0:
         raise ValueError(
             f"simulate: expected as many adapt and eval masks as batches (>= 1); got {len(batches)} batches, "

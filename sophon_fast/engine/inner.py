@@ -52,6 +52,15 @@ from sophon_fast.ops.flat_optim import flat_accumulate_, flat_clip_adam_step_
 __all__ = ["FlatSimulation", "simulate_flat"]
 
 
+def to_channels_last(x: torch.Tensor) -> torch.Tensor:
+    """A 4-D (N, C, H, W) tensor with NHWC strides, even for C == 1 (where ``contiguous(
+    memory_format=channels_last)`` keeps NCHW strides and convolutions then stay NCHW); other
+    ranks unchanged."""
+    if x.dim() != 4 or x.stride(1) == 1:
+        return x
+    return torch.empty_like(x, memory_format=torch.channels_last).copy_(x)
+
+
 @dataclass
 class FlatSimulation:
     """Result of one simulation on flat parameters.
@@ -89,6 +98,8 @@ def simulate_flat(
     truncate: int | None,
     head_values: dict[str, torch.Tensor] | None,
     keep_stats: bool = False,
+    channels_last: bool = False,
+    metric: LossFn | None = None,
 ) -> FlatSimulation:
     """Run one simulation of ``adversary`` from ``flat.params`` (see the module docstring).
 
@@ -103,6 +114,11 @@ def simulate_flat(
         truncate: order-2 window W (None = all K steps).
         head_values: parameter name -> replacement value for phi_0, or None.
         keep_stats: copy the drifted BatchNorm statistics back into ``flat``.
+        channels_last: hand 4-D inputs to the model in NHWC (explicit strides, so a
+            one-channel input too): 1.3-1.4x per first-order step on the CPU for a BN CNN.
+        metric: ``metric(outputs, targets) -> ()`` summed over the evaluation samples and divided
+            by N into ``accuracy``; None = the number classified correctly (generation mode
+            passes the denoising-error sum, :mod:`sophon_fast.engine.generation`).
 
     Returns:
         :class:`FlatSimulation`.
@@ -117,6 +133,10 @@ def simulate_flat(
     first_differentiated = _window_start(inner_steps, order, truncate)
     accumulate_dtype = state_dtype(theta.dtype)
 
+    def rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        picked = x.index_select(0, index)
+        return to_channels_last(picked) if channels_last else picked
+
     def start_point(source: torch.Tensor) -> torch.Tensor:
         phi = source.clone()
         if head_values:
@@ -126,7 +146,9 @@ def simulate_flat(
         return phi
 
     loss_total = torch.zeros((), dtype=accumulate_dtype, device=theta.device)
-    correct = torch.zeros((), dtype=torch.int64, device=theta.device)
+    correct = torch.zeros(
+        (), dtype=torch.int64 if metric is None else accumulate_dtype, device=theta.device
+    )
 
     if order == 1:
         meta_grad = torch.zeros(theta.shape, dtype=accumulate_dtype, device=theta.device)
@@ -135,18 +157,22 @@ def simulate_flat(
         for k, (x, y) in enumerate(batches):
             phi = phi.detach().requires_grad_(True)
             a, e = adapt_index[k], eval_index[k]
-            adapt_logits = fmodel(phi, stats, counters, x.index_select(0, a), train=True)
+            adapt_logits = fmodel(phi, stats, counters, rows(x, a), train=True)
             (grad,) = torch.autograd.grad(adapt_loss(adapt_logits, y.index_select(0, a)), phi)
             with torch.no_grad():
                 phi, state = inner_step(adversary, phi, grad, state)
             phi.requires_grad_(True)
             y_eval = y.index_select(0, e)
-            eval_logits = fmodel(phi, stats, counters, x.index_select(0, e), train=True)
+            eval_logits = fmodel(phi, stats, counters, rows(x, e), train=True)
             step_loss = suppression_loss(eval_logits, y_eval)
             (step_grad,) = torch.autograd.grad(step_loss, phi)
             flat_accumulate_(meta_grad, step_grad.contiguous(), weights[k])
             loss_total += weights[k] * step_loss.detach().to(accumulate_dtype)
-            correct += (eval_logits.detach().argmax(1) == y_eval).sum()
+            correct += (
+                (eval_logits.detach().argmax(1) == y_eval).sum()
+                if metric is None
+                else metric(eval_logits.detach(), y_eval).to(accumulate_dtype)
+            )
     else:
         theta_leaf = theta.clone().requires_grad_(True)
         phi = start_point(theta_leaf)
@@ -155,7 +181,7 @@ def simulate_flat(
         for k, (x, y) in enumerate(batches):
             a, e = adapt_index[k], eval_index[k]
             differentiate = k >= first_differentiated
-            adapt_logits = fmodel(phi, stats, counters, x.index_select(0, a), train=True)
+            adapt_logits = fmodel(phi, stats, counters, rows(x, a), train=True)
             (grad,) = torch.autograd.grad(
                 adapt_loss(adapt_logits, y.index_select(0, a)), phi, create_graph=differentiate
             )
@@ -168,11 +194,15 @@ def simulate_flat(
                     new, state = inner_step(adversary, phi.detach(), grad, state)
                 phi = new + (phi - phi.detach())
             y_eval = y.index_select(0, e)
-            eval_logits = fmodel(phi, stats, counters, x.index_select(0, e), train=True)
+            eval_logits = fmodel(phi, stats, counters, rows(x, e), train=True)
             step_loss = suppression_loss(eval_logits, y_eval)
             objective = objective + weights[k] * step_loss
             loss_total += weights[k] * step_loss.detach().to(accumulate_dtype)
-            correct += (eval_logits.detach().argmax(1) == y_eval).sum()
+            correct += (
+                (eval_logits.detach().argmax(1) == y_eval).sum()
+                if metric is None
+                else metric(eval_logits.detach(), y_eval).to(accumulate_dtype)
+            )
         (meta_grad,) = torch.autograd.grad(objective, theta_leaf)
         meta_grad = meta_grad.to(accumulate_dtype)
 
@@ -206,11 +236,17 @@ class FastEngine:
         order: int,
         truncate: int | None,
         restore_bn: bool,
+        options=None,
     ) -> None:
+        from sophon_fast.engine.options import check_device, resolve_options
+
         self.model = model
         self.flat = FlatParams.from_module(model)
         self.flat.params.requires_grad_(True)
-        self.fmodel = FunctionalModel(model, self.flat.layout)
+        self.options = resolve_options(options, order=order)
+        check_device(self.options, self.flat.params.device)
+        self.resolved = self.options.resolved(order, self.flat.params.device)
+        self.fmodel = FunctionalModel(self._forward_module(model), self.flat.layout)
         fused = True if self.flat.params.is_cuda else None  # one kernel per Adam step on GPUs
         self.meta_optimizer = torch.optim.Adam([self.flat.params], lr=meta_lr, fused=fused)
         self.ntr_optimizer = torch.optim.Adam([self.flat.params], lr=ntr_lr, fused=fused)
@@ -224,6 +260,27 @@ class FastEngine:
     @property
     def device(self) -> torch.device:
         return self.flat.params.device
+
+    def _forward_module(self, model):
+        """The module the functional forward runs: ``model`` itself, or a private copy whose
+        BatchNorm layers are fused modules (same parameter / buffer names, so the flat layout
+        fits; the user's model class is never changed)."""
+        fused_bn = self.resolved["fused_batchnorm"]
+        fused_pool = self.resolved["fused_bn_relu_pool"]
+        if not (fused_bn or fused_pool):
+            return model
+        import copy
+
+        private = copy.deepcopy(model)
+        if fused_pool:
+            from sophon_fast.nn import fuse_bn_relu_pool
+
+            private = fuse_bn_relu_pool(private)
+        if fused_bn:
+            from sophon_fast.nn import convert_batchnorm
+
+            private = convert_batchnorm(private)
+        return private
 
     def simulate(self, batches, adapt_masks, eval_masks, head_values, adversary):
         """One simulation -> (loss (), accuracy (), meta-gradient (n_params,))."""
@@ -242,6 +299,7 @@ class FastEngine:
             truncate=self.truncate,
             head_values=head_values,
             keep_stats=not self.restore_bn,
+            channels_last=self.resolved["channels_last"],
         )
         return result.loss, result.accuracy, result.meta_grad
 
@@ -291,6 +349,8 @@ class FastEngine:
     def ntr_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """One normal-training step: CE on an original batch, NTR Adam, no clipping. Returns ()."""
         params = self.flat.params
+        if self.resolved["channels_last"]:
+            x = to_channels_last(x)
         logits = self.fmodel(params, self.flat.stats, self.flat.counters, x, train=True)
         loss = self.ntr_loss(logits, y)
         (params.grad,) = torch.autograd.grad(loss, params)

@@ -163,6 +163,7 @@ def simulate_reference(
     truncate: int | None,
     head_values: dict[str, torch.Tensor] | None,
     restore_stats: bool = True,
+    metric: LossFn | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """One eager simulation on ``model`` (see :mod:`sophon_fast.engine.inner` for the maths).
 
@@ -176,6 +177,8 @@ def simulate_reference(
         truncate: order-2 window W (None = all K steps).
         head_values: parameter name -> replacement value written into the clone, or None.
         restore_stats: restore the BatchNorm statistics afterwards (official ``load_bn``).
+        metric: ``metric(outputs, targets) -> ()`` summed over the evaluation samples, divided by
+            N into the accuracy; None = the number classified correctly.
 
     Returns:
         (loss (), accuracy (), meta-gradient name -> tensor shaped like the parameter).
@@ -219,7 +222,11 @@ def simulate_reference(
         logits = learner(x[evaluate])
         count = int(evaluate.sum())
         weighted_losses.append(count * suppression_loss(logits, y[evaluate]))
-        correct = correct + (logits.detach().argmax(1) == y[evaluate]).sum()
+        correct = correct + (
+            (logits.detach().argmax(1) == y[evaluate]).sum()
+            if metric is None
+            else metric(logits.detach(), y[evaluate])
+        )
         total_eval += count
     loss = sum(weighted_losses) / total_eval
     grads = torch.autograd.grad(loss, params)
