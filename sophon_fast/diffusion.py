@@ -334,6 +334,8 @@ def denoising_loss(
         raise ValueError(f"x0 must be a non-empty batch of images; got shape {tuple(x0.shape)}")
     if t is None:
         t = _draw_timesteps(x0.shape[0], schedule.timesteps, generator, x0.device)
+    elif isinstance(t, torch.Tensor):
+        t = t.to(x0.device)
     if noise is None:
         noise = _draw_randn(x0.shape, generator, x0.device, x0.dtype)
     x_t = schedule.q_sample(x0, t, noise)

@@ -477,8 +477,9 @@ def test_timestep_embedding_closed_form():
             "image_size=30 is not divisible by the UNet's total downsampling 4",
         ),
         ({"image_size": 28, "channel_mults": (1, 2, 2, 2)}, "image_size=28 .* downsampling 8"),
-        ({"base_channels": 12}, r"groups=8 .* widths \[12\]"),
-        ({"base_channels": 32, "groups": 3}, r"groups=3 .* widths \[32, 64\]"),
+        ({"base_channels": 12}, r"groups=8 .*\[12, 24\].* channel counts \[12\] are not"),
+        ({"base_channels": 32, "groups": 3}, r"groups=3 .* channel counts \[32, 64\] are not"),
+        ({"base_channels": 12, "channel_mults": (2, 4)}, r"base_channels=12 .* counts \[12\] are"),
         ({"channel_mults": ()}, "non-empty"),
     ],
 )
@@ -515,6 +516,20 @@ def test_unet_gradient_reaches_every_parameter_float64():
     for name, p in model.named_parameters():
         assert p.grad is not None and p.grad.dtype == torch.float64, name
         assert torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+
+
+def test_unet_second_order_gradient():
+    # The protect() engines' order=2 mode differentiates through inner gradient steps: every op of
+    # the UNet (GroupNorm, SiLU, convolutions, interpolation) must support double backward.
+    torch.manual_seed(0)
+    model = SmallUNet(base_channels=4, groups=2, image_size=4, time_dim=8).double()
+    params = list(model.parameters())
+    x0 = torch.rand(2, 1, 4, 4, dtype=torch.float64) * 2 - 1
+    loss = denoising_loss(model, NoiseSchedule(), x0, generator=torch.Generator().manual_seed(0))
+    grads = torch.autograd.grad(loss, params, create_graph=True)
+    hessian_grad = torch.autograd.grad(sum(g.square().sum() for g in grads), params)
+    assert all(torch.isfinite(h).all() for h in hessian_grad)
+    assert sum(int(h.abs().sum() > 0) for h in hessian_grad) == len(params)
 
 
 # ----------------------------------------------------------------------------- training

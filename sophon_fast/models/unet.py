@@ -146,11 +146,13 @@ class SmallUNet(nn.Module):
                 f"use an image_size that is a multiple of {downsampling} or fewer levels"
             )
         widths = [base_channels * m for m in mults]
-        bad = sorted({w for w in widths if w % groups})
+        # base_channels is normalised too (the first block's input), even when channel_mults[0] != 1.
+        bad = sorted({w for w in (base_channels, *widths) if w % groups})
         if bad:
             raise ValueError(
-                f"GroupNorm with groups={groups} needs every level width divisible by {groups}; "
-                f"widths {bad} (base_channels={base_channels} x channel_mults={mults}) are not"
+                f"GroupNorm with groups={groups} needs base_channels={base_channels} and every level "
+                f"width (base_channels x channel_mults = {widths}) divisible by {groups}; "
+                f"channel counts {bad} are not"
             )
         time_dim = 4 * base_channels if time_dim is None else int(time_dim)
         if time_dim < 2:
@@ -228,7 +230,8 @@ class SmallUNet(nn.Module):
 
         Args:
             x: Noisy images.
-            t: Integer timesteps, one per image (0-based, see :mod:`sophon_fast.diffusion`).
+            t: Integer timesteps, one per image (0-based, see :mod:`sophon_fast.diffusion`); moved to
+                ``x``'s device if elsewhere.
 
         Returns:
             The predicted noise, same shape and dtype as ``x``.
@@ -242,7 +245,7 @@ class SmallUNet(nn.Module):
             image_size, image_size)
         """
         self._check_inputs(x, t)
-        time = self.time_mlp(timestep_embedding(t, self.base_channels, dtype=x.dtype))
+        time = self.time_mlp(timestep_embedding(t.to(x.device), self.base_channels, dtype=x.dtype))
 
         h = self.conv_in(x)
         skips = []
