@@ -360,7 +360,7 @@ def ddpm_sample(
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
-    clip_denoised: bool = False,
+    clip_denoised: bool = True,
     progress: bool = False,
 ) -> torch.Tensor:
     """Ancestral DDPM sampling (Ho et al. 2020, algorithm 2): T model calls from pure noise.
@@ -372,7 +372,8 @@ def ddpm_sample(
         mean = sqrt(alpha_bar[t-1]) beta[t] / (1 - alpha_bar[t]) * x0_hat
              + sqrt(alpha[t]) (1 - alpha_bar[t-1]) / (1 - alpha_bar[t]) * x_t
 
-    which, without clipping, equals ``(x_t - beta[t] / sqrt(1 - alpha_bar[t]) eps) / sqrt(alpha[t])``.
+    which, without clipping, equals ``(x_t - beta[t] / sqrt(1 - alpha_bar[t]) eps) / sqrt(alpha[t])``
+    (with clipping, ``x0_hat`` is clamped to [-1, 1] first).
     Runs under ``torch.no_grad`` in eval mode; the model's train/eval mode is restored afterwards.
 
     Args:
@@ -382,8 +383,10 @@ def ddpm_sample(
         generator: Source of all noise (initial and per step). Default None (global RNG).
         device: Where to sample; ``None`` means the model's device. Default None.
         dtype: Sample dtype; ``None`` means the model's parameter dtype. Default None.
-        clip_denoised: Clamp ``x0_hat`` to [-1, 1] at every step (improved-DDPM practice; helps an
-            under-trained model). Default False.
+        clip_denoised: Clamp ``x0_hat`` to [-1, 1] at every step, as Ho et al.'s own sampler does.
+            An under-trained model needs it: at ``t = T - 1`` the estimate divides the noise error by
+            ``sqrt(alpha_bar)`` (0.006 for the default schedule), and an unclipped sample saturates.
+            ``False`` is the textbook update (exact with an exact denoiser). Default True.
         progress: Show a progress bar (tqdm). Default False.
 
     Returns:
@@ -455,7 +458,7 @@ def ddim_sample(
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
-    clip_denoised: bool = False,
+    clip_denoised: bool = True,
     progress: bool = False,
 ) -> torch.Tensor:
     """DDIM sampling (Song et al. 2021) over ``steps`` of the schedule's timesteps (:func:`ddim_timesteps`).
@@ -480,8 +483,9 @@ def ddim_sample(
         generator: Source of all noise. Default None (global RNG).
         device: Where to sample; ``None`` means the model's device. Default None.
         dtype: Sample dtype; ``None`` means the model's parameter dtype. Default None.
-        clip_denoised: Clamp ``x0_hat`` to [-1, 1] at every step (and re-derive ``eps`` from it).
-            Default False.
+        clip_denoised: Clamp ``x0_hat`` to [-1, 1] at every step and re-derive ``eps`` from it (as
+            diffusers' ``clip_sample``); see :func:`ddpm_sample`. ``False`` is Song et al.'s update.
+            Default True.
         progress: Show a progress bar (tqdm). Default False.
 
     Returns:

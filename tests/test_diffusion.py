@@ -303,7 +303,11 @@ def test_ddpm_oracle_lands_on_a_point(kind):
     schedule = NoiseSchedule(kind, 200) if kind == "cosine" else NoiseSchedule(kind, 200, 1e-4, 0.1)
     oracle = _GaussianOracle(schedule, mean=0.37, std=0.0).train()
     samples = ddpm_sample(
-        oracle, schedule, (64, 1, 3, 3), generator=torch.Generator().manual_seed(0)
+        oracle,
+        schedule,
+        (64, 1, 3, 3),
+        generator=torch.Generator().manual_seed(0),
+        clip_denoised=False,
     )
     assert samples.dtype == torch.float64
     torch.testing.assert_close(samples, torch.full_like(samples, 0.37), rtol=0, atol=1e-9)
@@ -314,7 +318,9 @@ def test_ddpm_oracle_lands_on_a_point(kind):
 def test_ddpm_oracle_gaussian_distribution():
     schedule, mean, std = NoiseSchedule(), 0.2, 0.2
     oracle = _GaussianOracle(schedule, mean, std)
-    samples = ddpm_sample(oracle, schedule, SHAPE, generator=torch.Generator().manual_seed(1))
+    samples = ddpm_sample(
+        oracle, schedule, SHAPE, generator=torch.Generator().manual_seed(1), clip_denoised=False
+    )
     slope, offset, noise_var = _affine_ddpm(schedule, mean, std)
     _assert_moments(samples, offset, slope**2 + noise_var)
     # The exact chain lands within 3 % of the data std (beta_tilde slightly under-estimates the true
@@ -328,10 +334,20 @@ def test_ddim_eta0_is_the_exact_deterministic_map():
     oracle = _GaussianOracle(schedule, mean, std)
     shape = (3, 1, 5, 5)
     samples = ddim_sample(
-        oracle, schedule, shape, steps=20, generator=torch.Generator().manual_seed(5)
+        oracle,
+        schedule,
+        shape,
+        steps=20,
+        generator=torch.Generator().manual_seed(5),
+        clip_denoised=False,
     )
     again = ddim_sample(
-        oracle, schedule, shape, steps=20, generator=torch.Generator().manual_seed(5)
+        oracle,
+        schedule,
+        shape,
+        steps=20,
+        generator=torch.Generator().manual_seed(5),
+        clip_denoised=False,
     )
     assert torch.equal(samples, again)
     x_T = torch.randn(shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
@@ -348,20 +364,29 @@ def test_ddim_oracle_lands_on_a_point():
     schedule = NoiseSchedule()
     oracle = _GaussianOracle(schedule, mean=-0.6, std=0.0)
     for eta in (0.0, 1.0):
-        samples = ddim_sample(oracle, schedule, (16, 1, 2, 2), steps=10, eta=eta)
+        samples = ddim_sample(
+            oracle, schedule, (16, 1, 2, 2), steps=10, eta=eta, clip_denoised=False
+        )
         torch.testing.assert_close(samples, torch.full_like(samples, -0.6), rtol=0, atol=1e-9)
 
 
 def test_ddim_eta1_over_all_steps_is_ddpm():
     schedule = NoiseSchedule("linear", 60, 1e-3, 0.2)
     oracle = _GaussianOracle(schedule, mean=0.3, std=0.4)
-    ddpm = ddpm_sample(oracle, schedule, (8, 1, 3, 3), generator=torch.Generator().manual_seed(2))
+    ddpm = ddpm_sample(
+        oracle,
+        schedule,
+        (8, 1, 3, 3),
+        generator=torch.Generator().manual_seed(2),
+        clip_denoised=False,
+    )
     ddim = ddim_sample(
         oracle,
         schedule,
         (8, 1, 3, 3),
         steps=60,
         eta=1.0,
+        clip_denoised=False,
         generator=torch.Generator().manual_seed(2),
     )
     torch.testing.assert_close(ddim, ddpm, rtol=1e-10, atol=1e-10)
@@ -371,21 +396,53 @@ def test_ddim_stochastic_distribution():
     schedule, mean, std = NoiseSchedule("cosine", 200), -0.1, 0.25
     oracle = _GaussianOracle(schedule, mean, std)
     samples = ddim_sample(
-        oracle, schedule, SHAPE, steps=25, eta=0.5, generator=torch.Generator().manual_seed(7)
+        oracle,
+        schedule,
+        SHAPE,
+        steps=25,
+        eta=0.5,
+        generator=torch.Generator().manual_seed(7),
+        clip_denoised=False,
     )
     slope, offset, noise_var = _affine_ddim(schedule, mean, std, 25, 0.5)
     assert noise_var > 0.01 * slope**2  # the eta noise matters, so a wrong sigma would show
     _assert_moments(samples, offset, slope**2 + noise_var)
 
 
-def test_samplers_clamp_to_model_range():
+@pytest.mark.parametrize("clip", [False, True])
+def test_samplers_clamp_to_model_range(clip):
     schedule = NoiseSchedule("cosine", 50)
     oracle = _GaussianOracle(schedule, mean=0.9, std=0.5)  # a third of the mass lies above 1
     for samples in (
-        ddpm_sample(oracle, schedule, (256, 1, 2, 2)),
-        ddim_sample(oracle, schedule, (256, 1, 2, 2), steps=10),
+        ddpm_sample(oracle, schedule, (256, 1, 2, 2), clip_denoised=clip),
+        ddim_sample(oracle, schedule, (256, 1, 2, 2), steps=10, clip_denoised=clip),
     ):
         assert samples.max().item() == 1.0 and samples.min().item() >= -1.0
+
+
+class _RecordingPoint(_GaussianOracle):
+    """Point-mass oracle that also records the mean of every input it sees."""
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        self.input_means = getattr(self, "input_means", []) + [x.mean().item()]
+        return super().forward(x, t)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_clip_denoised_clamps_the_x0_estimate(sampler):
+    # Data at the point 1.5, outside the model range: the clipped x0 estimate is 1, so the last
+    # model input x_0 ~ sqrt(alpha_bar[0]) * 1 (noise std 0.01), against ~1.5 without clipping.
+    schedule = NoiseSchedule(timesteps=100, beta_end=0.1)
+    last_inputs = {}
+    for clip in (False, True):
+        oracle = _RecordingPoint(schedule, mean=1.5, std=0.0)
+        if sampler == "ddpm":
+            ddpm_sample(oracle, schedule, (64, 1, 4, 4), clip_denoised=clip)
+        else:
+            ddim_sample(oracle, schedule, (64, 1, 4, 4), steps=100, clip_denoised=clip)
+        last_inputs[clip] = oracle.input_means[-1]
+    assert last_inputs[False] == pytest.approx(1.5, abs=0.01)
+    assert last_inputs[True] == pytest.approx(1.0, abs=0.01)
 
 
 def test_ddim_timesteps_and_sampler_arguments():
