@@ -39,10 +39,20 @@ BatchNorm it is the usual data-parallel approximation. Simulations restore the s
 (``restore_bn=True``, the default); with ``restore_bn=False`` each rank drifts them through its
 own simulations only, then the averaging above applies.
 
+**Callbacks and the guard.** Every rank records the same history (the averaged losses and
+accuracies; only ``seconds`` is per rank) and calls the callbacks with it; a callback that returns
+True on any rank stops every rank after that step (one tiny ``all_reduce`` per outer step). The
+evaluation and the guard see the same weights on every rank and decide alike.
+
 **Checkpoints and reports.** Only rank 0 writes checkpoints (atomically), ``ProtectResult.save``
 from the CLI and evaluate()'s report files; ``resume`` makes every rank read the checkpoint, so the
 checkpoint directory must be visible to every rank (one node, or a shared file system). A
 checkpoint holds no rank-specific state: it resumes under any world size.
+
+**Scope.** Both engines (the fast engine's flat meta-gradient as is; the reference engine's per-name
+dict flattened in parameter order for the one ``all_reduce``). Generation mode
+(:mod:`sophon_fast.engine.generation`) does not use this module yet: under a process group every
+rank repeats the whole run.
 
 **Failures.** Collectives run under the process group's timeout. Processes started here (the
 ``--nproc`` launcher, :func:`init_from_env`) pass ``timeout=`` to ``init_process_group``
@@ -136,10 +146,8 @@ def _timeout_from_env(timeout_s: float | None) -> float:
 
 
 def _backend_for(device: str | torch.device | None) -> str:
-    kind = torch.device(device).type if device is not None else None
-    if kind == "cuda" or (kind is None and torch.cuda.is_available()):
-        return "nccl"
-    return "gloo"
+    """NCCL for CUDA devices, gloo otherwise (None: the CLI's default, where the model is: CPU)."""
+    return "nccl" if device is not None and torch.device(device).type == "cuda" else "gloo"
 
 
 def _init(backend: str, timeout_s: float, **kwargs) -> None:
@@ -158,11 +166,11 @@ def init_from_env(
     """Initialise the default process group from torchrun's environment, if it set one up.
 
     Does nothing (returns False) when a group already exists or ``WORLD_SIZE`` is unset or 1.
-    Otherwise picks NCCL for CUDA (and selects ``cuda:LOCAL_RANK``) or gloo, and passes
-    ``timeout`` so that a dead rank raises instead of hanging.
+    Otherwise picks NCCL for a CUDA ``device`` (and selects ``cuda:LOCAL_RANK``) or gloo, and
+    passes ``timeout`` so that a dead rank raises instead of hanging.
 
     Args:
-        device: the run's device (None: CUDA when available).
+        device: the run's device (None: gloo).
         timeout_s: collective timeout in seconds; None reads ``SOPHON_FAST_DIST_TIMEOUT``
             (default 1800).
 
