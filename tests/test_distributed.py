@@ -86,17 +86,35 @@ def max_difference(a: dict, b: dict) -> float:
 # ---------------------------------------------------------------- rank bodies (spawned)
 
 
+def tiny_bn_cnn() -> torch.nn.Module:
+    from sophon_fast.models import SmallCNN
+
+    torch.manual_seed(0)
+    return SmallCNN(num_classes=3, in_channels=1, image_size=4, widths=(2, 3)).double()
+
+
 def _shared_rank(out: str) -> None:
-    """Equivalence runs (both engines) and an evaluation, in one 2-process launch."""
+    """Equivalence runs (both engines), an idle rank, BatchNorm and an evaluation, in one
+    2-process launch."""
+    import warnings
+
     rank, world = rank_and_world()
     assert world == 2 and current() is not None
     results = {}
     for engine, sampling in (("fast", "one"), ("reference", "all")):
         result = run_protect(tiny_config(engine=engine, adversary_sampling=sampling))
         results[engine] = {"state": result.model.state_dict(), "history": result.history}
+    with warnings.catch_warnings(record=True) as caught:  # one unit per step: rank 1 idles
+        warnings.simplefilter("always")
+        results["idle"] = {"state": run_protect(tiny_config(simulations=1)).model.state_dict()}
+    results["idle"]["warnings"] = [str(w.message) for w in caught]
+    original, restricted = domains()
+    for engine in ("fast", "reference"):
+        bn = protect(tiny_bn_cnn(), original, restricted, tiny_config(engine=engine), progress=False)
+        results[f"bn_{engine}"] = {"state": bn.model.state_dict()}
     report = _tiny_evaluate(Path(out) / "report")
+    torch.save(results, Path(out) / f"rank{rank}.pt")
     if rank == 0:
-        torch.save(results, Path(out) / "ranks.pt")
         (Path(out) / "report.json").write_text(json.dumps(report.data))
 
 
@@ -190,7 +208,7 @@ def crashed_launch(tmp_path_factory) -> tuple[Path, str, dict, float]:
 
 
 def test_two_processes_give_the_single_process_weights(shared_launch):
-    ranks = torch.load(shared_launch / "ranks.pt")
+    ranks = torch.load(shared_launch / "rank0.pt")
     for engine, sampling in (("fast", "one"), ("reference", "all")):
         single = run_protect(tiny_config(engine=engine, adversary_sampling=sampling))
         state = single.model.state_dict()
@@ -201,9 +219,26 @@ def test_two_processes_give_the_single_process_weights(shared_launch):
         assert [r["adversaries"] for r in two] == [r["adversaries"] for r in one]
         for key in ("suppression_loss", "restricted_accuracy", "ntr_loss", "original_accuracy"):
             assert [r[key] for r in two] == pytest.approx([r[key] for r in one], abs=1e-12), key
-    # the comparison can fail: one simulation per step is a different run
+    # the comparison can fail: one simulation per step is a different run ...
     other = run_protect(tiny_config(simulations=1)).model.state_dict()
     assert max_difference(ranks["fast"]["state"], other) > 1e-6
+    # ... which two ranks also reproduce, one of them idle (and saying so)
+    assert max_difference(ranks["idle"]["state"], other) <= WEIGHTS_ATOL
+    idle = torch.load(shared_launch / "rank1.pt")["idle"]["warnings"]
+    assert any("rank 1 is idle" in w and "multiple of 2" in w for w in idle), idle
+    assert not any("idle" in w for w in ranks["idle"]["warnings"])
+
+
+def test_batchnorm_statistics_agree_across_ranks(shared_launch):
+    rank0, rank1 = (torch.load(shared_launch / f"rank{r}.pt") for r in (0, 1))
+    start = tiny_bn_cnn().state_dict()
+    for engine in ("fast", "reference"):
+        a, b = rank0[f"bn_{engine}"]["state"], rank1[f"bn_{engine}"]["state"]
+        assert max_difference(a, b) == 0.0, engine  # same weights and statistics on every rank
+        stats = [k for k in a if "running" in k]
+        assert stats and max(float((a[k] - start[k]).abs().max()) for k in stats) > 1e-3
+        assert all(torch.isfinite(a[k]).all() for k in stats)
+        assert int(a["features.1.num_batches_tracked"]) == 3  # one NTR forward per outer step
 
 
 def test_a_dead_rank_makes_the_other_fail_fast_with_a_clear_error(crashed_launch):
@@ -281,3 +316,25 @@ def test_evaluate_spread_over_two_ranks_gives_the_single_process_report(shared_l
     assert sum(len(arm["cells"]) for arm in two["arms"].values()) == 3 * 3 * 2
     assert len(list((shared_launch / "report" / "cells").glob("*.json"))) == 18
     assert (shared_launch / "report" / "report.json").is_file()
+
+
+def test_without_a_process_group_nothing_is_distributed(monkeypatch):
+    from sophon_fast import distributed as sd
+
+    assert current() is None and rank_and_world() == (0, 1) and sd.is_main_process()
+    assert [u for u in range(7) if sd.owns(u, 1, 3)] == [1, 4]
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert sd.init_from_env() is False  # not under torchrun: nothing to join
+    with pytest.raises(ValueError, match="nprocs: expected an int >= 1"):
+        launch(print, 0)
+    with pytest.raises(ValueError, match="timeout: expected a number of seconds > 0"):
+        launch(print, 2, timeout_s=-1.0)
+    monkeypatch.setenv("SOPHON_FAST_DIST_TIMEOUT", "soon")
+    with pytest.raises(ValueError, match="SOPHON_FAST_DIST_TIMEOUT='soon'"):
+        launch(print, 2)
+    with pytest.raises(SystemExit, match="--nproc expects an int >= 1"):
+        cli.main(["protect", "--config", "missing.toml", "--nproc", "0"])
+    with pytest.raises(ValueError, match="ProtectConfig.simulations"):
+        ProtectConfig(simulations=0)
+    assert "simulations" not in ProtectConfig().to_dict()  # default dicts are unchanged
+    assert ProtectConfig(simulations=4).to_dict()["simulations"] == 4
