@@ -3,6 +3,7 @@
 #include <torch/extension.h>
 
 #include "batch_norm/batch_norm.h"
+#include "bn_relu_pool/bn_relu_pool.h"
 #include "flat_optim/flat_optim.h"
 #include "flat_sgd_step/flat_sgd_step.h"
 #include "losses/losses.h"
@@ -78,4 +79,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("weight"), py::arg("grad_y"), py::arg("mean"), py::arg("invstd"),
         py::arg("grad_dx"), py::arg("grad_dweight"), py::arg("grad_dbias"),
         "(grad_x, grad_weight, grad_grad_y): the fused VJP of batch_norm_backward");
+  m.def("bn_relu_pool_forward", &sophon_fast::bn_relu_pool_forward, py::arg("x"), py::arg("weight"),
+        py::arg("bias"), py::arg("running_mean"), py::arg("running_var"), py::arg("momentum"),
+        py::arg("eps"),
+        "(y, mean, invstd) of max_pool2d(relu(batch_norm(x)), 2, 2), training mode, on x "
+        "(N, C, H, W); updates the running statistics in place");
+  m.def("bn_relu_pool_backward", &sophon_fast::bn_relu_pool_backward, py::arg("x"),
+        py::arg("weight"), py::arg("bias"), py::arg("grad_y"), py::arg("mean"), py::arg("invstd"),
+        "(grad_x, grad_weight, grad_bias) of bn_relu_pool from the pooled gradient");
 }

@@ -117,3 +117,11 @@ def batch_norm_double_backward(
     x: Tensor, weight: Tensor | None, grad_y: Tensor, mean: Tensor, invstd: Tensor,
     grad_dx: Tensor | None, grad_dweight: Tensor | None, grad_dbias: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor]: ...
+def bn_relu_pool_forward(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
+    running_var: Tensor | None, momentum: float, eps: float,
+) -> tuple[Tensor, Tensor, Tensor]: ...
+def bn_relu_pool_backward(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, grad_y: Tensor, mean: Tensor,
+    invstd: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]: ...

@@ -1,0 +1,248 @@
+// bn_relu_pool: input checks and device dispatch. CPU kernels
+// (bn_relu_pool_cpu.cpp) run NCHW planes and channels_last row matrices
+// natively; the CUDA kernels (torch-free launchers of bn_relu_pool_cuda.cu)
+// work on NCHW planes, a channels_last input converted on the way in and its
+// outputs on the way out.
+#include "bn_relu_pool.h"
+
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "../checks.h"
+
+#ifdef SOPHON_FAST_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cuda_runtime.h>
+
+#include "../cuda_launch.h"
+#include "../dtypes.h"
+#include "bn_relu_pool_cuda.h"
+#endif
+
+namespace sophon_fast {
+namespace {
+
+constexpr const char* kOp = "bn_relu_pool";
+
+void check_input(const at::Tensor& x) {
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK_TYPE(
+      dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
+      kOp, ": x must be float32, float64, float16 or bfloat16, got ", dtype);
+  TORCH_CHECK_VALUE(x.dim() == 4, kOp, ": x must be (batch, channels, height, width), got shape ",
+                    x.sizes());
+  TORCH_CHECK_VALUE(x.size(2) >= 2 && x.size(3) >= 2, kOp,
+                    ": a 2x2 pool needs height and width >= 2, got input shape ", x.sizes());
+  TORCH_CHECK_VALUE(x.size(0) >= 1, kOp, ": x has an empty batch, shape ", x.sizes());
+#ifdef SOPHON_FAST_WITH_CUDA
+  TORCH_CHECK_VALUE(x.is_cpu() || x.is_cuda(), kOp, ": x on ", x.device(),
+                    " is not supported by the compiled kernels (CPU and CUDA only); use the "
+                    "reference backend");
+#else
+  TORCH_CHECK_VALUE(x.is_cpu(), kOp, ": x on ", x.device(),
+                    " is not supported by the compiled kernels (CPU only); use the reference "
+                    "backend");
+#endif
+}
+
+std::vector<int64_t> pooled_sizes(const at::Tensor& x) {
+  return {x.size(0), x.size(1), x.size(2) / 2, x.size(3) / 2};
+}
+
+void check_grad(const at::Tensor& x, const at::Tensor& grad_y) {
+  TORCH_CHECK_VALUE(grad_y.sizes() == at::IntArrayRef(pooled_sizes(x)), kOp,
+                    ": grad_y must have the pooled shape ", at::IntArrayRef(pooled_sizes(x)),
+                    ", got ", grad_y.sizes());
+  TORCH_CHECK_TYPE(grad_y.scalar_type() == x.scalar_type(), kOp, ": grad_y has dtype ",
+                   grad_y.scalar_type(), " but x has ", x.scalar_type());
+  TORCH_CHECK_VALUE(grad_y.device() == x.device(), kOp, ": grad_y is on ", grad_y.device(),
+                    " but x on ", x.device());
+}
+
+// A (C,) per-channel tensor as float64 values (empty when absent).
+std::vector<double> channel_values(const c10::optional<at::Tensor>& t, int64_t channels,
+                                   const char* name) {
+  if (!t.has_value() || !t->defined()) return {};
+  TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == channels, kOp, ": ", name,
+                    " must be (channels,) = (", channels, ",), got shape ", t->sizes());
+  TORCH_CHECK_VALUE(t->device() == at::kCPU, kOp, ": ", name, " must be on the CPU like x");
+  const auto values = t->detach().to(at::kDouble).contiguous();
+  const double* p = values.const_data_ptr<double>();
+  return std::vector<double>(p, p + channels);
+}
+
+const double* ptr(const std::vector<double>& v) { return v.empty() ? nullptr : v.data(); }
+
+bool is_channels_last(const at::Tensor& x) {
+  return x.suggest_memory_format() == at::MemoryFormat::ChannelsLast && !x.is_contiguous();
+}
+
+at::MemoryFormat format(bool nhwc) {
+  return nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
+at::Tensor like_input(const at::Tensor& out, bool channels_last) {
+  return channels_last ? out.contiguous(at::MemoryFormat::ChannelsLast) : out;
+}
+
+at::Tensor from_values(const std::vector<double>& v, const at::TensorOptions& options) {
+  auto t = at::empty({static_cast<int64_t>(v.size())}, options.dtype(at::kDouble));
+  std::copy(v.begin(), v.end(), t.mutable_data_ptr<double>());
+  return t.to(options.dtype());
+}
+
+#ifdef SOPHON_FAST_WITH_CUDA
+
+at::TensorOptions compute_options(const at::Tensor& x) {
+  return x.options().dtype(x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+}
+
+// A (C,) tensor on x's device as a contiguous compute-dtype tensor (undefined
+// when absent).
+at::Tensor channel_tensor(const c10::optional<at::Tensor>& t, const at::Tensor& x,
+                          const char* name) {
+  if (!t.has_value() || !t->defined()) return {};
+  TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == x.size(1), kOp, ": ", name,
+                    " must be (channels,) = (", x.size(1), ",), got shape ", t->sizes());
+  TORCH_CHECK_VALUE(t->device() == x.device(), kOp, ": ", name, " is on ", t->device(),
+                    " but x on ", x.device());
+  return t->detach().to(compute_options(x).dtype()).contiguous();
+}
+
+const void* cptr(const at::Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; }
+void* mptr(at::Tensor& t) { return t.defined() ? t.mutable_data_ptr() : nullptr; }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(
+    const at::Tensor& x, bool cl, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
+    const c10::optional<at::Tensor>& running_var, double momentum, double eps) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto w = channel_tensor(weight, x, "weight");
+  const auto b = channel_tensor(bias, x, "bias");
+  // Running statistics are updated in a compute-dtype working copy (the tensor
+  // itself when it already is one) and copied back.
+  at::Tensor running[2];
+  const c10::optional<at::Tensor>* given[2] = {&running_mean, &running_var};
+  for (int k = 0; k < 2; ++k) {
+    if (!given[k]->has_value() || !(*given[k])->defined()) continue;
+    const at::Tensor& r = **given[k];
+    TORCH_CHECK_VALUE(
+        r.dim() == 1 && r.size(0) == x.size(1) && r.is_contiguous() && r.device() == x.device(),
+        kOp, ": running statistics must be contiguous (channels,) tensors on ", x.device());
+    running[k] = r.scalar_type() == compute_options(x).dtype() ? r : r.to(compute_options(x));
+  }
+  auto y = at::empty(pooled_sizes(x), x.options());
+  auto mean = at::empty({x.size(1)}, compute_options(x));
+  auto invstd = at::empty({x.size(1)}, compute_options(x));
+  check_launch(sophon_fast_bn_relu_pool_forward_cuda(
+                   dtype_code(x.scalar_type()), x.const_data_ptr(), cptr(w), cptr(b),
+                   y.mutable_data_ptr(), mean.mutable_data_ptr(), invstd.mutable_data_ptr(),
+                   mptr(running[0]), mptr(running[1]), x.size(0), x.size(1), x.size(2), x.size(3),
+                   momentum, eps, at::cuda::getCurrentCUDAStream().stream()),
+               "bn_relu_pool forward kernel");
+  for (int k = 0; k < 2; ++k)
+    if (running[k].defined() && !running[k].is_same(**given[k])) (*given[k])->copy_(running[k]);
+  return {like_input(y, cl), mean, invstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
+    const at::Tensor& x, bool cl, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, const at::Tensor& grad_y, const at::Tensor& mean,
+    const at::Tensor& invstd) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto w = channel_tensor(weight, x, "weight");
+  const auto b = channel_tensor(bias, x, "bias");
+  const auto mu = channel_tensor(mean, x, "mean");
+  const auto is = channel_tensor(invstd, x, "invstd");
+  auto dx = at::empty_like(x, at::MemoryFormat::Contiguous);
+  auto dw = at::empty({x.size(1)}, compute_options(x));
+  auto db = at::empty({x.size(1)}, compute_options(x));
+  check_launch(sophon_fast_bn_relu_pool_backward_cuda(
+                   dtype_code(x.scalar_type()), x.const_data_ptr(), cptr(w), cptr(b),
+                   grad_y.const_data_ptr(), mu.const_data_ptr(), is.const_data_ptr(),
+                   dx.mutable_data_ptr(), dw.mutable_data_ptr(), db.mutable_data_ptr(), x.size(0),
+                   x.size(1), x.size(2), x.size(3), at::cuda::getCurrentCUDAStream().stream()),
+               "bn_relu_pool backward kernel");
+  const auto param =
+      weight.has_value() && weight->defined() ? weight->scalar_type() : x.scalar_type();
+  return {like_input(dx, cl), dw.to(param), db.to(param)};
+}
+#endif
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_forward(
+    const at::Tensor& x_in, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
+    const c10::optional<at::Tensor>& running_var, double momentum, double eps) {
+  check_input(x_in);
+  TORCH_CHECK_VALUE(eps > 0.0, kOp, ": eps must be > 0, got ", eps);
+  const int64_t channels = x_in.size(1);
+  const bool cl = is_channels_last(x_in);
+  const bool nhwc = cl && x_in.is_cpu();
+  const auto x = x_in.contiguous(format(nhwc));
+#ifdef SOPHON_FAST_WITH_CUDA
+  if (x.is_cuda())
+    return forward_cuda(x, cl, weight, bias, running_mean, running_var, momentum, eps);
+#endif
+  const auto w = channel_values(weight, channels, "weight");
+  const auto b = channel_values(bias, channels, "bias");
+  auto y = at::empty(pooled_sizes(x), x.options().memory_format(format(nhwc)));
+  std::vector<double> mean(channels), invstd(channels), var(channels);
+  (nhwc ? bn_relu_pool_forward_cpu_nhwc : bn_relu_pool_forward_cpu)(
+      x, ptr(w), ptr(b), y, mean.data(), invstd.data(), var.data(), eps);
+  // Running statistics exactly as torch: momentum * batch + (1 - momentum) *
+  // running, the variance unbiased (count / (count - 1)).
+  const double count = static_cast<double>(x.numel() / channels);
+  for (const auto* running : {&running_mean, &running_var}) {
+    if (!running->has_value() || !(*running)->defined()) continue;
+    at::Tensor r = **running;
+    TORCH_CHECK_VALUE(r.dim() == 1 && r.size(0) == channels && r.is_contiguous() && r.is_cpu(), kOp,
+                      ": running statistics must be contiguous CPU (channels,) tensors");
+    const bool is_var = running == &running_var;
+    const auto current = r.to(at::kDouble);
+    const double* cur = current.const_data_ptr<double>();
+    std::vector<double> updated(channels);
+    for (int64_t c = 0; c < channels; ++c) {
+      const double batch_stat = is_var ? var[c] * count / (count - 1.0) : mean[c];
+      updated[c] = momentum * batch_stat + (1.0 - momentum) * cur[c];
+    }
+    r.copy_(from_values(updated, r.options()));
+  }
+  const auto stats = x.options().dtype(at::kDouble);
+  return {y, from_values(mean, stats), from_values(invstd, stats)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_backward(
+    const at::Tensor& x_in, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, const at::Tensor& grad_y_in, const at::Tensor& mean,
+    const at::Tensor& invstd) {
+  check_input(x_in);
+  check_grad(x_in, grad_y_in);
+  const int64_t channels = x_in.size(1);
+  const bool cl = is_channels_last(x_in);
+  const bool nhwc = cl && x_in.is_cpu();
+  const auto x = x_in.contiguous(format(nhwc));
+  const auto grad_y = grad_y_in.contiguous(format(nhwc));
+#ifdef SOPHON_FAST_WITH_CUDA
+  if (x.is_cuda()) return backward_cuda(x, cl, weight, bias, grad_y, mean, invstd);
+#endif
+  const auto w = channel_values(weight, channels, "weight");
+  const auto b = channel_values(bias, channels, "bias");
+  const auto mu = channel_values(mean, channels, "mean");
+  const auto is = channel_values(invstd, channels, "invstd");
+  TORCH_CHECK_VALUE(!mu.empty() && !is.empty(), kOp, ": mean and invstd are required");
+  auto dx = at::empty_like(x, format(nhwc));
+  std::vector<double> dw(channels), db(channels);
+  (nhwc ? bn_relu_pool_backward_cpu_nhwc : bn_relu_pool_backward_cpu)(
+      x, ptr(w), ptr(b), grad_y, mu.data(), is.data(), dx, dw.data(), db.data());
+  const auto param_options =
+      weight.has_value() && weight->defined() ? weight->options() : x.options();
+  return {dx, from_values(dw, param_options), from_values(db, param_options)};
+}
+
+}  // namespace sophon_fast
