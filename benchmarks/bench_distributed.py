@@ -32,7 +32,10 @@ def _run(args, out: str | None) -> list[float]:
     model = SmallCNN(num_classes=10, in_channels=1, image_size=28)
     g = torch.Generator().manual_seed(0)
     original = (torch.rand(600, 1, 28, 28, generator=g), torch.randint(0, 10, (600,), generator=g))
-    restricted = (torch.rand(600, 1, 28, 28, generator=g), torch.randint(0, 10, (600,), generator=g))
+    restricted = (
+        torch.rand(600, 1, 28, 28, generator=g),
+        torch.randint(0, 10, (600,), generator=g),
+    )
     config = ProtectConfig(
         inner_steps=args.inner_steps,
         outer_steps=args.steps + 1,
@@ -52,7 +55,9 @@ def main() -> None:
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--simulations", type=int, default=2)
     parser.add_argument("--inner-steps", type=int, default=10)
-    parser.add_argument("--steps", type=int, default=4, help="timed outer steps (after one warm-up)")
+    parser.add_argument(
+        "--steps", type=int, default=4, help="timed outer steps (after one warm-up)"
+    )
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     from sophon_fast.distributed import launch
@@ -72,7 +77,9 @@ def main() -> None:
         f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}; SmallCNN, simulations={args.simulations}, "
         f"inner_steps={args.inner_steps}, batch 150"
     )
-    print(f"1 process:            {m1:.3f} s / outer step (median of {len(one)}), {one_wall:.1f} s wall")
+    print(
+        f"1 process:            {m1:.3f} s / outer step (median of {len(one)}), {one_wall:.1f} s wall"
+    )
     print(
         f"{args.nproc} processes:          {mn:.3f} s / outer step (median of {len(many)}), "
         f"{many_wall:.1f} s wall with start-up"

@@ -106,8 +106,8 @@ def cmd_protect(args) -> int:
     import torch
 
     from .api import ProtectConfig, ProtectResult, protect
-    from .distributed import init_from_env, is_main_process
     from .data import load_spec
+    from .distributed import init_from_env, is_main_process
     from .models import build_model
 
     config_path = Path(args.config)

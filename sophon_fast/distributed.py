@@ -137,9 +137,7 @@ def _timeout_from_env(timeout_s: float | None) -> float:
         try:
             timeout_s = float(raw) if raw else DEFAULT_TIMEOUT_S
         except ValueError:
-            raise ValueError(
-                f"{_TIMEOUT_ENV}={raw!r}: expected a number of seconds > 0"
-            ) from None
+            raise ValueError(f"{_TIMEOUT_ENV}={raw!r}: expected a number of seconds > 0") from None
     if not (isinstance(timeout_s, (int, float)) and math.isfinite(timeout_s) and timeout_s > 0):
         raise ValueError(f"timeout: expected a number of seconds > 0, got {timeout_s!r}")
     return float(timeout_s)
@@ -408,7 +406,9 @@ class DistributedContext:
                     stacklevel=3,
                 )
                 self._warned_idle = True
-            partial = torch.zeros(_grad_numel(engine), dtype=_grad_dtype(engine), device=_device(engine))
+            partial = torch.zeros(
+                _grad_numel(engine), dtype=_grad_dtype(engine), device=_device(engine)
+            )
             loss = accuracy = torch.zeros((), dtype=partial.dtype, device=partial.device)
         buffer = torch.cat(
             [partial.reshape(-1), loss.reshape(1).to(partial), accuracy.reshape(1).to(partial)]
@@ -442,7 +442,7 @@ class DistributedContext:
                 logits = engine.model(xs)
             loss = engine.ntr_loss(logits, ys) * (shard / n)
             grads = torch.autograd.grad(loss, params, allow_unused=True)
-            grads = [torch.zeros_like(p) if g is None else g for g in grads]
+            grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
             loss = loss.detach()
         else:
             grads = [torch.zeros_like(p) for p in params]

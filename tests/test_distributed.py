@@ -110,7 +110,9 @@ def _shared_rank(out: str) -> None:
     results["idle"]["warnings"] = [str(w.message) for w in caught]
     original, restricted = domains()
     for engine in ("fast", "reference"):
-        bn = protect(tiny_bn_cnn(), original, restricted, tiny_config(engine=engine), progress=False)
+        bn = protect(
+            tiny_bn_cnn(), original, restricted, tiny_config(engine=engine), progress=False
+        )
         results[f"bn_{engine}"] = {"state": bn.model.state_dict()}
     report = _tiny_evaluate(Path(out) / "report")
     torch.save(results, Path(out) / f"rank{rank}.pt")

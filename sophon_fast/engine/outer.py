@@ -116,6 +116,7 @@ class ProtectionRun:
         started = time.perf_counter()
         backup = engine.backup()
         suppression_losses, restricted_accuracies, adversaries = [], [], []
+
         def next_draw():
             return draw_simulation(
                 images=self.restricted[0],
@@ -143,7 +144,11 @@ class ProtectionRun:
                     drawn.extend(draw.adversaries)
                     results.extend(
                         engine.simulate(
-                            draw.batches, draw.adapt_masks, draw.eval_masks, draw.head_values, adversary
+                            draw.batches,
+                            draw.adapt_masks,
+                            draw.eval_masks,
+                            draw.head_values,
+                            adversary,
                         )
                         for adversary in draw.adversaries
                     )
