@@ -273,22 +273,26 @@ def test_resume_after_a_crash_continues_from_the_last_complete_checkpoint(crashe
     assert max_difference(resumed["state"], single.model.state_dict()) <= WEIGHTS_ATOL
 
 
-def test_cli_protect_nproc_2_writes_one_checkpoint(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def small_config(tmp_path_factory) -> Path:
+    """A tiny protect TOML: the MLP's weights and both domains as .npz files."""
+    folder = tmp_path_factory.mktemp("cli")
     original, restricted = domains()
     for name, (x, y) in (("original", original), ("restricted", restricted)):
-        np.savez(tmp_path / f"{name}.npz", x=x.numpy(), y=y.numpy())
-    model = tiny_mlp().float()
-    ProtectResult(model=model, history=[], config=ProtectConfig()).save(tmp_path / "pretrained")
-    config = tmp_path / "small.toml"
+        np.savez(folder / f"{name}.npz", x=x.numpy(), y=y.numpy())
+    ProtectResult(model=tiny_mlp().float(), history=[], config=ProtectConfig()).save(
+        folder / "pretrained"
+    )
+    config = folder / "small.toml"
     config.write_text(
         f"""
 [model]
 name = "mlp"
 kwargs = {{ in_features = 16, hidden = [8], num_classes = 3 }}
-weights = "{tmp_path / "pretrained"}"
+weights = "{folder / "pretrained"}"
 [data]
-original = {{ format = "npz", path = "{tmp_path / "original.npz"}", num_classes = 3 }}
-restricted = {{ format = "npz", path = "{tmp_path / "restricted.npz"}", num_classes = 3 }}
+original = {{ format = "npz", path = "{folder / "original.npz"}", num_classes = 3 }}
+restricted = {{ format = "npz", path = "{folder / "restricted.npz"}", num_classes = 3 }}
 [protect]
 outer_steps = 2
 inner_steps = 2
@@ -298,17 +302,43 @@ simulations = 2
 guard_threshold = 0.0
 """
     )
-    out = tmp_path / "protected"
-    argv = ["protect", "--config", str(config), "--out", str(out), "--no-progress"]
+    return config
+
+
+@pytest.fixture(scope="module")
+def nproc_result(small_config) -> Path:
+    out = small_config.parent / "protected"
+    argv = ["protect", "--config", str(small_config), "--out", str(out), "--no-progress"]
     assert cli.main(argv + ["--nproc", "2", "--timeout", "60"]) == 0
-    result = ProtectResult.load(out)
+    return out
+
+
+def test_cli_protect_nproc_2_writes_one_checkpoint(nproc_result):
+    result = ProtectResult.load(nproc_result)
     assert len(result.history) == 2 and result.config.simulations == 2
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+    assert sorted(p.name for p in (nproc_result / "checkpoints").iterdir()) == [
         "checkpoint.json",
         "checkpoint.safetensors",
     ]
-    assert json.loads((out / "checkpoints" / "checkpoint.json").read_text())["step"] == 2
-    assert max_difference(result.model.state_dict(), model.state_dict()) > 0
+    assert json.loads((nproc_result / "checkpoints" / "checkpoint.json").read_text())["step"] == 2
+    assert max_difference(result.model.state_dict(), tiny_mlp().float().state_dict()) > 0
+
+
+def test_cli_protect_under_torchrun_joins_its_process_group(small_config, nproc_result, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "protected"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += ["--nproc-per-node", "2", "-m", "sophon_fast.cli", "protect"]
+    command += ["--config", str(small_config), "--out", str(out), "--no-progress"]
+    env = {**os.environ, "SOPHON_FAST_DIST_TIMEOUT": "60", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("protected model written to") == 1  # rank 0 only
+    torchrun = ProtectResult.load(out).model.state_dict()
+    launched = ProtectResult.load(nproc_result).model.state_dict()
+    assert max_difference(torchrun, launched) == 0.0  # same world size, same arithmetic
 
 
 def test_evaluate_spread_over_two_ranks_gives_the_single_process_report(shared_launch):
