@@ -247,6 +247,11 @@ class FastEngine:
         check_device(self.options, self.flat.params.device)
         self.resolved = self.options.resolved(order, self.flat.params.device)
         self.fmodel = FunctionalModel(self._forward_module(model), self.flat.layout)
+        if self.resolved["autocast"] == "bf16":
+            from sophon_fast.engine.graphs import AutocastModel
+
+            self.fmodel = AutocastModel(self.fmodel)
+        self._graphs: dict = {}  # capture key -> GraphedInnerStep / GraphedSimulation / None
         fused = True if self.flat.params.is_cuda else None  # one kernel per Adam step on GPUs
         self.meta_optimizer = torch.optim.Adam([self.flat.params], lr=meta_lr, fused=fused)
         self.ntr_optimizer = torch.optim.Adam([self.flat.params], lr=ntr_lr, fused=fused)
@@ -284,14 +289,27 @@ class FastEngine:
 
     def simulate(self, batches, adapt_masks, eval_masks, head_values, adversary):
         """One simulation -> (loss (), accuracy (), meta-gradient (n_params,))."""
+        from sophon_fast.engine.graphs import precision
         from sophon_fast.engine.sampling import masks_to_indices
 
+        adapt_index = [masks_to_indices(m, self.device) for m in adapt_masks]
+        eval_index = [masks_to_indices(m, self.device) for m in eval_masks]
+        with precision(self.resolved["autocast"]):
+            if self.resolved["cuda_graphs"] != "off":
+                graphed = self._simulate_graphed(
+                    batches, adapt_index, eval_index, head_values, adversary
+                )
+                if graphed is not None:
+                    return graphed
+            return self._simulate_eager(batches, adapt_index, eval_index, head_values, adversary)
+
+    def _simulate_eager(self, batches, adapt_index, eval_index, head_values, adversary):
         result = simulate_flat(
             self.fmodel,
             self.flat,
             batches,
-            [masks_to_indices(m, self.device) for m in adapt_masks],
-            [masks_to_indices(m, self.device) for m in eval_masks],
+            adapt_index,
+            eval_index,
             suppression_loss=self.suppression_loss,
             adapt_loss=self.adapt_loss,
             adversary=adversary,
@@ -302,6 +320,92 @@ class FastEngine:
             channels_last=self.resolved["channels_last"],
         )
         return result.loss, result.accuracy, result.meta_grad
+
+    def simulate_many(self, batches, adapt_masks, eval_masks, head_values, adversaries):
+        """Several adversaries on one draw -> [(loss, accuracy, meta_grad)] in adversary order:
+        one torch.func.vmap pass where :func:`sophon_fast.engine.vmap.why_not_vmap` allows it
+        (option ``vmap_adversaries``), else one simulation after the other."""
+        import warnings
+
+        from sophon_fast.engine.sampling import masks_to_indices
+        from sophon_fast.engine.vmap import simulate_vmapped, why_not_vmap
+
+        wanted = self.resolved["vmap_adversaries"]
+        reason = why_not_vmap(self.flat, adversaries, self.order, self.truncate)
+        if reason is None and (self.resolved["cuda_graphs"] != "off" or self.resolved["autocast"]):
+            reason = "CUDA graphs / autocast run one simulation at a time"
+        if wanted is not False and reason is None:
+            try:
+                return simulate_vmapped(
+                    self.fmodel, self.flat, batches,
+                    [masks_to_indices(m, self.device) for m in adapt_masks],
+                    [masks_to_indices(m, self.device) for m in eval_masks],
+                    suppression_loss=self.suppression_loss, adapt_loss=self.adapt_loss,
+                    adversaries=adversaries, order=self.order, head_values=head_values,
+                )  # fmt: skip
+            except Exception as error:  # noqa: BLE001 - a model vmap cannot batch: loop instead
+                reason = f"vmap failed ({type(error).__name__}: {error})"
+        if wanted and reason is not None and len(adversaries) > 1:
+            warnings.warn(f"vmap_adversaries: simulating one at a time: {reason}", stacklevel=2)
+        return [
+            self.simulate(batches, adapt_masks, eval_masks, head_values, adversary)
+            for adversary in adversaries
+        ]
+
+    def _simulate_graphed(self, batches, adapt_index, eval_index, head_values, adversary):
+        """The simulation through a captured CUDA graph (:mod:`sophon_fast.engine.graphs`), or
+        None when it cannot be captured (the caller runs it eagerly)."""
+        from sophon_fast.engine.graphs import GraphedInnerStep, GraphedSimulation, capture_or_warn
+
+        mode = self.resolved["cuda_graphs"]
+        shapes = tuple(tuple(x.shape) for x, _ in batches[:1])
+        sizes = tuple(int(a.numel()) for a in adapt_index) + tuple(
+            int(e.numel()) for e in eval_index
+        )
+        hp = repr(sorted(adversary.hp.items()))
+        key = (
+            mode,
+            len(batches),
+            shapes,
+            sizes,
+            adversary.name,
+            adversary.lr,
+            hp,
+            tuple(sorted(head_values or ())),
+        )
+        if key not in self._graphs:
+            saved = (self.flat.stats.clone(), self.flat.counters.clone())
+            if (
+                mode == "inner"
+                and len(set(sizes[: len(batches)])) == 1
+                and len(set(sizes[len(batches) :])) == 1
+            ):
+                x = batches[0][0]
+                build = lambda: GraphedInnerStep(  # noqa: E731
+                    self.fmodel, self.flat, x_shape=x.shape, x_dtype=x.dtype,
+                    adapt_size=sizes[0], eval_size=sizes[-1],
+                    suppression_loss=self.suppression_loss, adapt_loss=self.adapt_loss,
+                    adversary=adversary, channels_last=self.resolved["channels_last"],
+                )  # fmt: skip
+            elif mode == "simulation":
+                build = lambda: GraphedSimulation(  # noqa: E731
+                    lambda b, a, e, h: self._simulate_eager(b, a, e, h, adversary),
+                    batches, adapt_index, eval_index, head_values,
+                )  # fmt: skip
+            else:
+                build = lambda: None  # noqa: E731 - varying split sizes: not capturable
+            self._graphs[key] = capture_or_warn(build, f"{mode} step")
+            with torch.no_grad():  # warm-up runs must leave no trace in the statistics
+                self.flat.stats.copy_(saved[0])
+                self.flat.counters.copy_(saved[1])
+        graph = self._graphs[key]
+        if graph is None:
+            return None
+        if isinstance(graph, GraphedInnerStep):
+            layout = self.flat.layout
+            head = [(layout.param_slice(n), v.reshape(-1)) for n, v in (head_values or {}).items()]
+            return graph.run(batches, adapt_index, eval_index, head, keep_stats=not self.restore_bn)
+        return graph.run(batches, adapt_index, eval_index, head_values)
 
     def meta_step(self, meta_grad: torch.Tensor, max_grad_norm: float | None) -> None:
         """Clip the meta-gradient to ``max_grad_norm`` (L2) and take one meta Adam step."""
@@ -351,7 +455,10 @@ class FastEngine:
         params = self.flat.params
         if self.resolved["channels_last"]:
             x = to_channels_last(x)
-        logits = self.fmodel(params, self.flat.stats, self.flat.counters, x, train=True)
+        from sophon_fast.engine.graphs import precision
+
+        with precision(self.resolved["autocast"]):
+            logits = self.fmodel(params, self.flat.stats, self.flat.counters, x, train=True)
         loss = self.ntr_loss(logits, y)
         (params.grad,) = torch.autograd.grad(loss, params)
         self.ntr_optimizer.step()

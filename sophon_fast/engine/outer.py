@@ -142,16 +142,27 @@ class ProtectionRun:
                 for _ in range(simulations):
                     draw = next_draw()
                     drawn.extend(draw.adversaries)
-                    results.extend(
-                        engine.simulate(
-                            draw.batches,
-                            draw.adapt_masks,
-                            draw.eval_masks,
-                            draw.head_values,
-                            adversary,
+                    if len(draw.adversaries) > 1 and hasattr(engine, "simulate_many"):
+                        results.extend(  # all adversaries of the draw in one vmap pass
+                            engine.simulate_many(
+                                draw.batches,
+                                draw.adapt_masks,
+                                draw.eval_masks,
+                                draw.head_values,
+                                draw.adversaries,
+                            )
                         )
-                        for adversary in draw.adversaries
-                    )
+                    else:
+                        results.extend(
+                            engine.simulate(
+                                draw.batches,
+                                draw.adapt_masks,
+                                draw.eval_masks,
+                                draw.head_values,
+                                adversary,
+                            )
+                            for adversary in draw.adversaries
+                        )
                     del draw
                 loss, accuracy, grad = average_results(results)
             engine.meta_step(grad, cfg.max_grad_norm)
