@@ -556,6 +556,7 @@ def train_denoiser(
     lr: float = 2e-4,
     seed: int = 0,
     progress: bool = True,
+    ema_decay: float | None = None,
 ) -> list[float]:
     """Pre-train a noise predictor with :func:`denoising_loss` (uniform timesteps) and Adam.
 
@@ -573,13 +574,18 @@ def train_denoiser(
         lr: Adam learning rate. Default 2e-4.
         seed: Seed of the shuffling/timestep/noise generator. Default 0.
         progress: Show a progress bar over epochs (tqdm). Default True.
+        ema_decay: Keep an exponential moving average of the parameters, with decay
+            ``min(ema_decay, (1 + n) / (10 + n))`` after the n-th step, and load it into the model
+            at the end (what DDPM samples from; a short run's raw weights give noisier samples).
+            ``None`` leaves the trained weights. Default None.
 
     Returns:
-        The mean loss of each epoch (weighted by batch size), one float per epoch.
+        The mean loss of each epoch (weighted by batch size), one float per epoch, measured on
+        the raw (not averaged) weights during training.
 
     Raises:
         ValueError: ``images`` not a non-empty floating (N, C, H, W) tensor in [-1, 1], ``epochs < 0``,
-            ``batch_size < 1`` or ``lr <= 0``.
+            ``batch_size < 1``, ``lr <= 0`` or ``ema_decay`` outside [0, 1).
 
     Shapes:
         images: (N, C, H, W)
@@ -601,11 +607,16 @@ def train_denoiser(
         raise ValueError(f"batch_size must be an integer >= 1; got {batch_size!r}")
     if not lr > 0:
         raise ValueError(f"lr must be > 0; got {lr}")
+    if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
+        raise ValueError(f"ema_decay must be in [0, 1) or None; got {ema_decay}")
     device, dtype = _model_device_dtype(model, None, None)
     generator = torch.Generator().manual_seed(int(seed))
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=lr)
+    averages = [p.detach().clone() for p in params] if ema_decay is not None else None
     n = images.shape[0]
     losses: list[float] = []
+    updates = 0
     was_training = model.training
     model.train()
     try:
@@ -623,8 +634,18 @@ def train_denoiser(
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+                updates += 1
+                if averages is not None:
+                    decay = min(ema_decay, (1 + updates) / (10 + updates))
+                    with torch.no_grad():
+                        for average, p in zip(averages, params):
+                            average.lerp_(p.detach(), 1.0 - decay)
                 total += float(loss.detach()) * len(index)
             losses.append(total / n)
+        if averages is not None:
+            with torch.no_grad():
+                for average, p in zip(averages, params):
+                    p.copy_(average)
     finally:
         model.train(was_training)
     return losses
