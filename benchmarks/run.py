@@ -24,7 +24,10 @@ sys.path.insert(0, str(HERE))
 import _harness  # noqa: E402
 import torch  # noqa: E402
 
-SUITES = {"ops": ["bench_flat_sgd_step", "bench_losses_batch_norm", "bench_flat_optim"]}
+SUITES = {
+    "ops": ["bench_flat_sgd_step", "bench_losses_batch_norm", "bench_flat_optim"],
+    "e2e": ["bench_e2e"],  # one protect() outer step, fast vs reference engine
+}
 
 
 def main(argv=None) -> int:
