@@ -490,6 +490,12 @@ def protect(
     ``device`` and protected. All data is validated before any training, then moved to the
     device once.
 
+    Under an initialised ``torch.distributed`` process group of more than one rank (torchrun, or
+    ``sophon-fast protect --nproc N``) every rank calls protect() with the same arguments: the
+    ``config.simulations`` draws of each meta step are spread over the ranks and averaged with
+    one all_reduce, NTR batches are sharded, rank 0 alone writes checkpoints and shows progress,
+    and every rank returns the same result (:mod:`sophon_fast.distributed`).
+
     With ``config.mode="generation"`` the model is a DDPM noise predictor ``forward(x, t)`` and
     the data are images (N, C, H, W) in its range (pairs are accepted, labels ignored); see
     :mod:`sophon_fast.engine.generation` for the losses and what the history records.
@@ -525,6 +531,8 @@ def protect(
             parameters, a checkpoint
             that does not match, or ``resume`` without ``checkpoint_dir``.
         FileNotFoundError: ``resume=True`` but no checkpoint in ``checkpoint_dir``.
+        sophon_fast.distributed.DistributedError: under a process group, another rank died,
+            hung past the timeout or runs a different config or data.
     """
     from sophon_fast.distributed import current as distributed_context
     from sophon_fast.engine.checkpoint import load_checkpoint, save_checkpoint
@@ -647,7 +655,9 @@ def protect(
     def checkpoint() -> None:
         if main_rank:
             save_checkpoint(
-                checkpoint_dir, run.state_tensors(), {**run.state_meta(), "config": config.to_dict()}
+                checkpoint_dir,
+                run.state_tensors(),
+                {**run.state_meta(), "config": config.to_dict()},
             )
 
     flush = device.type == "cpu" and (config.engine_options or {}).get("flush_denormal", True)

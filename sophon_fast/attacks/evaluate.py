@@ -304,6 +304,10 @@ def evaluate(
         epochs: budget of every cell; None takes the grid's. Default None.
         device: where cells run; None uses the model's device. Default None.
         workers: worker processes (spawned, one thread each); 1 runs in this process. Default 1.
+            Under a torch.distributed process group of more than one rank (every rank calling
+            evaluate() with the same arguments) cell ``i`` runs on rank ``i % world_size``, each
+            rank with its own ``workers``; every rank returns the same report, rank 0 writes the
+            report files, each rank its own cells.
         report_dir: where report.json, report.md, curves.png, worst_case.png and cells/ go;
             None keeps everything in memory (no resume). Default None.
         benign: ``(train, test)`` of a third, benign domain for the trainability check
