@@ -2,7 +2,7 @@
 // channels), its batch planes visited twice; a 28x28 channel of SmallCNN's
 // batch 130 is 400 KB, so the second visit reads L2, not memory. channels_last:
 // rows of channels, per-thread float64 channel sums, then the window pass over
-// pairs of input rows. Statistics: one pass of float64 sums shifted by the
+// pairs of input rows. Statistics: one pass of sums shifted by the
 // channel's first value (no cancellation for a large mean). Per window the
 // four z = a x + b are compared in row-major order with a strict >, which
 // picks torch max_pool2d's index among ties; the forward writes only
@@ -25,6 +25,13 @@ namespace {
 
 template <typename T>
 using compute_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+// Statistics terms summed in the compute dtype per block (NCHW: 256 values,
+// 64 per vector lane; channels_last: 64 rows), each block then added in
+// float64: at most 64 float32 roundings in a row, and the float32 loops run
+// at twice the float64 vector width (SSE2).
+constexpr int64_t kStatsBlock = 256;
+constexpr int64_t kStatsRows = 64;
 
 struct Geometry {
   int64_t batch, channels, height, width;
@@ -100,14 +107,21 @@ void forward_nchw(const at::Tensor& x, const double* weight, const double* bias,
     std::vector<C> pair_max(static_cast<size_t>(2 * ow));
     for (int64_t c = c0; c < c1; ++c) {
       const double shift = static_cast<double>(xp[c * hw]);
+      const C shift_c = static_cast<C>(shift);
       double s1 = 0.0, s2 = 0.0;
       for (int64_t n = 0; n < g.batch; ++n) {
         const T* plane = xp + (n * g.channels + c) * hw;
-#pragma omp simd reduction(+ : s1, s2)
-        for (int64_t i = 0; i < hw; ++i) {
-          const double d = static_cast<double>(plane[i]) - shift;
-          s1 += d;
-          s2 += d * d;
+        for (int64_t i0 = 0; i0 < hw; i0 += kStatsBlock) {
+          const int64_t i1 = std::min(hw, i0 + kStatsBlock);
+          C p1 = C(0), p2 = C(0);
+#pragma omp simd reduction(+ : p1, p2)
+          for (int64_t i = i0; i < i1; ++i) {
+            const C d = static_cast<C>(plane[i]) - shift_c;
+            p1 += d;
+            p2 += d * d;
+          }
+          s1 += static_cast<double>(p1);
+          s2 += static_cast<double>(p2);
         }
       }
       finish_stats(s1, s2, shift, g.count(), eps, mean + c, invstd + c, var + c);
@@ -252,20 +266,32 @@ void forward_nhwc(const at::Tensor& x, const double* weight, const double* bias,
   const T* xp = x.const_data_ptr<T>();
   T* yp = y.mutable_data_ptr<T>();
   std::vector<double> shift(nc);
-  for (int64_t c = 0; c < nc; ++c) shift[c] = static_cast<double>(xp[c]);
-  const double* sh = shift.data();
+  std::vector<C> shift_c(nc);
+  for (int64_t c = 0; c < nc; ++c) {
+    shift_c[c] = static_cast<C>(xp[c]);
+    shift[c] = static_cast<double>(shift_c[c]);
+  }
+  const C* sh = shift_c.data();
   const int64_t row_block = std::max<int64_t>(1, (int64_t(1) << 15) / nc);
   const auto sums =
       pair_sums(g, (rows + row_block - 1) / row_block, 1, 2, [&](int64_t blk, double* acc) {
-        const int64_t r1 = std::min(rows, (blk + 1) * row_block);
-        for (int64_t r = blk * row_block; r < r1; ++r) {
-          const T* xr = xp + r * nc;
+        const int64_t r_end = std::min(rows, (blk + 1) * row_block);
+        std::vector<C> part(static_cast<size_t>(2 * nc));
+        C* p = part.data();
+        for (int64_t r0 = blk * row_block; r0 < r_end; r0 += kStatsRows) {
+          std::fill(part.begin(), part.end(), C(0));
+          const int64_t r1 = std::min(r_end, r0 + kStatsRows);
+          for (int64_t r = r0; r < r1; ++r) {
+            const T* xr = xp + r * nc;
 #pragma omp simd
-          for (int64_t c = 0; c < nc; ++c) {
-            const double d = static_cast<double>(xr[c]) - sh[c];
-            acc[c] += d;
-            acc[nc + c] += d * d;
+            for (int64_t c = 0; c < nc; ++c) {
+              const C d = static_cast<C>(xr[c]) - sh[c];
+              p[c] += d;
+              p[nc + c] += d * d;
+            }
           }
+#pragma omp simd
+          for (int64_t c = 0; c < 2 * nc; ++c) acc[c] += static_cast<double>(p[c]);
         }
       });
   std::vector<C> av(nc), bv(nc);
