@@ -25,7 +25,12 @@ import _harness  # noqa: E402
 import torch  # noqa: E402
 
 SUITES = {
-    "ops": ["bench_flat_sgd_step", "bench_losses_batch_norm", "bench_flat_optim"],
+    "ops": [
+        "bench_flat_sgd_step",
+        "bench_losses_batch_norm",
+        "bench_flat_optim",
+        "bench_bn_relu_pool",
+    ],
     "e2e": ["bench_e2e"],  # one protect() outer step, fast vs reference engine
 }
 
