@@ -5,7 +5,8 @@ Most users need :func:`protect` (run the algorithm), :class:`ProtectConfig` and
 fresh one with one attack grid (:class:`Report`); :func:`simulate` inspects a single fine-tuning
 simulation; the fused ops (:func:`flat_sgd_step`, the losses :func:`cross_entropy`,
 :func:`inverse_cross_entropy`, :func:`inverse_cross_entropy_paper`, :func:`kl_uniform`,
-:func:`mse_ascent`, :func:`dos`, and :func:`batch_norm2d` with :func:`convert_batchnorm`) and
+:func:`mse_ascent`, :func:`dos`, :func:`batch_norm2d` with :func:`convert_batchnorm`, and
+:func:`batch_norm_relu_maxpool2d` with :func:`fuse_bn_relu_pool`) and
 :func:`available_backends` are the kernel layer.
 """
 
@@ -13,8 +14,14 @@ from ._backend import BackendUnavailableError, available_backends, use_backend
 from .api import ProtectConfig, ProtectResult, SimulationResult, protect, simulate
 from .attacks import Report, evaluate
 from .engine.optimizers import Adversary
-from .nn import FusedBatchNorm2d, convert_batchnorm
+from .nn import (
+    FusedBatchNorm2d,
+    FusedBatchNormReLUMaxPool2d,
+    convert_batchnorm,
+    fuse_bn_relu_pool,
+)
 from .ops.batch_norm import batch_norm2d
+from .ops.bn_relu_pool import batch_norm_relu_maxpool2d
 from .ops.flat_optim import (
     flat_accumulate_,
     flat_adam_step,
@@ -42,12 +49,14 @@ __all__ = [
     "Adversary",
     "BackendUnavailableError",
     "FusedBatchNorm2d",
+    "FusedBatchNormReLUMaxPool2d",
     "ProtectConfig",
     "ProtectResult",
     "Report",
     "SimulationResult",
     "available_backends",
     "batch_norm2d",
+    "batch_norm_relu_maxpool2d",
     "convert_batchnorm",
     "cross_entropy",
     "dos",
@@ -62,6 +71,7 @@ __all__ = [
     "flat_rmsprop_step",
     "flat_rmsprop_step_",
     "flat_sgd_step",
+    "fuse_bn_relu_pool",
     "inverse_cross_entropy",
     "inverse_cross_entropy_paper",
     "kl_uniform",
