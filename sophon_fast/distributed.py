@@ -340,6 +340,7 @@ class DistributedContext:
 
         Raises:
             DistributedError: the ranks differ in config, step, data or generator state.
+            ValueError: an NTR batch smaller than the world size.
         """
         import hashlib
         import json
@@ -364,6 +365,11 @@ class DistributedContext:
                     f"rank {rank} of {self.world} differs from rank 0 in {differ}: every rank must run "
                     "protect() with the same config, data, seed and checkpoint"
                 )
+        if run.config.ntr_steps and run.config.batch_size < self.world:
+            raise ValueError(
+                f"ProtectConfig.batch_size={run.config.batch_size} is smaller than the world size "
+                f"{self.world}: every rank needs at least one row of each NTR batch"
+            )
         for tensor in _state_tensors(run.engine):
             with torch.no_grad():
                 self.broadcast_(tensor.data, "initial weights")
@@ -424,39 +430,31 @@ class DistributedContext:
     def ntr_step(self, engine, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """One NTR step on this rank's shard of the batch, gradients summed over ranks.
 
+        The engine's own ``ntr_step`` runs on the shard (so its speed options apply); its
+        ``reduce`` hook scales the shard's mean-CE gradient and loss by ``n_shard / n_batch``
+        and sums them over the ranks with ONE ``all_reduce`` before the NTR Adam step.
+
         Returns:
             () the full batch's mean CE (as the single-process step reports it).
         """
         n = y.shape[0]
         index = torch.arange(self.rank, n, self.world, device=y.device)
-        shard = index.numel()
-        params = _params(engine)
-        if shard:
-            xs, ys = x.index_select(0, index), y.index_select(0, index)
-            if engine.name == "fast":
-                logits = engine.fmodel(
-                    params[0], engine.flat.stats, engine.flat.counters, xs, train=True
-                )
-            else:
-                engine.model.train()
-                logits = engine.model(xs)
-            loss = engine.ntr_loss(logits, ys) * (shard / n)
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
-            grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
-            loss = loss.detach()
-        else:
-            grads = [torch.zeros_like(p) for p in params]
-            loss = torch.zeros((), dtype=params[0].dtype, device=params[0].device)
-        buffer = torch.cat([g.reshape(-1) for g in grads] + [loss.reshape(1).to(grads[0])])
-        self.all_reduce_(buffer, "NTR gradient")
-        offset = 0
-        for p in params:
-            p.grad = buffer[offset : offset + p.numel()].view_as(p).to(p.dtype)
-            offset += p.numel()
-        engine.ntr_optimizer.step()
-        for p in params:
-            p.grad = None
-        return buffer[-1]
+        weight = index.numel() / n
+
+        def reduce(grads: list[torch.Tensor], loss: torch.Tensor):
+            dtype = grads[0].dtype
+            buffer = torch.cat(
+                [g.reshape(-1) for g in grads] + [loss.detach().reshape(1).to(dtype)]
+            )
+            buffer *= weight
+            self.all_reduce_(buffer, "NTR gradient")
+            out, offset = [], 0
+            for g in grads:
+                out.append(buffer[offset : offset + g.numel()].view_as(g).to(g.dtype))
+                offset += g.numel()
+            return out, buffer[-1]
+
+        return engine.ntr_step(x.index_select(0, index), y.index_select(0, index), reduce=reduce)
 
     def sync_statistics(self, engine) -> None:
         """BatchNorm rule: average the floating-point buffers over ranks, max the counters."""

@@ -450,8 +450,11 @@ class FastEngine:
             )  # fmt: skip
         return True
 
-    def ntr_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """One normal-training step: CE on an original batch, NTR Adam, no clipping. Returns ()."""
+    def ntr_step(self, x: torch.Tensor, y: torch.Tensor, reduce=None) -> torch.Tensor:
+        """One normal-training step: CE on an original batch, NTR Adam, no clipping. Returns ().
+
+        ``reduce(grads, loss) -> (grads, loss)``, when given, combines the gradient and loss
+        over ranks before the step (data-parallel NTR, :mod:`sophon_fast.distributed`)."""
         params = self.flat.params
         if self.resolved["channels_last"]:
             x = to_channels_last(x)
@@ -461,6 +464,8 @@ class FastEngine:
             logits = self.fmodel(params, self.flat.stats, self.flat.counters, x, train=True)
         loss = self.ntr_loss(logits, y)
         (params.grad,) = torch.autograd.grad(loss, params)
+        if reduce is not None:
+            (params.grad,), loss = reduce([params.grad], loss)
         self.ntr_optimizer.step()
         params.grad = None
         return loss.detach()

@@ -291,11 +291,17 @@ class ReferenceEngine:
         self.meta_optimizer.step()
         self.meta_optimizer.zero_grad(set_to_none=True)
 
-    def ntr_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def ntr_step(self, x: torch.Tensor, y: torch.Tensor, reduce=None) -> torch.Tensor:
+        """One NTR step; ``reduce`` as in :meth:`sophon_fast.engine.inner.FastEngine.ntr_step`."""
         self.model.train()
         self.ntr_optimizer.zero_grad(set_to_none=True)
         loss = self.ntr_loss(self.model(x), y)
         loss.backward()
+        if reduce is not None:
+            grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in self.params]
+            grads, loss = reduce(grads, loss)
+            for param, grad in zip(self.params, grads):
+                param.grad = grad
         self.ntr_optimizer.step()
         self.ntr_optimizer.zero_grad(set_to_none=True)
         return loss.detach()
