@@ -22,9 +22,10 @@ rounding-level difference, ~1e-16 relative). Every rank then takes the same clip
 the weights stay identical on all ranks without a broadcast.
 
 **NTR.** The original batch is drawn on every rank from the shared generator and split
-DistributedSampler-style (rank ``r`` takes rows ``r, r + W, r + 2W, ...``). Each rank back-propagates
-``CE(shard) * n_shard / n_batch``; ONE ``all_reduce(SUM)`` of the flat gradient (plus the loss)
-gives the gradient of the full batch's mean CE, and every rank takes the same NTR Adam step.
+DistributedSampler-style (rank ``r`` takes rows ``r, r + W, r + 2W, ...``). Each rank's engine
+runs its own ``ntr_step`` on its shard, whose ``reduce`` hook scales the shard's mean-CE gradient
+and loss by ``n_shard / n_batch``; ONE ``all_reduce(SUM)`` of that flat buffer gives the gradient
+of the full batch's mean CE, and every rank takes the same NTR Adam step.
 
 **BatchNorm rule.** NTR forwards normalise each rank's shard by the shard's own batch statistics
 (as DistributedDataParallel without SyncBatchNorm). After every outer step the floating-point
