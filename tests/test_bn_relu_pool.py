@@ -264,3 +264,29 @@ def test_signature_parity_with_reference():
     assert list(public.parameters) == list(twin.parameters)
     for name, p in public.parameters.items():
         assert p.default == twin.parameters[name].default, name
+
+
+@pytest.mark.parametrize(("backend", "device"), [p for p in FUSED if p.values[0] != "reference"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_low_precision_within_twice_torch_error(backend, device, dtype):
+    """float32 maths on float16/bfloat16 storage: error vs float64 <= 2x torch's own error."""
+    x, weight, bias = _inputs((3, 4, 6, 5), torch.float64)
+    exact = _run(_eager, x, weight, bias, grad_seed=2)
+    low = [t.to(dtype) for t in (x, weight, bias)]
+    with _backend.use_backend(backend):
+        fused = _run(batch_norm_relu_maxpool2d, *low, grad_seed=2)
+    eager = _run(_eager, *low, grad_seed=2)
+
+    def errors(result):
+        y, running, grads = result
+        flat = (y, *running, *grads)
+        want = (exact[0], *exact[1], *exact[2])
+        return [(g.double() - w).abs().max().item() for g, w in zip(flat, want)]
+
+    for name, got, torch_error in zip(
+        ("y", "running_mean", "running_var", "dx", "dweight", "dbias"),
+        errors(fused),
+        errors(eager),
+    ):
+        # one storage ulp of slack where torch happens to be exact
+        assert got <= 2 * torch_error + elementwise(dtype)["atol"], (name, got, torch_error)
