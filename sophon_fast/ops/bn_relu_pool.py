@@ -26,9 +26,15 @@ the ReLU clips (z <= 0) the gradient is 0 whichever index is picked.
 Backends: ``cpu`` (csrc/bn_relu_pool: NCHW one channel per task, channels_last natively as rows
 of channels), ``cuda`` (csrc/bn_relu_pool/bn_relu_pool_cuda.cu: one block per channel, NCHW;
 channels_last converted in and out), ``triton`` (the kernels below: one program per channel
-through the input's strides) and ``reference`` (the eager composition). Statistics accumulate in
-float64 (CPU) or the compute dtype (float32, float64 for float64 inputs) as sums shifted by the
-channel's first value. The op is once differentiable: a second derivative raises.
+through the input's strides) and ``reference`` (the eager composition). Statistics are one pass
+of sums shifted by the channel's first value, in the compute dtype (float32, float64 for float64
+inputs); the CPU kernels add blocks of 256 values in float64. The op is once differentiable: a
+second derivative raises.
+
+Measured (2-core AMD EPYC, torch 2.13, float32, forward + backward incl. weight and bias
+gradients, machine loaded ~8 by other processes, OMP_WAIT_POLICY=PASSIVE, medians of 7
+interleaved repeats): 130x32x28x28 NCHW 17.8 vs 52.5 ms eager (2.95x), channels_last 16.0 vs
+29.0 ms (1.81x); 130x64x14x14 NCHW 6.9 vs 22.0 ms (3.18x), channels_last 4.2 vs 8.2 ms (1.94x).
 """
 
 from __future__ import annotations
