@@ -326,3 +326,20 @@ def test_evaluate_generation_smoke(tmp_path):
     assert not any("lora" in n for n, _ in model.named_parameters())
     with pytest.raises(ValueError, match="scope"):
         evaluate_generation(model, (images(6, 1), images(6, 2)), attacks=[Attack(scope="last_k")])
+
+
+def test_evaluate_routes_noise_models_to_generation_mode(monkeypatch):
+    import sophon_fast
+    from sophon_fast.attacks import generation
+
+    seen = {}
+
+    def fake(model, restricted, **kwargs):
+        seen.update(kwargs, model=model)
+        return "generation report"
+
+    monkeypatch.setattr(generation, "evaluate_generation", fake)
+    model = tiny_unet()
+    data = (images(6, 1), images(6, 2))
+    assert sophon_fast.evaluate(model, data, epochs=3, scratch=False) == "generation report"
+    assert seen["model"] is model and seen["epochs"] == 3 and seen["scratch"] is False
