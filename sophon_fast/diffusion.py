@@ -16,13 +16,14 @@ Timestep convention. ``t`` is a **0-based index into the schedule arrays**, ``t 
 the image after ``t + 1`` noising steps, so ``t = 0`` is the least noisy level (noise std
 ``sqrt(beta[0]) = 0.01`` for the default linear schedule) and ``t = T - 1`` the noisiest. In the 1-based
 notation of the DDPM paper, our ``t`` is the paper's ``t + 1``. The official SOPHON code draws
-``t = randint(1, 2)``, i.e. ``t = 1``, and indexes its 0-based ``alpha_bar`` array with it directly (the
-reference notes give a noise std of about 0.015 there: ``sqrt(1 - alpha_bar[1]) = 0.0148`` for the
-linear 1e-4..0.02 schedule over 1000 steps, whereas ``alpha_bar[0]`` would give 0.0100). So the official
-``t = 1`` is **this module's ``t = 1``** (:data:`OFFICIAL_TIMESTEP`), the second-least noisy level.
+``t = randint(1, 2)``, i.e. ``t = 1``, and uses it directly as the index into its 0-based
+``alpha_bar`` array: its noise std is about 0.015, which is ``sqrt(1 - alpha_bar[1]) = 0.0148`` for the
+linear 1e-4..0.02 schedule over 1000 steps (index 0 would give 0.0100). So the official ``t = 1`` is
+**this module's ``t = 1``** (:data:`OFFICIAL_TIMESTEP`), the second-least noisy level.
 
-Schedule arrays are float64 on the CPU (and cached per device on first use); every tensor a function
-here returns is in the dtype and on the device of its image input.
+Schedule arrays are float64 on the CPU (copied to a device once, on first use there). The maps and the
+loss return tensors in the dtype and on the device of their image input; the samplers sample on the
+model's device and in its parameter dtype unless told otherwise.
 """
 
 from __future__ import annotations

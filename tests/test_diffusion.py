@@ -382,15 +382,18 @@ def test_ddim_oracle_lands_on_a_point():
         torch.testing.assert_close(samples, torch.full_like(samples, -0.6), rtol=0, atol=1e-9)
 
 
-def test_ddim_eta1_over_all_steps_is_ddpm():
+@pytest.mark.parametrize("clip", [False, True])
+def test_ddim_eta1_over_all_steps_is_ddpm(clip):
+    # With clipping, DDIM re-derives eps from the clamped x0 estimate, so the identity still holds;
+    # mean 0.9, std 0.5 puts much of the x0 estimate above 1, so the clamp is active.
     schedule = NoiseSchedule("linear", 60, 1e-3, 0.2)
-    oracle = _GaussianOracle(schedule, mean=0.3, std=0.4)
+    oracle = _GaussianOracle(schedule, mean=0.9 if clip else 0.3, std=0.5 if clip else 0.4)
     ddpm = ddpm_sample(
         oracle,
         schedule,
         (8, 1, 3, 3),
         generator=torch.Generator().manual_seed(2),
-        clip_denoised=False,
+        clip_denoised=clip,
     )
     ddim = ddim_sample(
         oracle,
@@ -398,7 +401,7 @@ def test_ddim_eta1_over_all_steps_is_ddpm():
         (8, 1, 3, 3),
         steps=60,
         eta=1.0,
-        clip_denoised=False,
+        clip_denoised=clip,
         generator=torch.Generator().manual_seed(2),
     )
     torch.testing.assert_close(ddim, ddpm, rtol=1e-10, atol=1e-10)
