@@ -117,6 +117,8 @@ def test_generation_config_validation():
         ProtectConfig(mode="generation", loss="dos", guard_threshold=50.0)
     with pytest.raises(ValueError, match="0-based"):
         ProtectConfig(mode="generation", loss="dos", timesteps=1000)
+    with pytest.raises(ValueError, match="engine_options"):
+        ProtectConfig(mode="generation", loss="dos", engine_options={"channels_last": True})
     assert "mode" not in ProtectConfig().to_dict()  # classification dicts are unchanged
     config = ProtectConfig(mode="generation", loss="dos", timesteps=(3, 4))
     assert ProtectConfig.from_dict(config.to_dict()) == config
@@ -183,17 +185,28 @@ def test_order2_differs_from_order1():
 
 @pytest.mark.parametrize(
     "order, loss, adversary",
-    [(1, "mse_ascent", ("sgd", 0.05)), (1, "dos", ("adam", 0.01)), (2, "mse_ascent", ("sgd", 0.05)), (2, "dos", ("momentum", 0.05))],
+    [
+        (1, "mse_ascent", ("sgd", 0.05)),
+        (1, "dos", ("adam", 0.01)),
+        (2, "mse_ascent", ("sgd", 0.05)),
+        (2, "dos", ("momentum", 0.05)),
+        (1, "mse_ascent", "all"),  # several adversaries per draw: the fast engine's simulate_many
+    ],
 )
 def test_engines_give_the_same_weights_after_three_outer_steps(order, loss, adversary):
     model = tiny_unet()
     original, restricted = images(20, 0), images(14, 1, shift=0.4)
+    extra = (
+        dict(adversaries=(("sgd", 0.05), ("adam", 0.01)), adversary_sampling="all")
+        if adversary == "all"
+        else dict(adversaries=(adversary,))
+    )
     results = {
         engine: protect(
             model,
             original,
             restricted,
-            gen_config(order=order, loss=loss, engine=engine, adversaries=(adversary,)),
+            gen_config(order=order, loss=loss, engine=engine, **extra),
             progress=False,
         )
         for engine in ("fast", "reference")

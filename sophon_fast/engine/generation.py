@@ -155,6 +155,11 @@ def validate_generation_config(config) -> None:
             "accuracy; mode='generation' records the original-domain MSE and has no guard "
             "(leave guard_threshold at its default or None)"
         )
+    if getattr(config, "engine_options", None) is not None:
+        raise ValueError(
+            "ProtectConfig.engine_options: the fast engine's speed options are not wired into "
+            "mode='generation' yet; leave engine_options=None"
+        )
     if config.noise_schedule not in _SCHEDULES:
         raise ValueError(
             f"ProtectConfig.noise_schedule: expected one of {list(_SCHEDULES)}, got {config.noise_schedule!r}"
@@ -292,6 +297,14 @@ class GenerationFastEngine(GenerationMixin, FastEngine):
             metric=denoising_error_sum,
         )
         return result.loss, result.accuracy, result.meta_grad
+
+    def simulate_many(self, batches, adapt_masks, eval_masks, head_values, adversaries):
+        """One simulation per adversary, each with its own noise draw, as the reference engine
+        (no vmap path: the noise is drawn per simulation)."""
+        return [
+            self.simulate(batches, adapt_masks, eval_masks, head_values, adversary)
+            for adversary in adversaries
+        ]
 
     def ntr_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return super().ntr_step(*self.noised(x))
