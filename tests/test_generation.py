@@ -356,3 +356,13 @@ def test_evaluate_routes_noise_models_to_generation_mode(monkeypatch):
     data = (images(6, 1), images(6, 2))
     assert sophon_fast.evaluate(model, data, epochs=3, scratch=False) == "generation report"
     assert seen["model"] is model and seen["epochs"] == 3 and seen["scratch"] is False
+
+
+def test_image_datasets_are_mapped_to_the_model_range():
+    from sophon_fast.attacks.generation import _images
+    from sophon_fast.data import ImageDataset
+
+    x01 = torch.rand(4, 1, 8, 8)
+    mapped = _images(ImageDataset(x01, torch.zeros(4, dtype=torch.int64), 1), "data")
+    torch.testing.assert_close(mapped, x01 * 2 - 1)
+    torch.testing.assert_close(_images(x01, "data"), x01)  # plain tensors are taken as given

@@ -319,8 +319,14 @@ class GenerationReport:
 
 
 def _images(data, name: str) -> torch.Tensor:
+    """Images in the model's range; an ImageDataset (documented [0, 1], what ``load_spec`` and
+    the CLI give) is mapped to [-1, 1]."""
+    from ..data import ImageDataset
+    from ..diffusion import to_model_range
     from ..engine.generation import as_images
 
+    if isinstance(data, ImageDataset):
+        return to_model_range(data.images.float())
     return as_images(data, name).float()
 
 
@@ -351,7 +357,7 @@ def evaluate_generation(
         model: the protected eps-model ``forward(x, t)`` (not modified).
         restricted: ``(train, test)`` restricted images in the model's range ([-1, 1] for
             :mod:`sophon_fast.diffusion`): tensors (N, C, H, W) or pairs / datasets (labels
-            ignored).
+            ignored); an :class:`~sophon_fast.data.ImageDataset` ([0, 1]) is mapped to [-1, 1].
         original: held-out original-domain images (same forms), for ``original_mse``; None
             skips it and the domain judge. Default None.
         normal: the unprotected pre-trained model; None omits the arm. Default None.
