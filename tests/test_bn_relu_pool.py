@@ -290,3 +290,21 @@ def test_low_precision_within_twice_torch_error(backend, device, dtype):
     ):
         # one storage ulp of slack where torch happens to be exact
         assert got <= 2 * torch_error + elementwise(dtype)["atol"], (name, got, torch_error)
+
+
+@pytest.mark.parametrize(("backend", "device"), [p for p in FUSED if p.values[0] == "cpu"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("isa", ["native", "portable"])
+def test_cpu_vector_loops_match_eager(backend, device, channels_last, isa, monkeypatch):
+    """Shapes wide enough for the CPU loops' full vector bodies (9 windows a row, 19 channels),
+    in the AVX2 build (where the CPU has it) and the baseline-ISA one (SOPHON_FAST_NO_AVX2=1)."""
+    if isa == "portable":
+        monkeypatch.setenv("SOPHON_FAST_NO_AVX2", "1")
+    for dtype in (torch.float32, torch.float64):
+        for shape, ties in (((1, 4, 18, 19), False), ((2, 19, 6, 5), True)):
+            x, weight, bias = _inputs(shape, dtype, channels_last, ties)
+            with _backend.use_backend(backend):
+                y, running, grads = _run(batch_norm_relu_maxpool2d, x, weight, bias, grad_seed=3)
+            y_ref, running_ref, grads_ref = _run(_eager, x, weight, bias, grad_seed=3)
+            for got, want in zip((y, *running, *grads), (y_ref, *running_ref, *grads_ref)):
+                torch.testing.assert_close(got, want, **_tolerance(dtype))

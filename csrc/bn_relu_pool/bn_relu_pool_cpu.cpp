@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <type_traits>
 #include <vector>
 
@@ -77,9 +78,12 @@ namespace avx2 {
 }  // namespace avx2
 #pragma GCC pop_options
 
+// SOPHON_FAST_NO_AVX2=1 (read at each call) runs the portable kernels, so
+// tests check both builds of the loops on an AVX2 machine.
 bool use_avx2() {
   static const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return supported;
+  const char* off = std::getenv("SOPHON_FAST_NO_AVX2");
+  return supported && !(off != nullptr && off[0] == '1');
 }
 #endif
 
