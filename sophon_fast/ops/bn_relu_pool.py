@@ -31,10 +31,12 @@ of sums shifted by the channel's first value, in the compute dtype (float32, flo
 inputs); the CPU kernels add blocks of 256 values in float64. The op is once differentiable: a
 second derivative raises.
 
-Measured (2-core AMD EPYC, torch 2.13, float32, forward + backward incl. weight and bias
-gradients, machine loaded ~8 by other processes, OMP_WAIT_POLICY=PASSIVE, medians of 7
-interleaved repeats): 130x32x28x28 NCHW 17.8 vs 52.5 ms eager (2.95x), channels_last 16.0 vs
-29.0 ms (1.81x); 130x64x14x14 NCHW 6.9 vs 22.0 ms (3.18x), channels_last 4.2 vs 8.2 ms (1.94x).
+Measured (2-core AMD EPYC with AVX2, torch 2.13, float32, forward + backward incl. weight and
+bias gradients, OMP_WAIT_POLICY=PASSIVE, medians of 5 interleaved repeats, two runs while other
+processes kept the load average at 5-8): 130x32x28x28 NCHW 13.6-15.0 vs 64-84 ms eager
+(4.7-5.6x), channels_last 14.1-16.0 vs 35-45 ms (2.2-3.2x); 130x64x14x14 NCHW 7.8-9.2 vs 24-26 ms
+(2.6-3.3x), channels_last 3.5-7.6 vs 9.6-15 ms (2.0-2.7x). SmallCNN's whole forward + backward at
+batch 130: 1.8x (NCHW) and 1.6x (channels_last) with :func:`sophon_fast.nn.fuse_bn_relu_pool`.
 """
 
 from __future__ import annotations
