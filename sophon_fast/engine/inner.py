@@ -285,6 +285,8 @@ class FastEngine:
             from sophon_fast.nn import convert_batchnorm
 
             private = convert_batchnorm(private)
+        if [type(m) for m in private.modules()] == [type(m) for m in model.modules()]:
+            return model  # nothing to fuse (no BatchNorm): no second copy of the weights
         return private
 
     def simulate(self, batches, adapt_masks, eval_masks, head_values, adversary):

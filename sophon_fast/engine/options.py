@@ -9,14 +9,17 @@ unless stated; ``benchmarks/results/e2e.csv`` has the full runs.
 =====================  =========  ==================================================================
 option                 default    what it does / measured effect
 =====================  =========  ==================================================================
-``channels_last``      auto       4-D inputs and conv weights in NHWC inside the simulation and NTR.
-                                  auto = on in order 1 only: CPU max-pool / BN / ReLU run ~1.3x
-                                  faster per step NHWC (first order, K=50); in order 2 NHWC makes
-                                  BatchNorm's double backward (sums over N, H, W) ~2x slower.
+``channels_last``      auto       4-D inputs in NHWC (explicit strides, so 1-channel inputs too)
+                                  inside the simulation and NTR. auto = on in order 1 only: with
+                                  the fused BN+ReLU+pool it makes the first-order step (K=50)
+                                  1.77x the reference's (1.0x flat NCHW); one adapt forward +
+                                  backward 161 -> 114 ms. In order 2 NHWC convolution double
+                                  backward is ~2x slower, so it stays off.
 ``fused_batchnorm``    auto       forward through a private model copy whose BatchNorm2d layers are
                                   :class:`sophon_fast.nn.FusedBatchNorm2d` (one-pass C++ double
                                   backward). auto = on in order 2 (BN double backward was 40 % of
-                                  the step), off in order 1 (aten's BN is as fast there).
+                                  the step): K=5 step 2616 -> 1887 ms (1.39x); off in order 1,
+                                  where aten's BN is as fast.
 ``fused_bn_relu_pool`` auto       BatchNorm2d + ReLU + MaxPool2d as one fused op through
                                   ``sophon_fast.nn.fuse_bn_relu_pool`` on the private copy (first
                                   order only: it is once differentiable). auto = on in order 1 when
