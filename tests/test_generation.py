@@ -366,3 +366,22 @@ def test_image_datasets_are_mapped_to_the_model_range():
     mapped = _images(ImageDataset(x01, torch.zeros(4, dtype=torch.int64), 1), "data")
     torch.testing.assert_close(mapped, x01 * 2 - 1)
     torch.testing.assert_close(_images(x01, "data"), x01)  # plain tensors are taken as given
+
+
+def test_protect_maps_image_datasets_like_tensors_in_model_range():
+    from sophon_fast.data import ImageDataset
+
+    model = tiny_unet()
+    # multiples of 1/128: (x + 1) / 2 and back are exact, so both runs see the same bits
+    original, restricted = (torch.round(x * 128) / 128 for x in (images(20, 0), images(14, 1)))
+    config = gen_config(outer_steps=1, dtype="float32")
+    direct = protect(model, original, restricted, config, progress=False)
+    wrapped = protect(
+        model,
+        ImageDataset((original + 1) / 2, torch.zeros(20, dtype=torch.int64), 1),
+        ImageDataset((restricted + 1) / 2, torch.zeros(14, dtype=torch.int64), 1),
+        config,
+        progress=False,
+    )
+    for name, value in direct.model.state_dict().items():
+        assert torch.equal(wrapped.model.state_dict()[name], value), name

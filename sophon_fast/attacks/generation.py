@@ -320,13 +320,9 @@ class GenerationReport:
 
 def _images(data, name: str) -> torch.Tensor:
     """Images in the model's range; an ImageDataset (documented [0, 1], what ``load_spec`` and
-    the CLI give) is mapped to [-1, 1]."""
-    from ..data import ImageDataset
-    from ..diffusion import to_model_range
+    the CLI give) is mapped to [-1, 1] (:func:`sophon_fast.engine.generation.as_images`)."""
     from ..engine.generation import as_images
 
-    if isinstance(data, ImageDataset):
-        return to_model_range(data.images.float())
     return as_images(data, name).float()
 
 

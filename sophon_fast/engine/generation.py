@@ -398,8 +398,16 @@ class GenerationRun(ProtectionRun):
 
 def as_images(data, name: str) -> torch.Tensor:
     """Images (N, C, H, W) from a tensor, an ``(images, labels)`` pair, a Dataset/DataLoader of
-    ``(x, y)`` or an object with ``.tensors`` (labels are ignored)."""
-    if isinstance(data, torch.Tensor):
+    ``(x, y)`` or an object with ``.tensors`` (labels are ignored), taken as given (the model's
+    range); an :class:`~sophon_fast.data.ImageDataset` (documented [0, 1], what the CLI's data
+    specs load) is mapped to [-1, 1], the range of :mod:`sophon_fast.diffusion`."""
+    from sophon_fast.data import ImageDataset
+
+    if isinstance(data, ImageDataset):
+        from sophon_fast.diffusion import to_model_range
+
+        images = to_model_range(data.images)
+    elif isinstance(data, torch.Tensor):
         images = data
     else:
         tensors = getattr(data, "tensors", None)
