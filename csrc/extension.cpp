@@ -7,6 +7,7 @@
 #include "flat_optim/flat_optim.h"
 #include "flat_sgd_step/flat_sgd_step.h"
 #include "losses/losses.h"
+#include "relu_pool/relu_pool.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "sophon_fast compiled kernels (C++ CPU, and CUDA when built with it)";
@@ -87,4 +88,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bn_relu_pool_backward", &sophon_fast::bn_relu_pool_backward, py::arg("x"),
         py::arg("weight"), py::arg("bias"), py::arg("grad_y"), py::arg("mean"), py::arg("invstd"),
         "(grad_x, grad_weight, grad_bias) of bn_relu_pool from the pooled gradient");
+  m.def("relu_maxpool2d_forward", &sophon_fast::relu_maxpool2d_forward, py::arg("x"),
+        "(y, code) of max_pool2d(relu(x), 2, 2) on x (N, C, H, W) contiguous, CPU; code: window "
+        "position 0..3 of the first maximum, -1 where the ReLU clips (x's dtype)");
+  m.def("relu_maxpool2d_scatter", &sophon_fast::relu_maxpool2d_scatter, py::arg("grad"),
+        py::arg("code"), py::arg("height"), py::arg("width"),
+        "dx (N, C, height, width): grad scattered to the coded positions, zero elsewhere");
+  m.def("relu_maxpool2d_gather", &sophon_fast::relu_maxpool2d_gather, py::arg("v"), py::arg("code"),
+        "(N, C, H/2, W/2): v at the coded positions, 0 where code is -1");
 }

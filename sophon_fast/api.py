@@ -141,9 +141,9 @@ class ProtectConfig:
         seed: seed of the generator every random choice is drawn from. Default 99.
         engine: ``"fast"`` (flat parameters) or ``"reference"`` (eager, official-style).
         engine_options: fast engine only: speed options as a dict (``channels_last``,
-            ``fused_batchnorm``, ``fused_bn_relu_pool``, ``cuda_graphs``, ``autocast``,
-            ``vmap_adversaries``, ``flush_denormal``), each documented with its measured effect
-            in :mod:`sophon_fast.engine.options`. None = the defaults, which never change the
+            ``fused_batchnorm``, ``fused_bn_relu_pool``, ``fused_relu_pool``, ``cuda_graphs``,
+            ``autocast``, ``vmap_adversaries``, ``flush_denormal``), each documented with its
+            measured effect in :mod:`sophon_fast.engine.options`. None = the defaults, which never change the
             meta-gradient beyond rounding. Default None.
         dtype: ``"float32"`` or ``"float64"`` (the protected copy and data are converted).
         checkpoint_every: with a checkpoint directory, write one every this many outer steps

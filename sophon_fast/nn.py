@@ -15,12 +15,15 @@ from torch import nn
 
 from .ops.batch_norm import batch_norm2d
 from .ops.bn_relu_pool import batch_norm_relu_maxpool2d
+from .ops.relu_pool import relu_maxpool2d
 
 __all__ = [
     "FusedBatchNorm2d",
     "FusedBatchNormReLUMaxPool2d",
     "convert_batchnorm",
+    "FusedReLUMaxPool2d",
     "fuse_bn_relu_pool",
+    "fuse_relu_pool",
 ]
 
 
@@ -182,6 +185,52 @@ def fuse_bn_relu_pool(model: nn.Module) -> nn.Module:
                 container._modules[names[i + 1]] = nn.Identity()
                 container._modules[names[i + 2]] = nn.Identity()
                 i += 3
+            else:
+                i += 1
+    return model
+
+
+class FusedReLUMaxPool2d(nn.Module):
+    """ReLU followed by MaxPool2d(2, 2) as :func:`sophon_fast.ops.relu_pool.relu_maxpool2d`.
+
+    Exactly the eager pair's values and derivatives of every order (the op's backward is itself
+    differentiable), with one pass over the input instead of three; holds no parameters.
+
+    Shapes:
+        x: (N, C, H, W) -> (N, C, H // 2, W // 2)
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return relu_maxpool2d(x)
+
+
+def fuse_relu_pool(model: nn.Module) -> nn.Module:
+    """Fuse every ReLU -> MaxPool2d(2, 2) pair of an ``nn.Sequential`` into one module, in place.
+
+    Inside each ``nn.Sequential`` of ``model``, two consecutive children that are exactly nn.ReLU
+    (in place or not: there it only overwrites a temporary) and an nn.MaxPool2d with kernel 2,
+    stride 2, no padding, dilation 1, floor mode and no indices become a
+    :class:`FusedReLUMaxPool2d` followed by an ``nn.Identity``. Neither module holds parameters
+    or buffers, so ``state_dict`` keys, flat-parameter views and checkpoints are unchanged.
+    Run after :func:`fuse_bn_relu_pool` when both apply (that one takes the BatchNorm too).
+
+    Args:
+        model: any module.
+
+    Returns:
+        ``model`` (the same object), for chaining.
+    """
+    for container in list(model.modules()):
+        if type(container) is not nn.Sequential:
+            continue
+        names = list(container._modules)
+        i = 0
+        while i + 1 < len(names):
+            relu, pool = (container._modules[n] for n in names[i : i + 2])
+            if type(relu) is nn.ReLU and _is_pool_2x2(pool):
+                container._modules[names[i]] = FusedReLUMaxPool2d()
+                container._modules[names[i + 1]] = nn.Identity()
+                i += 2
             else:
                 i += 1
     return model

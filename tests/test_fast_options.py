@@ -13,7 +13,7 @@ from sophon_fast.engine.optimizers import resolve_adversary
 from sophon_fast.engine.options import FastOptions, bn_relu_pool_available, resolve_options
 from sophon_fast.losses import get_loss
 from sophon_fast.models import xavier_head_values
-from sophon_fast.nn import FusedBatchNorm2d
+from sophon_fast.nn import FusedBatchNorm2d, FusedReLUMaxPool2d
 from sophon_fast.reference.sophon import simulate_reference
 from tests.test_engine import restricted_draw, tiny_cnn
 
@@ -72,6 +72,7 @@ def test_default_optimised_path_matches_the_reference(order, adversary):
     if order == 2:
         assert forward_module is not model
         assert any(isinstance(m, FusedBatchNorm2d) for m in forward_module.modules())
+        assert any(isinstance(m, FusedReLUMaxPool2d) for m in forward_module.modules())
     assert not any(isinstance(m, FusedBatchNorm2d) for m in model.modules())  # user's untouched
     stats_before = engine.flat.stats.clone()
     loss, accuracy, grad = engine.simulate(batches, adapt, evaluate, head_values, adversary)

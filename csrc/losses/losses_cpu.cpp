@@ -145,9 +145,9 @@ constexpr int64_t kSmallClasses = 32;
 constexpr int64_t kBlockRows = 64;
 
 SOPHON_FAST_CLONES void rows_float_small(const float* z, int64_t ld_z, const int64_t* labels,
-                                         float* g, int64_t ld_g, double* row_loss,
-                                         int64_t classes, int64_t kind, float inv_batch,
-                                         int64_t begin, int64_t end) {
+                                         float* g, int64_t ld_g, double* row_loss, int64_t classes,
+                                         int64_t kind, float inv_batch, int64_t begin,
+                                         int64_t end) {
   alignas(64) float e[kBlockRows * kSmallClasses];   // exp(sign z - max) of each row
   alignas(64) float eo[kBlockRows * kSmallClasses];  // ice_paper: exp(z - max_{j != y})
   float top[kBlockRows], top_o[kBlockRows];

@@ -272,7 +272,8 @@ class FastEngine:
         fits; the user's model class is never changed)."""
         fused_bn = self.resolved["fused_batchnorm"]
         fused_pool = self.resolved["fused_bn_relu_pool"]
-        if not (fused_bn or fused_pool):
+        fused_relu_pool = self.resolved["fused_relu_pool"]
+        if not (fused_bn or fused_pool or fused_relu_pool):
             return model
         import copy
 
@@ -285,6 +286,10 @@ class FastEngine:
             from sophon_fast.nn import convert_batchnorm
 
             private = convert_batchnorm(private)
+        if fused_relu_pool:
+            from sophon_fast.nn import fuse_relu_pool
+
+            private = fuse_relu_pool(private)
         if [type(m) for m in private.modules()] == [type(m) for m in model.modules()]:
             return model  # nothing to fuse (no BatchNorm): no second copy of the weights
         return private

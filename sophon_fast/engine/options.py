@@ -24,6 +24,13 @@ option                 default    what it does / measured effect
                                   ``sophon_fast.nn.fuse_bn_relu_pool`` on the private copy (first
                                   order only: it is once differentiable). auto = on in order 1 when
                                   the op is installed.
+``fused_relu_pool``    auto       ReLU + MaxPool2d(2, 2) pairs as one op through
+                                  ``sophon_fast.nn.fuse_relu_pool`` on the private copy, after
+                                  the two above (a pair whose BatchNorm was already fused is
+                                  gone). Differentiable to any order; equal to the eager pair
+                                  exactly. auto = on in order 2: at 130x32x28x28 forward 0.6 vs
+                                  7.0 ms, backward 0.4 vs 1.6 ms (eager NCHW max-pool was ~15 %
+                                  of the second-order step).
 ``cuda_graphs``        "off"      CUDA only. "inner": capture one first-order inner step (adapt
                                   forward/backward, update, evaluation forward/backward, meta-grad
                                   accumulation) once and replay it K times. "simulation": capture
@@ -66,6 +73,7 @@ class FastOptions:
     channels_last: bool | None = None
     fused_batchnorm: bool | None = None
     fused_bn_relu_pool: bool | None = None
+    fused_relu_pool: bool | None = None
     cuda_graphs: str = "off"
     autocast: str | None = None
     vmap_adversaries: bool | None = None
@@ -81,6 +89,9 @@ class FastOptions:
             "fused_bn_relu_pool": (order == 1 and bn_relu_pool_available())
             if self.fused_bn_relu_pool is None
             else self.fused_bn_relu_pool,
+            "fused_relu_pool": (order == 2)
+            if self.fused_relu_pool is None
+            else self.fused_relu_pool,
             "cuda_graphs": self.cuda_graphs,
             "autocast": self.autocast,
             "vmap_adversaries": self.vmap_adversaries,
@@ -135,7 +146,13 @@ def resolve_options(options: Any, *, order: int = 1) -> FastOptions:
         raise TypeError(
             f"engine_options: expected a dict, FastOptions or None, got {type(options).__name__}"
         )
-    for name in ("channels_last", "fused_batchnorm", "fused_bn_relu_pool", "vmap_adversaries"):
+    for name in (
+        "channels_last",
+        "fused_batchnorm",
+        "fused_bn_relu_pool",
+        "fused_relu_pool",
+        "vmap_adversaries",
+    ):
         _optional_bool(name, getattr(options, name))
     if not isinstance(options.flush_denormal, bool):
         raise TypeError(
