@@ -30,6 +30,7 @@ SUITES = {
         "bench_losses_batch_norm",
         "bench_flat_optim",
         "bench_bn_relu_pool",
+        "bench_relu_pool",
     ],
     "e2e": ["bench_e2e"],  # one protect() outer step, fast vs reference engine
 }

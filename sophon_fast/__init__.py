@@ -6,7 +6,8 @@ fresh one with one attack grid (:class:`Report`); :func:`simulate` inspects a si
 simulation; the fused ops (:func:`flat_sgd_step`, the losses :func:`cross_entropy`,
 :func:`inverse_cross_entropy`, :func:`inverse_cross_entropy_paper`, :func:`kl_uniform`,
 :func:`mse_ascent`, :func:`dos`, :func:`batch_norm2d` with :func:`convert_batchnorm`, and
-:func:`batch_norm_relu_maxpool2d` with :func:`fuse_bn_relu_pool`) and
+:func:`batch_norm_relu_maxpool2d` with :func:`fuse_bn_relu_pool`, :func:`relu_maxpool2d` with
+:func:`fuse_relu_pool`) and
 :func:`available_backends` are the kernel layer.
 """
 
@@ -17,8 +18,10 @@ from .engine.optimizers import Adversary
 from .nn import (
     FusedBatchNorm2d,
     FusedBatchNormReLUMaxPool2d,
+    FusedReLUMaxPool2d,
     convert_batchnorm,
     fuse_bn_relu_pool,
+    fuse_relu_pool,
 )
 from .ops.batch_norm import batch_norm2d
 from .ops.bn_relu_pool import batch_norm_relu_maxpool2d
@@ -42,6 +45,7 @@ from .ops.losses import (
     kl_uniform,
     mse_ascent,
 )
+from .ops.relu_pool import relu_maxpool2d
 
 __version__ = "0.1.0"
 
@@ -50,6 +54,7 @@ __all__ = [
     "BackendUnavailableError",
     "FusedBatchNorm2d",
     "FusedBatchNormReLUMaxPool2d",
+    "FusedReLUMaxPool2d",
     "ProtectConfig",
     "ProtectResult",
     "Report",
@@ -72,11 +77,13 @@ __all__ = [
     "flat_rmsprop_step_",
     "flat_sgd_step",
     "fuse_bn_relu_pool",
+    "fuse_relu_pool",
     "inverse_cross_entropy",
     "inverse_cross_entropy_paper",
     "kl_uniform",
     "mse_ascent",
     "protect",
+    "relu_maxpool2d",
     "simulate",
     "use_backend",
 ]
