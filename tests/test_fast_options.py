@@ -1,11 +1,13 @@
 """The fast engine's speed options: the optimised default path (channels_last and fused modules in
-order 1, fused BatchNorm in order 2) gives the reference meta-gradient in float64; options are
+order 1, fused BatchNorm and ReLU + max-pool in order 2) gives the reference meta-gradient in float64;
+options are
 validated; CUDA-only options refuse the CPU; several adversaries in one vmap pass equal the loop."""
 
 import warnings
 
 import pytest
 import torch
+from test_engine import restricted_draw, tiny_cnn
 
 from sophon_fast.api import ProtectConfig
 from sophon_fast.engine.inner import FastEngine, to_channels_last
@@ -15,7 +17,6 @@ from sophon_fast.losses import get_loss
 from sophon_fast.models import xavier_head_values
 from sophon_fast.nn import FusedBatchNorm2d, FusedReLUMaxPool2d
 from sophon_fast.reference.sophon import simulate_reference
-from tests.test_engine import restricted_draw, tiny_cnn
 
 META_GRAD_RTOL = 1e-10  # float64, the same bound as the engine equivalence tests
 
@@ -181,8 +182,9 @@ def test_graph_static_buffer_logic_matches_the_eager_simulation(monkeypatch, mod
     ids=["sgd", "adam"],
 )
 def test_vmapped_adversaries_equal_the_loop(order, adversaries):
+    from test_engine import TanhMLP
+
     from sophon_fast.engine import vmap as vmap_module
-    from tests.test_engine import TanhMLP
 
     torch.manual_seed(0)
     model = TanhMLP().double()
