@@ -1,7 +1,7 @@
 """The fast engine's speed options: the optimised default path (channels_last and fused modules in
-order 1, fused BatchNorm and ReLU + max-pool in order 2) gives the reference meta-gradient in float64;
-options are
-validated; CUDA-only options refuse the CPU; several adversaries in one vmap pass equal the loop."""
+order 1, fused BatchNorm and ReLU + max-pool in order 2) gives the reference meta-gradient in
+float64; options are validated; CUDA-only options refuse the CPU; several adversaries in one vmap
+pass equal the loop."""
 
 import warnings
 
