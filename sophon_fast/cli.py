@@ -62,7 +62,9 @@ def cmd_demo(args) -> int:
             out, device=args.device, seed=args.seed, quick=args.quick, progress=not args.no_progress
         )
         print(format_generation_report(report))
-        print(f"wrote {Path(out) / 'report.json'} and the sample grids {Path(out) / 'samples_*.png'}")
+        print(
+            f"wrote {Path(out) / 'report.json'} and the sample grids {Path(out) / 'samples_*.png'}"
+        )
         return 0
     args.out = "demo_out" if args.out is None else args.out
     from .demo import run_demo
@@ -146,6 +148,10 @@ def cmd_protect(args) -> int:
             resume=args.resume,
         )
         main_rank = is_main_process()
+        if started_group:
+            # every rank done with every collective before any tears its group down (a gloo
+            # peer whose sockets close mid-exchange can abort the other rank at exit)
+            torch.distributed.barrier()
     finally:
         if started_group:
             torch.distributed.destroy_process_group()

@@ -218,6 +218,7 @@ def _worker(
     _init(backend, timeout_s, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         fn(*args)
+        dist.barrier()  # all ranks past their last collective before any group is torn down
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
