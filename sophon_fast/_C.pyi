@@ -102,27 +102,49 @@ def flat_clip_adam_step_(
     max_norm: float | None = None,
 ) -> Tensor: ...
 def flat_accumulate_(acc: Tensor, grad: Tensor, weight: float) -> Tensor: ...
-def classification_loss_forward(logits: Tensor, labels: Tensor, kind: int) -> tuple[Tensor, Tensor]: ...
+def classification_loss_forward(
+    logits: Tensor, labels: Tensor, kind: int
+) -> tuple[Tensor, Tensor]: ...
 def mean_square_loss_forward(
     prediction: Tensor, target: Tensor | None, sign: float
 ) -> tuple[Tensor, Tensor]: ...
 def batch_norm_forward(
-    x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
-    running_var: Tensor | None, momentum: float, eps: float,
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    momentum: float,
+    eps: float,
 ) -> tuple[Tensor, Tensor, Tensor]: ...
 def batch_norm_backward(
     x: Tensor, weight: Tensor | None, grad_y: Tensor, mean: Tensor, invstd: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]: ...
 def batch_norm_double_backward(
-    x: Tensor, weight: Tensor | None, grad_y: Tensor, mean: Tensor, invstd: Tensor,
-    grad_dx: Tensor | None, grad_dweight: Tensor | None, grad_dbias: Tensor | None,
+    x: Tensor,
+    weight: Tensor | None,
+    grad_y: Tensor,
+    mean: Tensor,
+    invstd: Tensor,
+    grad_dx: Tensor | None,
+    grad_dweight: Tensor | None,
+    grad_dbias: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor]: ...
 def bn_relu_pool_forward(
-    x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
-    running_var: Tensor | None, momentum: float, eps: float,
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    momentum: float,
+    eps: float,
 ) -> tuple[Tensor, Tensor, Tensor]: ...
 def bn_relu_pool_backward(
-    x: Tensor, weight: Tensor | None, bias: Tensor | None, grad_y: Tensor, mean: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    grad_y: Tensor,
+    mean: Tensor,
     invstd: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor]: ...
 def relu_maxpool2d_forward(x: Tensor) -> tuple[Tensor, Tensor]: ...

@@ -32,7 +32,13 @@ from .engine.checkpoint import atomic_write_text
 
 ORIGINAL = "mnist5k"
 RESTRICTED = "lfw_faces"
-UNET = {"in_channels": 1, "image_size": 28, "base_channels": 16, "channel_mults": (1, 2), "groups": 8}
+UNET = {
+    "in_channels": 1,
+    "image_size": 28,
+    "base_channels": 16,
+    "channel_mults": (1, 2),
+    "groups": 8,
+}
 PRETRAIN = {"epochs": 8, "batch_size": 64, "lr": 1e-3}
 # Suppression at every timestep (the attacker trains all of them; the official t = 1 alone leaves
 # generation untouched) against an Adam adversary at the strong attack's learning rate, 8 inner
@@ -178,7 +184,9 @@ def run_generation_demo(
     for name, arms in by_attack.items():  # stable names for the grids a person looks at
         for arm, cell in arms.items():
             for epoch in (0, epochs):
-                src = out / "attack" / "samples" / f"{arm}_{cell['key']}_seed{seed}_epoch{epoch}.png"
+                src = (
+                    out / "attack" / "samples" / f"{arm}_{cell['key']}_seed{seed}_epoch{epoch}.png"
+                )
                 if src.exists() and (epoch == epochs or name == DEMO_ATTACK):
                     tag = f"_{name}" if epoch else ""
                     (out / f"samples_{arm}_epoch{epoch}{tag}.png").write_bytes(src.read_bytes())
@@ -195,9 +203,7 @@ def run_generation_demo(
         "restricted_mse_initial": {arm: cells[arm]["restricted_mse"][0] for arm in ARMS},
         "original_mse": {"unprotected": unprotected_mse, "protected": protected_mse},
         "original_mse_ratio": protected_mse / unprotected_mse,
-        "samples_judged_faces": {
-            arm: cells[arm]["restricted_fraction"] for arm in ARMS
-        },
+        "samples_judged_faces": {arm: cells[arm]["restricted_fraction"] for arm in ARMS},
         "judge_accuracy": report.data["judge_accuracy"],
         "judge": report.data["judge"],
         "curves": {

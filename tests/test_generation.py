@@ -11,8 +11,8 @@ import torch
 
 from sophon_fast.api import ProtectConfig, protect, simulate
 from sophon_fast.diffusion import NoiseSchedule
-from sophon_fast.models.unet import SmallUNet
 from sophon_fast.engine.generation import DenoisingTask, NoisePredictor, resolve_timesteps
+from sophon_fast.models.unet import SmallUNet
 
 META_GRAD_RTOL = 1e-10  # fast vs reference, float64: rounding of different summation orders
 WEIGHTS_ATOL = 1e-8  # fast vs reference after 3 outer steps, float64 (as classification)
@@ -83,7 +83,10 @@ def test_timesteps_resolve_to_0_based_indices():
 
 def test_default_timestep_is_the_official_noise_level():
     task = DenoisingTask.from_config(ProtectConfig(mode="generation", loss="dos"))
-    x0, noise = torch.zeros(2, 1, 4, 4, dtype=torch.float64), torch.ones(2, 1, 4, 4, dtype=torch.float64)
+    x0, noise = (
+        torch.zeros(2, 1, 4, 4, dtype=torch.float64),
+        torch.ones(2, 1, 4, 4, dtype=torch.float64),
+    )
     t = task.timesteps[:1].expand(2)
     packed = task.pack(x0, t, noise)
     # linear 1e-4..0.02 over 1000 steps at index 1: sqrt(1 - (1 - b0)(1 - b1)) = 0.0148
@@ -98,7 +101,9 @@ def test_packed_input_is_the_schedules_q_sample():
     x0 = torch.rand(5, 2, 4, 4, generator=g, dtype=torch.float64) * 2 - 1
     t, noise = task.draw(x0, g)
     packed = task.pack(x0, t, noise)
-    torch.testing.assert_close(packed[:, :-1], schedule.q_sample(x0, t, noise), rtol=1e-15, atol=1e-15)
+    torch.testing.assert_close(
+        packed[:, :-1], schedule.q_sample(x0, t, noise), rtol=1e-15, atol=1e-15
+    )
     assert torch.equal(packed[:, -1, 0, 0].long(), t)
 
 
@@ -286,7 +291,11 @@ def _read_png(data: bytes) -> np.ndarray:
     raw = zlib.decompress(chunks[b"IDAT"])
     rows = np.frombuffer(raw, np.uint8).reshape(height, 1 + width * channels)
     assert (rows[:, 0] == 0).all()  # filter type 0
-    return rows[:, 1:].reshape(height, width, channels).squeeze(-1) if channels == 1 else rows[:, 1:].reshape(height, width, 3)
+    return (
+        rows[:, 1:].reshape(height, width, channels).squeeze(-1)
+        if channels == 1
+        else rows[:, 1:].reshape(height, width, 3)
+    )
 
 
 def test_png_writer_round_trips(tmp_path):
@@ -318,7 +327,9 @@ def test_evaluate_generation_smoke(tmp_path):
         normal=normal,
         attacks=[
             Attack(scope="full", optimizer="adam", lr=1e-3, batch_size=6, epochs=2),
-            Attack(scope="lora", optimizer="momentum", lr=1e-2, batch_size=6, epochs=1, lora_rank=2),
+            Attack(
+                scope="lora", optimizer="momentum", lr=1e-2, batch_size=6, epochs=1, lora_rank=2
+            ),
         ],
         diffusion_steps=20,
         samples=4,

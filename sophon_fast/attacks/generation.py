@@ -95,7 +95,9 @@ def write_png(path: str | Path, pixels: np.ndarray) -> Path:
     raw = b"".join(b"\x00" + row.tobytes() for row in rows)
 
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
 
     header = struct.pack(">IIBBBBB", width, height, 8, colour, 0, 0, 0)
     path = Path(path)
@@ -184,7 +186,9 @@ class DomainJudge(nn.Module):
         return self.net(x)
 
     @classmethod
-    def fit(cls, original_train, restricted_train, original_test, restricted_test, *, steps=300, seed=0):
+    def fit(
+        cls, original_train, restricted_train, original_test, restricted_test, *, steps=300, seed=0
+    ):
         torch.manual_seed(seed)
         judge = cls(original_train.shape[1])
         g = torch.Generator().manual_seed(seed)
@@ -296,7 +300,11 @@ class GenerationReport:
             lines.append(
                 f"| {arm} | {row['restricted_mse_initial']:.4f} | {row['restricted_mse_final']:.4f} | "
                 f"{row['restricted_mse_best_attack']:.4f} | "
-                + ("-" if row.get("original_mse_final") is None else f"{row['original_mse_final']:.4f}")
+                + (
+                    "-"
+                    if row.get("original_mse_final") is None
+                    else f"{row['original_mse_final']:.4f}"
+                )
                 + " | "
                 + ("-" if frac is None else f"{100 * frac:.0f} %")
                 + " |"
@@ -410,10 +418,14 @@ def evaluate_generation(
     device = torch.device(device) if device is not None else next(model.parameters()).device
     alpha_bars = NoiseSchedule(kind=noise_schedule, timesteps=diffusion_steps).alpha_bars
     restricted_draw = _NoiseDraw(test, alpha_bars, repeats, seed=12345)
-    original_draw = None if original_test is None else _NoiseDraw(original_test, alpha_bars, 1, 54321)
+    original_draw = (
+        None if original_test is None else _NoiseDraw(original_test, alpha_bars, 1, 54321)
+    )
     judge = None
     if original_test is not None:
-        judge_train = original_test if original_train is None else _images(original_train, "original train")
+        judge_train = (
+            original_test if original_train is None else _images(original_train, "original train")
+        )
         judge = DomainJudge.fit(
             from_model_range(judge_train).clamp(0, 1),
             from_model_range(train).clamp(0, 1),
@@ -436,7 +448,16 @@ def evaluate_generation(
                 curve = {"restricted_mse": [], "original_mse": []}
                 sampled: dict[str, float] = {}
 
-                def on_epoch(epoch, m, curve=curve, sampled=sampled, arm=arm, recipe=recipe, seed=seed):
+                def on_epoch(
+                    epoch,
+                    m,
+                    curve=curve,
+                    sampled=sampled,
+                    arm=arm,
+                    recipe=recipe,
+                    seed=seed,
+                    wanted=wanted,
+                ):
                     curve["restricted_mse"].append(restricted_draw.mse(m))
                     if original_draw is not None:
                         curve["original_mse"].append(original_draw.mse(m))
@@ -457,7 +478,9 @@ def evaluate_generation(
                             name = f"{arm}_{recipe.key}_seed{seed}_epoch{epoch}.png"
                             write_png(Path(report_dir) / "samples" / name, image_grid(images01))
 
-                finetune_denoiser(work, train.to(device), recipe, alpha_bars, seed=seed, on_epoch=on_epoch)
+                finetune_denoiser(
+                    work, train.to(device), recipe, alpha_bars, seed=seed, on_epoch=on_epoch
+                )
                 cell = {
                     "arm": arm,
                     "recipe": recipe.to_dict(),

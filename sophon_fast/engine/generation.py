@@ -388,7 +388,9 @@ class GenerationRun(ProtectionRun):
         # ProtectionRun reports 100 x the engines' mean: undo it for the MSE.
         record["restricted_mse"] = None if restricted is None else restricted / 100.0
         record["original_mse"] = record["original_accuracy"]
-        record["original_accuracy"] = None  # no accuracy in generation mode (the loop reads the key)
+        record["original_accuracy"] = (
+            None  # no accuracy in generation mode (the loop reads the key)
+        )
         record.pop("guard", None)
         return record
 
