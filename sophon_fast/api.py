@@ -342,6 +342,40 @@ class ProtectConfig:
         return cls(**data)
 
 
+def _check_model(model, device, *, resume: bool, checkpoint_dir) -> torch.device:
+    """Reject a model protect() cannot train; the run's device (``device``, or the model's)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    if resume and checkpoint_dir is None:
+        raise ValueError("resume=True needs checkpoint_dir")
+    first_param = next(model.parameters(), None)
+    if first_param is None:
+        raise ValueError(f"model: {type(model).__name__} has no parameters")
+    frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
+    if frozen:
+        raise ValueError(
+            f"model: parameters {frozen} do not require grad; SOPHON updates every weight "
+            "(call .requires_grad_(True) on the model first)"
+        )
+    return torch.device(device) if device is not None else first_param.device
+
+
+def _resume(run, config: ProtectConfig, checkpoint_dir) -> None:
+    """Load the last complete checkpoint into ``run`` after checking its config matches."""
+    from sophon_fast.engine.checkpoint import load_checkpoint
+
+    tensors, meta = load_checkpoint(checkpoint_dir)
+    saved, current = dict(meta["config"]), config.to_dict()
+    differ = sorted(
+        k
+        for k in current
+        if k not in _RESUME_MAY_DIFFER and saved.get(k) != json.loads(json.dumps(current[k]))
+    )
+    if differ:
+        raise ValueError(f"resume: the config differs from the checkpoint's in {differ}")
+    run.load_state(tensors, meta)
+
+
 def _check_data(
     images, labels, *, name: str, num_classes: int, data_classes: int | None, allow_fewer: bool
 ) -> None:
@@ -535,7 +569,7 @@ def protect(
             hung past the timeout or runs a different config or data.
     """
     from sophon_fast.distributed import current as distributed_context
-    from sophon_fast.engine.checkpoint import load_checkpoint, save_checkpoint
+    from sophon_fast.engine.checkpoint import save_checkpoint
     from sophon_fast.engine.outer import ProtectionRun
     from sophon_fast.engine.sampling import as_tensors
     from sophon_fast.models import find_head
@@ -558,20 +592,7 @@ def protect(
             checkpoint_dir=checkpoint_dir,
             resume=resume,
         )
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
-    if resume and checkpoint_dir is None:
-        raise ValueError("resume=True needs checkpoint_dir")
-    first_param = next(model.parameters(), None)
-    if first_param is None:
-        raise ValueError(f"model: {type(model).__name__} has no parameters")
-    frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
-    if frozen:
-        raise ValueError(
-            f"model: parameters {frozen} do not require grad; SOPHON updates every weight "
-            "(call .requires_grad_(True) on the model first)"
-        )
-    device = torch.device(device) if device is not None else first_param.device
+    device = _check_model(model, device, resume=resume, checkpoint_dir=checkpoint_dir)
     head_name, head_linear = find_head(model, config.head)  # warns once for an unnamed head
     num_classes = head_linear.out_features
 
@@ -640,17 +661,7 @@ def protect(
     )
     main_rank = run.dist is None or run.dist.rank == 0  # writes checkpoints, shows progress
     if resume:
-        tensors, meta = load_checkpoint(checkpoint_dir)
-        saved = dict(meta["config"])
-        current = config.to_dict()
-        differ = sorted(
-            k
-            for k in current
-            if k not in _RESUME_MAY_DIFFER and saved.get(k) != json.loads(json.dumps(current[k]))
-        )
-        if differ:
-            raise ValueError(f"resume: the config differs from the checkpoint's in {differ}")
-        run.load_state(tensors, meta)
+        _resume(run, config, checkpoint_dir)
 
     def checkpoint() -> None:
         if main_rank:

@@ -34,7 +34,6 @@ comparable step to step). There is no intactness guard (it reads a classificatio
 from __future__ import annotations
 
 import copy
-import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -494,23 +493,10 @@ def protect_generation(
 ):
     """:func:`sophon_fast.protect` for ``config.mode == "generation"`` (same arguments; the data
     are images (N, C, H, W) in the model's range, or pairs whose labels are ignored)."""
-    from sophon_fast.api import _RESUME_MAY_DIFFER, ProtectResult
-    from sophon_fast.engine.checkpoint import load_checkpoint, save_checkpoint
+    from sophon_fast.api import ProtectResult, _check_model, _resume
+    from sophon_fast.engine.checkpoint import save_checkpoint
 
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
-    if resume and checkpoint_dir is None:
-        raise ValueError("resume=True needs checkpoint_dir")
-    first_param = next(model.parameters(), None)
-    if first_param is None:
-        raise ValueError(f"model: {type(model).__name__} has no parameters")
-    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
-    if frozen:
-        raise ValueError(
-            f"model: parameters {frozen} do not require grad; SOPHON updates every weight "
-            "(call .requires_grad_(True) on the model first)"
-        )
-    device = torch.device(device) if device is not None else first_param.device
+    device = _check_model(model, device, resume=resume, checkpoint_dir=checkpoint_dir)
     original_x = as_images(original, "original")
     restricted_x = as_images(restricted, "restricted")
     eval_x = original_x if original_eval is None else as_images(original_eval, "original_eval")
@@ -567,16 +553,7 @@ def protect_generation(
         head=None,
     )
     if resume:
-        tensors, meta = load_checkpoint(checkpoint_dir)
-        saved, current = dict(meta["config"]), config.to_dict()
-        differ = sorted(
-            k
-            for k in current
-            if k not in _RESUME_MAY_DIFFER and saved.get(k) != json.loads(json.dumps(current[k]))
-        )
-        if differ:
-            raise ValueError(f"resume: the config differs from the checkpoint's in {differ}")
-        run.load_state(tensors, meta)
+        _resume(run, config, checkpoint_dir)
 
     def checkpoint() -> None:
         save_checkpoint(
