@@ -482,3 +482,59 @@ def test_large_out_buffers_take_the_streaming_store_path(update):
         _call(ops, update, params, grad, states, step, out=out)
     for o, e in zip(out, expected):
         torch.testing.assert_close(o, e, **elementwise(torch.float32))
+
+
+def _isa_outputs(update, params, grad, states, step, out, monkeypatch, portable):
+    if portable:
+        monkeypatch.setenv("SOPHON_FAST_NO_AVX2", "1")
+    else:
+        monkeypatch.delenv("SOPHON_FAST_NO_AVX2", raising=False)
+    with _backend.use_backend("cpu"):
+        if out is None:
+            return _call(ops, update, params, grad, states, step)
+        _call(ops, update, params, grad, states, step, out=out)
+        return tuple(o.clone() for o in out)
+
+
+@pytest.mark.ext
+@pytest.mark.skipif(_backend.extension() is None, reason="compiled extension unavailable")
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=str)
+@pytest.mark.parametrize("n", (1, 7, 37, 1027))
+@pytest.mark.parametrize("update", UPDATES)
+@pytest.mark.parametrize("first", (False, True))
+def test_packed_forwards_give_the_same_bits_in_both_isa_builds(
+    update, dtype, n, first, monkeypatch
+):
+    """The float/double forwards run the shared maths on SSE2 or AVX2 packs with scalar heads and
+    tails; every lane must round as the scalar code does, so both builds agree bit for bit (and
+    match the reference, checked by the tests above). Zero second moments exercise the roots at 0,
+    NaN gradients the NaN-to-zero rule."""
+    params, grad, states = _inputs(update, n, dtype)
+    grad[::5] = float("nan")
+    if update in ("adam", "adamw"):
+        states[1][::3] = 0.0
+        grad[1::3] = 0.0
+    step = _step(0 if first else 4, dtype)
+    wide = _isa_outputs(update, params, grad, states, step, None, monkeypatch, portable=False)
+    narrow = _isa_outputs(update, params, grad, states, step, None, monkeypatch, portable=True)
+    for w, s in zip(wide, narrow):
+        assert torch.equal(w.view(torch.int8), s.view(torch.int8))
+
+
+@pytest.mark.ext
+@pytest.mark.skipif(_backend.extension() is None, reason="compiled extension unavailable")
+@pytest.mark.parametrize("offsets", ((1, 1, 1), (3, 0, 5)), ids=("aligned-together", "misaligned"))
+@pytest.mark.parametrize("update", ("momentum", "adam", "rmsprop_centered"))
+@pytest.mark.parametrize("portable", (False, True), ids=("avx2", "baseline"))
+def test_streamed_out_buffers_at_odd_offsets(update, offsets, portable, monkeypatch):
+    """From 1 M elements out= buffers are written with non-temporal stores once every output is
+    vector-aligned: views that share an offset stream after a scalar head, views that cannot be
+    aligned together take plain stores. Both give the reference's values."""
+    n = (1 << 20) + 5
+    params, grad, states = _inputs(update, n, torch.float32)
+    step = _step(2, torch.float32)
+    expected = _call(reference, update, params, grad, states, step)
+    out = tuple(torch.empty(n + 8)[k : k + n] for k in offsets[: len(expected)])
+    got = _isa_outputs(update, params, grad, states, step, out, monkeypatch, portable)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, **elementwise(torch.float32))

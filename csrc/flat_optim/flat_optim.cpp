@@ -109,7 +109,7 @@ std::vector<at::Tensor> flat_momentum_step_forward(
   const SfMomentumHp hp{lr, momentum, nesterov ? 0.0 : dampening, weight_decay, nesterov ? 1 : 0};
   if (params.is_cpu()) {
     flat_momentum_forward_cpu(params, grad, momentum_buffer, step.item<double>() == 0.0, result[0],
-                              result[1], hp);
+                              result[1], hp, out.has_value());
     return result;
   }
 #ifdef SOPHON_FAST_WITH_CUDA

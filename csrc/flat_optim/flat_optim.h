@@ -70,7 +70,7 @@ at::Tensor flat_accumulate_(const at::Tensor& acc, const at::Tensor& grad, doubl
 // there; into freshly allocated pages they cost 15 %).
 void flat_momentum_forward_cpu(const at::Tensor& params, const at::Tensor& grad,
                                const at::Tensor& buf, bool first, at::Tensor& out_params,
-                               at::Tensor& out_buf, const SfMomentumHp& hp);
+                               at::Tensor& out_buf, const SfMomentumHp& hp, bool outputs_given);
 void flat_momentum_backward_cpu(const at::Tensor& grad_new_params, const at::Tensor& grad_new_buf,
                                 bool first, at::Tensor& grad_params, at::Tensor& grad_grad,
                                 at::Tensor& grad_buf, const SfMomentumHp& hp);

@@ -4,14 +4,16 @@
 // momentum 20 B, Adam 28 B, RMSprop 20 B forward, against 32-84 B for the
 // 3-8 eager ops of the same update.
 //
-// Adam and RMSprop are compute-heavy (a divide and a square root per element):
-// they stage each 256-element chunk through local arrays (outputs may alias
-// inputs in the in-place steps; with locals the compiler can prove they do not
-// and vectorise the maths; 1 KiB per array stays in L1), take the chunk's
-// roots with packed SIMD instructions, and run an AVX2 build of the same loop
-// where the CPU has it (the extension itself is compiled for baseline x86-64:
-// 2.4x faster Adam forward on one core, in place, 11.2 M params). No FMA: the
-// AVX2 build rounds exactly as the baseline one.
+// Forwards on float/double buffers run that maths on packed vectors in one
+// pass (flat_optim_cpu_packed.h, built for SSE2 and for AVX2). The backwards
+// and the fp16/bf16 forwards stage each 256-element chunk through local
+// arrays instead (outputs may alias inputs in the in-place steps; with locals
+// the compiler can prove they do not and vectorise the maths; 1 KiB per array
+// stays in L1) and take the chunk's roots with packed SIMD instructions.
+// Every loop has an AVX2 build picked at run time where the CPU has it (the
+// extension itself is compiled for baseline x86-64); SOPHON_FAST_NO_AVX2=1
+// (read at each call) runs the baseline build, so tests compare the two. No
+// FMA: the AVX2 build rounds exactly as the baseline one.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -21,11 +23,15 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <initializer_list>
 #include <type_traits>
 
 #include "flat_optim.h"
 #include "flat_optim_math.h"
+#if defined(__GNUC__) && defined(__x86_64__)
+#include "flat_optim_simd.h"
+#endif
 
 #if defined(__GNUC__) && defined(__x86_64__)
 #include <immintrin.h>
@@ -58,10 +64,12 @@ T* outp(const at::Tensor& t) {
   return t.defined() ? static_cast<T*>(t.mutable_data_ptr()) : nullptr;
 }
 
+// AVX2 where the CPU has it, unless SOPHON_FAST_NO_AVX2=1 (read at each call).
 bool has_avx2() {
 #if SF_X86
   static const bool yes = __builtin_cpu_supports("avx2");
-  return yes;
+  const char* off = std::getenv("SOPHON_FAST_NO_AVX2");
+  return yes && !(off != nullptr && off[0] == '1');
 #else
   return false;
 #endif
@@ -329,6 +337,45 @@ SF_INLINE void rmsprop_backward_range(const RmspropArgs<T, C>& args, int64_t beg
   }
 }
 
+template <typename T, typename C>
+struct MomentumArgs {
+  const T* p;
+  const T* g;
+  const C* b;
+  T* out_p;
+  C* out_b;
+  SfMomentumHp hp;
+  bool first;
+  bool stream;
+};
+
+#if SF_X86
+namespace portable {
+constexpr int kVectorBytes = 16;
+#include "flat_optim_cpu_packed.h"  // NOLINT(build/include)
+}  // namespace portable
+
+#pragma GCC push_options
+#pragma GCC target("avx2")
+namespace avx2 {
+constexpr int kVectorBytes = 32;
+#include "flat_optim_cpu_packed.h"  // NOLINT(build/include)
+}  // namespace avx2
+#pragma GCC pop_options
+
+// The packed forwards, AVX2 or baseline, across threads.
+#define SF_PACKED_RUN(NAME, args, numel)                                 \
+  do {                                                                   \
+    const bool wide = has_avx2();                                        \
+    at::parallel_for(0, numel, kGrain, [&](int64_t begin, int64_t end) { \
+      if (wide)                                                          \
+        avx2::NAME<C>(args, begin, end);                                 \
+      else                                                               \
+        portable::NAME<C>(args, begin, end);                             \
+    });                                                                  \
+  } while (0)
+#endif
+
 inline void store_fence() {
 #if SF_X86
   _mm_sfence();
@@ -359,6 +406,50 @@ SF_RANGE_DISPATCH(adam_backward_range, AdamArgs)
 SF_RANGE_DISPATCH(rmsprop_forward_range, RmspropArgs)
 SF_RANGE_DISPATCH(rmsprop_backward_range, RmspropArgs)
 
+// Forwards: packed where the buffers are float or double (T == C), staged
+// chunks for fp16/bf16 and off x86.
+template <typename T, typename C>
+void momentum_forward_run(const MomentumArgs<T, C>& args, int64_t numel) {
+#if SF_X86
+  if constexpr (std::is_same_v<T, C>) {
+    SF_PACKED_RUN(momentum_forward, args, numel);
+    return;
+  }
+#endif
+  at::parallel_for(0, numel, kGrain, [&](int64_t begin, int64_t end) {
+    const auto k = args;  // a local copy: outputs cannot alias it, so it stays in registers
+    for (int64_t i = begin; i < end; ++i) {
+      C np, nb;
+      optim::momentum_forward<C>(static_cast<C>(k.p[i]), static_cast<C>(k.g[i]), k.b[i], k.first,
+                                 k.hp, np, nb);
+      k.out_p[i] = static_cast<T>(np);
+      k.out_b[i] = nb;
+    }
+  });
+}
+
+template <typename T, typename C>
+void adam_forward_run(const AdamArgs<T, C>& args, int64_t numel) {
+#if SF_X86
+  if constexpr (std::is_same_v<T, C>) {
+    SF_PACKED_RUN(adam_forward, args, numel);
+    return;
+  }
+#endif
+  adam_forward_range_run<T, C>(args, numel);
+}
+
+template <typename T, typename C>
+void rmsprop_forward_run(const RmspropArgs<T, C>& args, int64_t numel) {
+#if SF_X86
+  if constexpr (std::is_same_v<T, C>) {
+    SF_PACKED_RUN(rmsprop_forward, args, numel);
+    return;
+  }
+#endif
+  rmsprop_forward_range_run<T, C>(args, numel);
+}
+
 // Non-temporal stores pay off for outputs that are not the inputs (in place,
 // the lines are already cached) and too big to be read back from cache: from
 // 1 M elements (4 MiB per buffer at fp32).
@@ -376,24 +467,20 @@ bool fresh_outputs(int64_t numel, std::initializer_list<bool> distinct) {
 
 void flat_momentum_forward_cpu(const at::Tensor& params, const at::Tensor& grad,
                                const at::Tensor& buf, bool first, at::Tensor& out_params,
-                               at::Tensor& out_buf, const SfMomentumHp& hp) {
+                               at::Tensor& out_buf, const SfMomentumHp& hp, bool outputs_given) {
   SF_DISPATCH(params.scalar_type(), "flat_momentum_forward_cpu", [&] {
     using C = compute_t<scalar_t>;
-    const scalar_t* p = in<scalar_t>(params);
-    const scalar_t* g = in<scalar_t>(grad);
-    const C* b = in<C>(buf);
-    scalar_t* op = outp<scalar_t>(out_params);
-    C* ob = outp<C>(out_buf);
-    at::parallel_for(0, params.numel(), kGrain, [&](int64_t begin, int64_t end) {
-      const auto h = hp;  // a local copy: outputs cannot alias it, so it stays in registers
-      for (int64_t i = begin; i < end; ++i) {
-        C np, nb;
-        optim::momentum_forward<C>(static_cast<C>(p[i]), static_cast<C>(g[i]), b[i], first, h, np,
-                                   nb);
-        op[i] = static_cast<scalar_t>(np);
-        ob[i] = nb;
-      }
-    });
+    const MomentumArgs<scalar_t, C> args{
+        in<scalar_t>(params),
+        in<scalar_t>(grad),
+        in<C>(buf),
+        outp<scalar_t>(out_params),
+        outp<C>(out_buf),
+        hp,
+        first,
+        outputs_given && fresh_outputs(params.numel(), {out_params.data_ptr() != params.data_ptr(),
+                                                        out_buf.data_ptr() != buf.data_ptr()})};
+    momentum_forward_run<scalar_t, C>(args, params.numel());
   });
 }
 
@@ -449,7 +536,7 @@ void flat_adam_forward_cpu(const at::Tensor& params, const at::Tensor& grad,
             fresh_outputs(params.numel(), {out_params.data_ptr() != params.data_ptr(),
                                            out_exp_avg.data_ptr() != exp_avg.data_ptr(),
                                            out_exp_avg_sq.data_ptr() != exp_avg_sq.data_ptr()})};
-    adam_forward_range_run<scalar_t, C>(args, params.numel());
+    adam_forward_run<scalar_t, C>(args, params.numel());
   });
 }
 
@@ -508,7 +595,7 @@ void flat_rmsprop_forward_cpu(const at::Tensor& params, const at::Tensor& grad,
                           {out_params.data_ptr() != params.data_ptr(),
                            out_square_avg.data_ptr() != square_avg.data_ptr(),
                            !grad_avg.defined() || out_grad_avg.data_ptr() != grad_avg.data_ptr()})};
-    rmsprop_forward_range_run<scalar_t, C>(args, params.numel());
+    rmsprop_forward_run<scalar_t, C>(args, params.numel());
   });
 }
 

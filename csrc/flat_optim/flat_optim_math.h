@@ -12,6 +12,10 @@
 
 #if defined(__CUDACC__)
 #define SF_HD __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+// Always inlined: the CPU instantiates these with a packed vector as C inside
+// AVX2 functions, and an out-of-line copy would be built without AVX2.
+#define SF_HD __attribute__((always_inline)) inline
 #else
 #define SF_HD inline
 #endif
