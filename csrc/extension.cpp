@@ -4,6 +4,7 @@
 
 #include "batch_norm/batch_norm.h"
 #include "bn_relu_pool/bn_relu_pool.h"
+#include "cpu_cache.h"
 #include "flat_optim/flat_optim.h"
 #include "flat_sgd_step/flat_sgd_step.h"
 #include "losses/losses.h"
@@ -96,4 +97,22 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "dx (N, C, height, width): grad scattered to the coded positions, zero elsewhere");
   m.def("relu_maxpool2d_gather", &sophon_fast::relu_maxpool2d_gather, py::arg("v"), py::arg("code"),
         "(N, C, H/2, W/2): v at the coded positions, 0 where code is -1");
+  m.def(
+      "cpu_cache_stats",
+      [] {
+        const auto s = sophon_fast::cpu_cache_stats();
+        py::dict d;
+        d["live_bytes"] = s.live_bytes;
+        d["cached_bytes"] = s.cached_bytes;
+        d["peak_bytes"] = s.peak_bytes;
+        d["hits"] = s.hits;
+        d["misses"] = s.misses;
+        d["limit_bytes"] = s.limit_bytes;
+        return d;
+      },
+      "counters of the large-buffer CPU cache (csrc/cpu_cache.h)");
+  m.def("cpu_cache_release", &sophon_fast::cpu_cache_release,
+        "unmap every cached CPU buffer; the peak restarts from the live bytes");
+  m.def("cpu_cache_set_limit", &sophon_fast::cpu_cache_set_limit, py::arg("bytes"),
+        "cap the cached bytes (0: cache nothing, -1: no cap)");
 }

@@ -8,7 +8,8 @@ simulation; the fused ops (:func:`flat_sgd_step`, the losses :func:`cross_entrop
 :func:`mse_ascent`, :func:`dos`, :func:`batch_norm2d` with :func:`convert_batchnorm`, and
 :func:`batch_norm_relu_maxpool2d` with :func:`fuse_bn_relu_pool`, :func:`relu_maxpool2d` with
 :func:`fuse_relu_pool`) and
-:func:`available_backends` are the kernel layer.
+:func:`available_backends` are the kernel layer; :mod:`sophon_fast.cpu_cache` controls the cache
+of large CPU output buffers those ops draw on.
 """
 
 from ._backend import BackendUnavailableError, available_backends, use_backend

@@ -6,6 +6,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/linalg_vector_norm.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -76,6 +77,18 @@ std::vector<at::Tensor> outputs(const at::Tensor& params, const std::vector<at::
   return result;
 }
 
+// Outputs whose pages are mapped and were written before (out= buffers, or
+// buffers the CPU cache reused): the CPU kernels stream their stores there
+// when the outputs are large and distinct from the inputs. Into freshly
+// mapped pages plain stores are faster (the kernel's zeroing just cached the
+// lines).
+bool resident(const std::vector<at::Tensor>& result,
+              const c10::optional<std::vector<at::Tensor>>& out) {
+  return out.has_value() || std::all_of(result.begin(), result.end(), [](const at::Tensor& t) {
+           return !t.defined() || cpu_cache_warm(t);
+         });
+}
+
 [[noreturn]] void unsupported(const char* op, const at::Tensor& t) {
   TORCH_CHECK_VALUE(false, op, ": tensors on ", t.device(), " are not supported by this build (CPU",
 #ifdef SOPHON_FAST_WITH_CUDA
@@ -109,7 +122,7 @@ std::vector<at::Tensor> flat_momentum_step_forward(
   const SfMomentumHp hp{lr, momentum, nesterov ? 0.0 : dampening, weight_decay, nesterov ? 1 : 0};
   if (params.is_cpu()) {
     flat_momentum_forward_cpu(params, grad, momentum_buffer, step.item<double>() == 0.0, result[0],
-                              result[1], hp, out.has_value());
+                              result[1], hp, resident(result, out));
     return result;
   }
 #ifdef SOPHON_FAST_WITH_CUDA
@@ -171,10 +184,10 @@ namespace {
 void adam_dispatch(const at::Tensor& params, const at::Tensor& grad, const at::Tensor& exp_avg,
                    const at::Tensor& exp_avg_sq, const at::Tensor& step, double clip,
                    const at::Tensor& partials, double max_norm, std::vector<at::Tensor>& result,
-                   const SfAdamHp& hp, bool outputs_given) {
+                   const SfAdamHp& hp, bool outputs_resident) {
   if (params.is_cpu()) {
     flat_adam_forward_cpu(params, grad, exp_avg, exp_avg_sq, step.item<double>(), clip, result[0],
-                          result[1], result[2], hp, outputs_given);
+                          result[1], result[2], hp, outputs_resident);
     return;
   }
 #ifdef SOPHON_FAST_WITH_CUDA
@@ -193,7 +206,7 @@ void adam_dispatch(const at::Tensor& params, const at::Tensor& grad, const at::T
 #endif
   (void)partials;
   (void)max_norm;
-  (void)outputs_given;
+  (void)outputs_resident;
   unsupported("flat_adam_step", params);
 }
 
@@ -218,7 +231,7 @@ std::vector<at::Tensor> flat_adam_step_forward(const at::Tensor& params, const a
   auto result = outputs(params, {exp_avg, exp_avg_sq}, out);
   const SfAdamHp hp{lr, beta1, beta2, eps, weight_decay, decoupled ? 1 : 0};
   adam_dispatch(params, grad, exp_avg, exp_avg_sq, step, 1.0, at::Tensor(), 0.0, result, hp,
-                out.has_value());
+                resident(result, out));
   return result;
 }
 
@@ -281,7 +294,7 @@ std::vector<at::Tensor> flat_rmsprop_step_forward(
   const SfRmspropHp hp{lr, alpha, eps, weight_decay};
   if (params.is_cpu()) {
     flat_rmsprop_forward_cpu(params, grad, square_avg, grad_avg, result[0], result[1], out_grad_avg,
-                             hp, out.has_value());
+                             hp, resident(result, out));
     return result;
   }
 #ifdef SOPHON_FAST_WITH_CUDA

@@ -66,18 +66,18 @@ at::Tensor flat_clip_adam_step_(const at::Tensor& params, const at::Tensor& grad
 at::Tensor flat_accumulate_(const at::Tensor& acc, const at::Tensor& grad, double weight);
 
 // CPU kernels (flat_optim_cpu.cpp). Undefined tensors mean "absent".
-// outputs_given: the caller passed reused out= buffers (streamed stores pay off
+// outputs_resident: the caller passed reused out= buffers (streamed stores pay off
 // there; into freshly allocated pages they cost 15 %).
 void flat_momentum_forward_cpu(const at::Tensor& params, const at::Tensor& grad,
                                const at::Tensor& buf, bool first, at::Tensor& out_params,
-                               at::Tensor& out_buf, const SfMomentumHp& hp, bool outputs_given);
+                               at::Tensor& out_buf, const SfMomentumHp& hp, bool outputs_resident);
 void flat_momentum_backward_cpu(const at::Tensor& grad_new_params, const at::Tensor& grad_new_buf,
                                 bool first, at::Tensor& grad_params, at::Tensor& grad_grad,
                                 at::Tensor& grad_buf, const SfMomentumHp& hp);
 void flat_adam_forward_cpu(const at::Tensor& params, const at::Tensor& grad,
                            const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq, double step,
                            double clip, at::Tensor& out_params, at::Tensor& out_exp_avg,
-                           at::Tensor& out_exp_avg_sq, const SfAdamHp& hp, bool outputs_given);
+                           at::Tensor& out_exp_avg_sq, const SfAdamHp& hp, bool outputs_resident);
 void flat_adam_backward_cpu(const at::Tensor& grad_new_params, const at::Tensor& grad_new_exp_avg,
                             const at::Tensor& grad_new_exp_avg_sq, const at::Tensor& params,
                             const at::Tensor& grad, const at::Tensor& exp_avg,
@@ -87,7 +87,8 @@ void flat_adam_backward_cpu(const at::Tensor& grad_new_params, const at::Tensor&
 void flat_rmsprop_forward_cpu(const at::Tensor& params, const at::Tensor& grad,
                               const at::Tensor& square_avg, const at::Tensor& grad_avg,
                               at::Tensor& out_params, at::Tensor& out_square_avg,
-                              at::Tensor& out_grad_avg, const SfRmspropHp& hp, bool outputs_given);
+                              at::Tensor& out_grad_avg, const SfRmspropHp& hp,
+                              bool outputs_resident);
 void flat_rmsprop_backward_cpu(const at::Tensor& grad_new_params,
                                const at::Tensor& grad_new_square_avg,
                                const at::Tensor& grad_new_grad_avg, const at::Tensor& params,

@@ -467,7 +467,7 @@ bool fresh_outputs(int64_t numel, std::initializer_list<bool> distinct) {
 
 void flat_momentum_forward_cpu(const at::Tensor& params, const at::Tensor& grad,
                                const at::Tensor& buf, bool first, at::Tensor& out_params,
-                               at::Tensor& out_buf, const SfMomentumHp& hp, bool outputs_given) {
+                               at::Tensor& out_buf, const SfMomentumHp& hp, bool outputs_resident) {
   SF_DISPATCH(params.scalar_type(), "flat_momentum_forward_cpu", [&] {
     using C = compute_t<scalar_t>;
     const MomentumArgs<scalar_t, C> args{
@@ -478,8 +478,9 @@ void flat_momentum_forward_cpu(const at::Tensor& params, const at::Tensor& grad,
         outp<C>(out_buf),
         hp,
         first,
-        outputs_given && fresh_outputs(params.numel(), {out_params.data_ptr() != params.data_ptr(),
-                                                        out_buf.data_ptr() != buf.data_ptr()})};
+        outputs_resident &&
+            fresh_outputs(params.numel(), {out_params.data_ptr() != params.data_ptr(),
+                                           out_buf.data_ptr() != buf.data_ptr()})};
     momentum_forward_run<scalar_t, C>(args, params.numel());
   });
 }
@@ -510,7 +511,7 @@ void flat_momentum_backward_cpu(const at::Tensor& grad_new_params, const at::Ten
 void flat_adam_forward_cpu(const at::Tensor& params, const at::Tensor& grad,
                            const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq, double step,
                            double clip, at::Tensor& out_params, at::Tensor& out_exp_avg,
-                           at::Tensor& out_exp_avg_sq, const SfAdamHp& hp, bool outputs_given) {
+                           at::Tensor& out_exp_avg_sq, const SfAdamHp& hp, bool outputs_resident) {
   const double t = step + 1.0;
   const double step_size = hp.lr / (1.0 - std::pow(hp.beta1, t));
   const double sqrt_bc2 = std::sqrt(1.0 - std::pow(hp.beta2, t));
@@ -532,7 +533,7 @@ void flat_adam_forward_cpu(const at::Tensor& params, const at::Tensor& grad,
         static_cast<C>(sqrt_bc2),
         static_cast<C>(clip),
         hp,
-        outputs_given &&
+        outputs_resident &&
             fresh_outputs(params.numel(), {out_params.data_ptr() != params.data_ptr(),
                                            out_exp_avg.data_ptr() != exp_avg.data_ptr(),
                                            out_exp_avg_sq.data_ptr() != exp_avg_sq.data_ptr()})};
@@ -574,7 +575,8 @@ void flat_adam_backward_cpu(const at::Tensor& grad_new_params, const at::Tensor&
 void flat_rmsprop_forward_cpu(const at::Tensor& params, const at::Tensor& grad,
                               const at::Tensor& square_avg, const at::Tensor& grad_avg,
                               at::Tensor& out_params, at::Tensor& out_square_avg,
-                              at::Tensor& out_grad_avg, const SfRmspropHp& hp, bool outputs_given) {
+                              at::Tensor& out_grad_avg, const SfRmspropHp& hp,
+                              bool outputs_resident) {
   SF_DISPATCH(params.scalar_type(), "flat_rmsprop_forward_cpu", [&] {
     using C = compute_t<scalar_t>;
     const RmspropArgs<scalar_t, C> args{
@@ -590,7 +592,7 @@ void flat_rmsprop_forward_cpu(const at::Tensor& params, const at::Tensor& grad,
         outp<C>(out_square_avg),
         outp<C>(out_grad_avg),
         hp,
-        outputs_given &&
+        outputs_resident &&
             fresh_outputs(params.numel(),
                           {out_params.data_ptr() != params.data_ptr(),
                            out_square_avg.data_ptr() != square_avg.data_ptr(),
