@@ -9,6 +9,7 @@
 
 #include <vector>
 
+#include "../channel_args.h"
 #include "../checks.h"
 
 #ifdef SOPHON_FAST_WITH_CUDA
@@ -23,6 +24,17 @@
 
 namespace sophon_fast {
 namespace {
+
+using channel_args::channel_tensor;
+using channel_args::channel_values;
+using channel_args::compute_options;
+using channel_args::cptr;
+using channel_args::format;
+using channel_args::from_values;
+using channel_args::is_channels_last;
+using channel_args::like_input;
+using channel_args::mptr;
+using channel_args::ptr;
 
 constexpr const char* kOp = "batch_norm";
 
@@ -56,73 +68,20 @@ void check_like(const at::Tensor& x, const at::Tensor& t, const char* name) {
                     x.device());
 }
 
-// A (C,) per-channel tensor as float64 values (empty when absent).
-std::vector<double> channel_values(const c10::optional<at::Tensor>& t, int64_t channels,
-                                   const char* name) {
-  if (!t.has_value() || !t->defined()) return {};
-  TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == channels, kOp, ": ", name,
-                    " must be (channels,) = (", channels, ",), got shape ", t->sizes());
-  TORCH_CHECK_VALUE(t->device() == at::kCPU, kOp, ": ", name, " must be on the CPU like x");
-  const auto values = t->detach().to(at::kDouble).contiguous();
-  const double* p = values.const_data_ptr<double>();
-  return std::vector<double>(p, p + channels);
-}
-
-const double* ptr(const std::vector<double>& v) { return v.empty() ? nullptr : v.data(); }
-
-bool is_channels_last(const at::Tensor& x) {
-  return x.suggest_memory_format() == at::MemoryFormat::ChannelsLast && !x.is_contiguous();
-}
-
 // NCHW planes, or channels_last kept as is for the CPU NHWC kernels.
 at::Tensor planes(const at::Tensor& t, bool nhwc = false) {
   return t.contiguous(nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
 }
 
-at::MemoryFormat format(bool nhwc) {
-  return nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-}
-
-at::Tensor like_input(const at::Tensor& out, bool channels_last) {
-  return channels_last ? out.contiguous(at::MemoryFormat::ChannelsLast) : out;
-}
-
-at::Tensor from_values(const std::vector<double>& v, const at::TensorOptions& options) {
-  auto t = at::empty({static_cast<int64_t>(v.size())}, options.dtype(at::kDouble));
-  std::copy(v.begin(), v.end(), t.mutable_data_ptr<double>());
-  return t.to(options.dtype());
-}
-
 #ifdef SOPHON_FAST_WITH_CUDA
-
-// The launchers take per-channel arrays in the compute dtype (float32, float64
-// for float64 x).
-at::TensorOptions compute_options(const at::Tensor& x) {
-  return x.options().dtype(x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
-}
-
-// A (C,) tensor on x's device as a contiguous compute-dtype tensor (undefined
-// when absent).
-at::Tensor channel_tensor(const c10::optional<at::Tensor>& t, const at::Tensor& x,
-                          const char* name) {
-  if (!t.has_value() || !t->defined()) return {};
-  TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == x.size(1), kOp, ": ", name,
-                    " must be (channels,) = (", x.size(1), ",), got shape ", t->sizes());
-  TORCH_CHECK_VALUE(t->device() == x.device(), kOp, ": ", name, " is on ", t->device(),
-                    " but x on ", x.device());
-  return t->detach().to(compute_options(x).dtype()).contiguous();
-}
-
-const void* cptr(const at::Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; }
-void* mptr(at::Tensor& t) { return t.defined() ? t.mutable_data_ptr() : nullptr; }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(
     const at::Tensor& x, bool cl, const c10::optional<at::Tensor>& weight,
     const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
     const c10::optional<at::Tensor>& running_var, double momentum, double eps) {
   const c10::cuda::CUDAGuard guard(x.device());
-  const auto w = channel_tensor(weight, x, "weight");
-  const auto b = channel_tensor(bias, x, "bias");
+  const auto w = channel_tensor(kOp, weight, x, "weight");
+  const auto b = channel_tensor(kOp, bias, x, "bias");
   // Running statistics are updated in a compute-dtype working copy (the tensor
   // itself when it already is one) and copied back.
   at::Tensor running[2];
@@ -153,9 +112,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
     const at::Tensor& x, bool cl, const c10::optional<at::Tensor>& weight, const at::Tensor& grad_y,
     const at::Tensor& mean, const at::Tensor& invstd) {
   const c10::cuda::CUDAGuard guard(x.device());
-  const auto w = channel_tensor(weight, x, "weight");
-  const auto mu = channel_tensor(mean, x, "mean");
-  const auto is = channel_tensor(invstd, x, "invstd");
+  const auto w = channel_tensor(kOp, weight, x, "weight");
+  const auto mu = channel_tensor(kOp, mean, x, "mean");
+  const auto is = channel_tensor(kOp, invstd, x, "invstd");
   auto dx = at::empty_like(x, at::MemoryFormat::Contiguous);
   auto dw = at::empty({x.size(1)}, compute_options(x));
   auto db = at::empty({x.size(1)}, compute_options(x));
@@ -175,11 +134,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> double_backward_cuda(
     const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& ggx,
     const c10::optional<at::Tensor>& grad_dweight, const c10::optional<at::Tensor>& grad_dbias) {
   const c10::cuda::CUDAGuard guard(x.device());
-  const auto w = channel_tensor(weight, x, "weight");
-  const auto mu = channel_tensor(mean, x, "mean");
-  const auto is = channel_tensor(invstd, x, "invstd");
-  const auto ggw = channel_tensor(grad_dweight, x, "grad_dweight");
-  const auto ggb = channel_tensor(grad_dbias, x, "grad_dbias");
+  const auto w = channel_tensor(kOp, weight, x, "weight");
+  const auto mu = channel_tensor(kOp, mean, x, "mean");
+  const auto is = channel_tensor(kOp, invstd, x, "invstd");
+  const auto ggw = channel_tensor(kOp, grad_dweight, x, "grad_dweight");
+  const auto ggb = channel_tensor(kOp, grad_dbias, x, "grad_dbias");
   auto gx = at::empty_like(x, at::MemoryFormat::Contiguous);
   auto ggy = at::empty_like(x, at::MemoryFormat::Contiguous);
   auto gw = at::empty({x.size(1)}, compute_options(x));
@@ -212,8 +171,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward(
   if (x.is_cuda())
     return forward_cuda(x, cl, weight, bias, running_mean, running_var, momentum, eps);
 #endif
-  const auto w = channel_values(weight, channels, "weight");
-  const auto b = channel_values(bias, channels, "bias");
+  const auto w = channel_values(kOp, weight, channels, "weight");
+  const auto b = channel_values(kOp, bias, channels, "bias");
   auto y = at::empty_like(x, format(nhwc));
   std::vector<double> mean(channels), invstd(channels), var(channels);
   (nhwc ? batch_norm_forward_cpu_nhwc : batch_norm_forward_cpu)(x, ptr(w), ptr(b), y, mean.data(),
@@ -253,9 +212,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
 #ifdef SOPHON_FAST_WITH_CUDA
   if (x.is_cuda()) return backward_cuda(x, cl, weight, grad_y, mean, invstd);
 #endif
-  const auto w = channel_values(weight, channels, "weight");
-  const auto mu = channel_values(mean, channels, "mean");
-  const auto is = channel_values(invstd, channels, "invstd");
+  const auto w = channel_values(kOp, weight, channels, "weight");
+  const auto mu = channel_values(kOp, mean, channels, "mean");
+  const auto is = channel_values(kOp, invstd, channels, "invstd");
   auto dx = at::empty_like(x, format(nhwc));
   std::vector<double> dw(channels), db(channels);
   (nhwc ? batch_norm_backward_cpu_nhwc : batch_norm_backward_cpu)(
@@ -285,11 +244,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_double_backward(
   if (x.is_cuda())
     return double_backward_cuda(x, cl, weight, grad_y, mean, invstd, ggx, grad_dweight, grad_dbias);
 #endif
-  const auto w = channel_values(weight, channels, "weight");
-  const auto mu = channel_values(mean, channels, "mean");
-  const auto is = channel_values(invstd, channels, "invstd");
-  const auto ggw = channel_values(grad_dweight, channels, "grad_dweight");
-  const auto ggb = channel_values(grad_dbias, channels, "grad_dbias");
+  const auto w = channel_values(kOp, weight, channels, "weight");
+  const auto mu = channel_values(kOp, mean, channels, "mean");
+  const auto is = channel_values(kOp, invstd, channels, "invstd");
+  const auto ggw = channel_values(kOp, grad_dweight, channels, "grad_dweight");
+  const auto ggb = channel_values(kOp, grad_dbias, channels, "grad_dbias");
   auto gx = at::empty_like(x, format(nhwc));
   auto ggy = at::empty_like(x, format(nhwc));
   std::vector<double> gw(channels);
