@@ -13,7 +13,8 @@ Meta-gradient:
 - **order 1** (official, FOMAML along the trajectory): the inner gradients are constants, so
   d phi_k / d theta = I and dL/dtheta = sum_k (n_k/N) grad l_k(phi_k). Each l_k is
   back-propagated right after step k into a flat accumulator (float32, float64 for float64
-  parameters): one evaluation graph alive at a time instead of K.
+  parameters): one evaluation graph alive at a time instead of K. The inner updates run in place
+  on phi and the optimizer state (no old value is needed once its adaptation graph is freed).
 - **order 2** (exact): the inner gradients of the differentiated steps are built with
   ``create_graph=True`` and dL/dtheta is one backward through the whole trajectory
   (Hessian-vector products through every inner update, for every inner optimizer).
@@ -45,7 +46,13 @@ import torch
 
 from sophon_fast.engine.flat import FlatParams
 from sophon_fast.engine.functional import FunctionalModel
-from sophon_fast.engine.optimizers import Adversary, init_state, inner_step, state_dtype
+from sophon_fast.engine.optimizers import (
+    Adversary,
+    init_state,
+    inner_step,
+    inner_step_,
+    state_dtype,
+)
 from sophon_fast.losses import LossFn
 from sophon_fast.ops.flat_optim import flat_accumulate_, flat_clip_adam_step_
 
@@ -159,9 +166,7 @@ def simulate_flat(
             a, e = adapt_index[k], eval_index[k]
             adapt_logits = fmodel(phi, stats, counters, rows(x, a), train=True)
             (grad,) = torch.autograd.grad(adapt_loss(adapt_logits, y.index_select(0, a)), phi)
-            with torch.no_grad():
-                phi, state = inner_step(adversary, phi, grad, state)
-            phi.requires_grad_(True)
+            inner_step_(adversary, phi, grad, state)  # the adaptation graph is already freed
             y_eval = y.index_select(0, e)
             eval_logits = fmodel(phi, stats, counters, rows(x, e), train=True)
             step_loss = suppression_loss(eval_logits, y_eval)

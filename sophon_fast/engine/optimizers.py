@@ -2,7 +2,8 @@
 
 Every optimizer is one function ``step(params, grad, state, hp) -> (new_params, new_state)`` (``hp``
 holds ``lr`` and the optimizer's hyper-parameters) on a
-flat (n_params,) buffer. Updates are out of place (an order-2 graph may have saved ``params``),
+flat (n_params,) buffer. Updates are out of place (an order-2 graph may have saved ``params``;
+first-order simulations use :func:`inner_step_`, the same values written in place),
 differentiable to any order by autograd, and free of host synchronisation: the step count is a
 0-d device tensor and first-step special cases are ``torch.where`` selections, not Python
 branches. State tensors live in float32 (float64 for float64 parameters); maths runs in that
@@ -45,6 +46,7 @@ __all__ = [
     "OPTIMIZER_DEFAULTS",
     "init_state",
     "inner_step",
+    "inner_step_",
     "resolve_adversary",
     "safe_sqrt",
     "state_dtype",
@@ -333,3 +335,48 @@ def inner_step(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One out-of-place update of ``adversary`` on (n_params,) ``params`` with (n_params,) ``grad``."""
     return INNER_OPTIMIZERS[adversary.name](params, grad, state, adversary.step_hp)
+
+
+@torch.no_grad()
+def inner_step_(
+    adversary: Adversary, params: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor]
+) -> None:
+    """:func:`inner_step` in place: ``params`` and every ``state`` tensor are overwritten with the
+    update's result (same values), with no new buffer and no autograd record.
+
+    For first-order simulations, where nothing needs the old values: the in-place fused kernels
+    (``flat_*_step_``, ``flat_sgd_step(out=params)``) write a 45 MB ResNet-18 buffer where the
+    fresh form would map a new one (the kernel zeroes its pages on first touch on the CPU) and
+    keep a second one alive through the step.
+    """
+    fused = _flat_optim()
+    if fused is None or not params.is_contiguous():
+        new, new_state = inner_step(adversary, params, grad, state)
+        params.copy_(new)
+        for key, value in new_state.items():
+            state[key].copy_(value)
+        return
+    hp, name, grad = adversary.step_hp, adversary.name, grad.contiguous()
+    if name == "sgd":
+        _sgd_kernel()(params, grad, hp["lr"], hp["weight_decay"], out=params)
+        state["step"].add_(1)
+    elif name in ("momentum", "nesterov"):
+        nesterov = name == "nesterov"
+        fused.flat_momentum_step_(
+            params, grad, state["momentum_buffer"], state["step"], hp["lr"], hp["momentum"],
+            0.0 if nesterov else hp["dampening"], hp["weight_decay"], nesterov,
+        )  # fmt: skip
+    elif name in ("adam", "adamw"):
+        fused.flat_adam_step_(
+            params, grad, state["exp_avg"], state["exp_avg_sq"], state["step"], hp["lr"],
+            hp["betas"], hp["eps"], hp["weight_decay"], decoupled=name == "adamw",
+        )  # fmt: skip
+    elif name == "rmsprop":
+        fused.flat_rmsprop_step_(
+            params, grad, state["square_avg"], hp["lr"], hp["alpha"], hp["eps"], hp["weight_decay"]
+        )
+        state["step"].add_(1)
+    else:
+        raise ValueError(
+            f"unknown inner optimizer {name!r}; expected one of {sorted(OPTIMIZER_DEFAULTS)}"
+        )
