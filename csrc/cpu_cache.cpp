@@ -13,6 +13,7 @@
 #include <string>
 
 #if defined(__linux__)
+#include <pthread.h>
 #include <sys/mman.h>
 #define SF_CPU_CACHE 1
 #else
@@ -116,7 +117,12 @@ class BufferCache final : public c10::Allocator {
   }
 
  private:
-  BufferCache() : limit_(limit_from_env()) {}
+  BufferCache() : limit_(limit_from_env()) {
+    // A fork (DataLoader workers) while another thread holds the lock would
+    // leave the child's copy locked forever: hold it across fork instead.
+    pthread_atfork([] { get().mutex_.lock(); }, [] { get().mutex_.unlock(); },
+                   [] { get().mutex_.unlock(); });
+  }
 
   void* take(size_t bytes, bool& warm) {
     {

@@ -171,3 +171,29 @@ def test_without_the_extension_everything_is_a_no_op(monkeypatch):
     assert set(cpu_cache.stats().values()) == {0}
     cpu_cache.empty()
     cpu_cache.set_limit(3)
+
+
+def _child_uses_the_cache(queue):
+    torch.set_num_threads(1)  # as DataLoader workers do: libgomp's pool does not survive fork
+    before = cpu_cache.stats()["misses"] + cpu_cache.stats()["hits"]
+    out = _momentum(N)
+    after = cpu_cache.stats()["misses"] + cpu_cache.stats()["hits"]
+    queue.put((after - before, len(out)))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_can_use_the_cache():
+    """The cache's lock is held across fork (pthread_atfork) and released on both sides: a forked
+    worker allocates through it, and the parent still can afterwards."""
+    import multiprocessing
+
+    out = _momentum(N)
+    del out  # the child inherits two cached blocks
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_child_uses_the_cache, args=(queue,))
+    child.start()
+    child.join(60)
+    assert child.exitcode == 0, "the forked child failed or hung"
+    assert queue.get(timeout=5) == (2, 2)
+    assert len(_momentum(N)) == 2
