@@ -355,6 +355,9 @@ constexpr int kVectorBytes = 16;
 #include "flat_optim_cpu_packed.h"  // NOLINT(build/include)
 }  // namespace portable
 
+// GCC builds the same header for AVX2 under a target pragma (Clang ignores
+// that pragma: its builds run the SSE2 packs).
+#if !defined(__clang__)
 #pragma GCC push_options
 #pragma GCC target("avx2")
 namespace avx2 {
@@ -362,6 +365,10 @@ constexpr int kVectorBytes = 32;
 #include "flat_optim_cpu_packed.h"  // NOLINT(build/include)
 }  // namespace avx2
 #pragma GCC pop_options
+#define SF_PACKED_WIDE(NAME, args, begin, end) avx2::NAME<C>(args, begin, end)
+#else
+#define SF_PACKED_WIDE(NAME, args, begin, end) portable::NAME<C>(args, begin, end)
+#endif
 
 // The packed forwards, AVX2 or baseline, across threads.
 #define SF_PACKED_RUN(NAME, args, numel)                                 \
@@ -369,7 +376,7 @@ constexpr int kVectorBytes = 32;
     const bool wide = has_avx2();                                        \
     at::parallel_for(0, numel, kGrain, [&](int64_t begin, int64_t end) { \
       if (wide)                                                          \
-        avx2::NAME<C>(args, begin, end);                                 \
+        SF_PACKED_WIDE(NAME, args, begin, end);                          \
       else                                                               \
         portable::NAME<C>(args, begin, end);                             \
     });                                                                  \
