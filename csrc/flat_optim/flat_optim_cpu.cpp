@@ -447,6 +447,28 @@ void adam_forward_run(const AdamArgs<T, C>& args, int64_t numel) {
 }
 
 template <typename T, typename C>
+void adam_backward_run(const AdamArgs<T, C>& args, int64_t numel) {
+#if SF_X86
+  if constexpr (std::is_same_v<T, C>) {
+    SF_PACKED_RUN(adam_backward, args, numel);
+    return;
+  }
+#endif
+  adam_backward_range_run<T, C>(args, numel);
+}
+
+template <typename T, typename C>
+void rmsprop_backward_run(const RmspropArgs<T, C>& args, int64_t numel) {
+#if SF_X86
+  if constexpr (std::is_same_v<T, C>) {
+    SF_PACKED_RUN(rmsprop_backward, args, numel);
+    return;
+  }
+#endif
+  rmsprop_backward_range_run<T, C>(args, numel);
+}
+
+template <typename T, typename C>
 void rmsprop_forward_run(const RmspropArgs<T, C>& args, int64_t numel) {
 #if SF_X86
   if constexpr (std::is_same_v<T, C>) {
@@ -575,7 +597,7 @@ void flat_adam_backward_cpu(const at::Tensor& grad_new_params, const at::Tensor&
                                      C(1),
                                      hp,
                                      fresh_outputs(grad.numel(), {true})};
-    adam_backward_range_run<scalar_t, C>(args, grad.numel());
+    adam_backward_run<scalar_t, C>(args, grad.numel());
   });
 }
 
@@ -630,7 +652,7 @@ void flat_rmsprop_backward_cpu(const at::Tensor& grad_new_params,
                                         outp<C>(grad_grad_avg),
                                         hp,
                                         fresh_outputs(grad.numel(), {true})};
-    rmsprop_backward_range_run<scalar_t, C>(args, grad.numel());
+    rmsprop_backward_run<scalar_t, C>(args, grad.numel());
   });
 }
 

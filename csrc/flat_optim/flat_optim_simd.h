@@ -60,6 +60,16 @@ struct Pack {
   SF_ALWAYS_INLINE friend Pack operator/(Pack a, Pack b) { return raw(a.v / b.v); }
   SF_ALWAYS_INLINE Pack& operator+=(Pack b) { return *this = *this + b; }
   SF_ALWAYS_INLINE Pack& operator-=(Pack b) { return *this = *this - b; }
+  SF_ALWAYS_INLINE friend Pack operator-(Pack a) { return raw(-a.v); }
+
+  // Comparison: a lane mask; static_cast<C>(a > b) gives 1 or 0 per lane, as
+  // the scalar bool-to-float conversion does.
+  typedef decltype(vec{} > vec{}) mask_vec;
+  struct Mask {
+    mask_vec m;
+  };
+  SF_ALWAYS_INLINE friend Mask operator>(Pack a, Pack b) { return {a.v > b.v}; }
+  SF_ALWAYS_INLINE explicit Pack(Mask mask) : v(__builtin_convertvector(-mask.m, vec)) {}
 };
 
 template <typename V>
