@@ -4,12 +4,13 @@
 // momentum 20 B, Adam 28 B, RMSprop 20 B forward, against 32-84 B for the
 // 3-8 eager ops of the same update.
 //
-// Forwards on float/double buffers run that maths on packed vectors in one
-// pass (flat_optim_cpu_packed.h, built for SSE2 and for AVX2). The backwards
-// and the fp16/bf16 forwards stage each 256-element chunk through local
-// arrays instead (outputs may alias inputs in the in-place steps; with locals
-// the compiler can prove they do not and vectorise the maths; 1 KiB per array
-// stays in L1) and take the chunk's roots with packed SIMD instructions.
+// On float/double buffers the forwards and the Adam/RMSprop backwards run
+// that maths on packed vectors in one pass (flat_optim_cpu_packed.h, built for
+// SSE2 and for AVX2). The fp16/bf16 Adam/RMSprop loops stage each 256-element
+// chunk through local arrays instead (outputs may alias inputs in the in-place
+// steps; with locals the compiler can prove they do not and vectorise the
+// maths; 1 KiB per array stays in L1) and take the chunk's roots with packed
+// SIMD instructions.
 // Every loop has an AVX2 build picked at run time where the CPU has it (the
 // extension itself is compiled for baseline x86-64); SOPHON_FAST_NO_AVX2=1
 // (read at each call) runs the baseline build, so tests compare the two. No
