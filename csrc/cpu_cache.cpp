@@ -68,7 +68,9 @@ int64_t limit_from_env() {
 class BufferCache final : public c10::Allocator {
  public:
   c10::DataPtr allocate(size_t nbytes) override {
-    const size_t bytes = round_up(std::max<size_t>(nbytes, 1), kHuge);
+    // A storage resized to nothing maps nothing (as torch's CPU allocator).
+    if (nbytes == 0) return {nullptr, c10::Device(c10::DeviceType::CPU)};
+    const size_t bytes = round_up(nbytes, kHuge);
     bool warm = false;
     void* ptr = take(bytes, warm);
     return {ptr, new Block{ptr, bytes, warm}, &BufferCache::release_block,

@@ -141,6 +141,9 @@ def test_cached_tensors_behave_as_ordinary_cpu_tensors():
     new_buf.resize_(3 * N)  # grows through the cache's allocator: the old values are copied
     assert torch.equal(new_buf[:N], _momentum(N)[1])
     assert torch.equal(new_params.mul_(2), 2 * expected)
+    live = cpu_cache.stats()["live_bytes"]
+    new_buf.untyped_storage().resize_(0)  # nothing mapped for an empty storage
+    assert cpu_cache.stats()["live_bytes"] == live - _blocks(3 * N)
 
 
 def _run(env_value):
