@@ -441,10 +441,12 @@ void adam_forward_run(const AdamArgs<T, C>& args, int64_t numel) {
 #if SF_X86
   if constexpr (std::is_same_v<T, C>) {
     SF_PACKED_RUN(adam_forward, args, numel);
-    return;
+  } else {
+    adam_forward_range_run<T, C>(args, numel);
   }
-#endif
+#else
   adam_forward_range_run<T, C>(args, numel);
+#endif
 }
 
 template <typename T, typename C>
@@ -452,10 +454,12 @@ void adam_backward_run(const AdamArgs<T, C>& args, int64_t numel) {
 #if SF_X86
   if constexpr (std::is_same_v<T, C>) {
     SF_PACKED_RUN(adam_backward, args, numel);
-    return;
+  } else {
+    adam_backward_range_run<T, C>(args, numel);
   }
-#endif
+#else
   adam_backward_range_run<T, C>(args, numel);
+#endif
 }
 
 template <typename T, typename C>
@@ -463,10 +467,12 @@ void rmsprop_backward_run(const RmspropArgs<T, C>& args, int64_t numel) {
 #if SF_X86
   if constexpr (std::is_same_v<T, C>) {
     SF_PACKED_RUN(rmsprop_backward, args, numel);
-    return;
+  } else {
+    rmsprop_backward_range_run<T, C>(args, numel);
   }
-#endif
+#else
   rmsprop_backward_range_run<T, C>(args, numel);
+#endif
 }
 
 template <typename T, typename C>
@@ -474,10 +480,12 @@ void rmsprop_forward_run(const RmspropArgs<T, C>& args, int64_t numel) {
 #if SF_X86
   if constexpr (std::is_same_v<T, C>) {
     SF_PACKED_RUN(rmsprop_forward, args, numel);
-    return;
+  } else {
+    rmsprop_forward_range_run<T, C>(args, numel);
   }
-#endif
+#else
   rmsprop_forward_range_run<T, C>(args, numel);
+#endif
 }
 
 // Non-temporal stores pay off for outputs that are not the inputs (in place,
