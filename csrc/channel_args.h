@@ -63,8 +63,64 @@ inline at::Tensor channel_tensor(const char* op, const c10::optional<at::Tensor>
   return t->detach().to(compute_options(x).dtype()).contiguous();
 }
 
+// Running statistics after a CPU forward, exactly as torch: momentum * batch
+// + (1 - momentum) * running, the variance unbiased (count / (count - 1)).
+// mean / var: the batch statistics per channel; count: values per channel.
+inline void update_running_stats_cpu(const char* op, const c10::optional<at::Tensor>& running_mean,
+                                     const c10::optional<at::Tensor>& running_var,
+                                     const std::vector<double>& mean,
+                                     const std::vector<double>& var, double count,
+                                     double momentum) {
+  const auto channels = static_cast<int64_t>(mean.size());
+  for (const auto* running : {&running_mean, &running_var}) {
+    if (!running->has_value() || !(*running)->defined()) continue;
+    at::Tensor r = **running;
+    TORCH_CHECK_VALUE(r.dim() == 1 && r.size(0) == channels && r.is_contiguous() && r.is_cpu(), op,
+                      ": running statistics must be contiguous CPU (channels,) tensors");
+    const bool is_var = running == &running_var;
+    const auto current = r.to(at::kDouble);
+    const double* cur = current.const_data_ptr<double>();
+    std::vector<double> updated(channels);
+    for (int64_t c = 0; c < channels; ++c) {
+      const double batch_stat = is_var ? var[c] * count / (count - 1.0) : mean[c];
+      updated[c] = momentum * batch_stat + (1.0 - momentum) * cur[c];
+    }
+    r.copy_(from_values(updated, r.options()));
+  }
+}
+
+// Running statistics for a device kernel: compute-dtype working copies (the
+// tensor itself when it already is one), copied back by copy_back().
+class RunningStats {
+ public:
+  RunningStats(const char* op, const at::Tensor& x, const c10::optional<at::Tensor>& running_mean,
+               const c10::optional<at::Tensor>& running_var)
+      : given_{&running_mean, &running_var} {
+    for (int k = 0; k < 2; ++k) {
+      if (!given_[k]->has_value() || !(*given_[k])->defined()) continue;
+      const at::Tensor& r = **given_[k];
+      TORCH_CHECK_VALUE(
+          r.dim() == 1 && r.size(0) == x.size(1) && r.is_contiguous() && r.device() == x.device(),
+          op, ": running statistics must be contiguous (channels,) tensors on ", x.device());
+      working_[k] = r.scalar_type() == compute_options(x).dtype() ? r : r.to(compute_options(x));
+    }
+  }
+  void* mean() { return data(working_[0]); }
+  void* var() { return data(working_[1]); }
+  void copy_back() {
+    for (int k = 0; k < 2; ++k)
+      if (working_[k].defined() && !working_[k].is_same(**given_[k]))
+        (*given_[k])->copy_(working_[k]);
+  }
+
+ private:
+  static void* data(at::Tensor& t) { return t.defined() ? t.mutable_data_ptr() : nullptr; }
+
+  const c10::optional<at::Tensor>* given_[2];
+  at::Tensor working_[2];
+};
+
 inline const void* cptr(const at::Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; }
-inline void* mptr(at::Tensor& t) { return t.defined() ? t.mutable_data_ptr() : nullptr; }
 
 }  // namespace channel_args
 }  // namespace sophon_fast

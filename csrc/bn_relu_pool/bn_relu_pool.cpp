@@ -35,8 +35,9 @@ using channel_args::format;
 using channel_args::from_values;
 using channel_args::is_channels_last;
 using channel_args::like_input;
-using channel_args::mptr;
 using channel_args::ptr;
+using channel_args::RunningStats;
+using channel_args::update_running_stats_cpu;
 
 constexpr const char* kOp = "bn_relu_pool";
 
@@ -84,29 +85,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(
   const c10::cuda::CUDAGuard guard(x.device());
   const auto w = channel_tensor(kOp, weight, x, "weight");
   const auto b = channel_tensor(kOp, bias, x, "bias");
-  // Running statistics are updated in a compute-dtype working copy (the tensor
-  // itself when it already is one) and copied back.
-  at::Tensor running[2];
-  const c10::optional<at::Tensor>* given[2] = {&running_mean, &running_var};
-  for (int k = 0; k < 2; ++k) {
-    if (!given[k]->has_value() || !(*given[k])->defined()) continue;
-    const at::Tensor& r = **given[k];
-    TORCH_CHECK_VALUE(
-        r.dim() == 1 && r.size(0) == x.size(1) && r.is_contiguous() && r.device() == x.device(),
-        kOp, ": running statistics must be contiguous (channels,) tensors on ", x.device());
-    running[k] = r.scalar_type() == compute_options(x).dtype() ? r : r.to(compute_options(x));
-  }
+  RunningStats running(kOp, x, running_mean, running_var);
   auto y = at::empty(pooled_sizes(x), x.options());
   auto mean = at::empty({x.size(1)}, compute_options(x));
   auto invstd = at::empty({x.size(1)}, compute_options(x));
   check_launch(sophon_fast_bn_relu_pool_forward_cuda(
                    dtype_code(x.scalar_type()), x.const_data_ptr(), cptr(w), cptr(b),
                    y.mutable_data_ptr(), mean.mutable_data_ptr(), invstd.mutable_data_ptr(),
-                   mptr(running[0]), mptr(running[1]), x.size(0), x.size(1), x.size(2), x.size(3),
+                   running.mean(), running.var(), x.size(0), x.size(1), x.size(2), x.size(3),
                    momentum, eps, at::cuda::getCurrentCUDAStream().stream()),
                "bn_relu_pool forward kernel");
-  for (int k = 0; k < 2; ++k)
-    if (running[k].defined() && !running[k].is_same(**given[k])) (*given[k])->copy_(running[k]);
+  running.copy_back();
   return {like_input(y, cl), mean, invstd};
 }
 
@@ -156,24 +145,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_forward(
   std::vector<double> mean(channels), invstd(channels), var(channels);
   (nhwc ? bn_relu_pool_forward_cpu_nhwc : bn_relu_pool_forward_cpu)(
       x, ptr(w), ptr(b), y, mean.data(), invstd.data(), var.data(), eps);
-  // Running statistics exactly as torch: momentum * batch + (1 - momentum) *
-  // running, the variance unbiased (count / (count - 1)).
-  const double count = static_cast<double>(x.numel() / channels);
-  for (const auto* running : {&running_mean, &running_var}) {
-    if (!running->has_value() || !(*running)->defined()) continue;
-    at::Tensor r = **running;
-    TORCH_CHECK_VALUE(r.dim() == 1 && r.size(0) == channels && r.is_contiguous() && r.is_cpu(), kOp,
-                      ": running statistics must be contiguous CPU (channels,) tensors");
-    const bool is_var = running == &running_var;
-    const auto current = r.to(at::kDouble);
-    const double* cur = current.const_data_ptr<double>();
-    std::vector<double> updated(channels);
-    for (int64_t c = 0; c < channels; ++c) {
-      const double batch_stat = is_var ? var[c] * count / (count - 1.0) : mean[c];
-      updated[c] = momentum * batch_stat + (1.0 - momentum) * cur[c];
-    }
-    r.copy_(from_values(updated, r.options()));
-  }
+  update_running_stats_cpu(kOp, running_mean, running_var, mean, var,
+                           static_cast<double>(x.numel() / channels), momentum);
   const auto stats = x.options().dtype(at::kDouble);
   return {y, from_values(mean, stats), from_values(invstd, stats)};
 }
