@@ -13,6 +13,29 @@
 namespace sophon_fast {
 namespace channel_args {
 
+// x of a BatchNorm-family op: a float (N, C, H, W) tensor. The op adds its own
+// shape rules between this and check_x_device.
+inline void check_x_dtype_and_rank(const char* op, const at::Tensor& x) {
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK_TYPE(
+      dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
+      op, ": x must be float32, float64, float16 or bfloat16, got ", dtype);
+  TORCH_CHECK_VALUE(x.dim() == 4, op, ": x must be (batch, channels, height, width), got shape ",
+                    x.sizes());
+}
+
+inline void check_x_device(const char* op, const at::Tensor& x) {
+#ifdef SOPHON_FAST_WITH_CUDA
+  TORCH_CHECK_VALUE(x.is_cpu() || x.is_cuda(), op, ": x on ", x.device(),
+                    " is not supported by the compiled kernels (CPU and CUDA only); use the "
+                    "reference backend");
+#else
+  TORCH_CHECK_VALUE(x.is_cpu(), op, ": x on ", x.device(),
+                    " is not supported by the compiled kernels (CPU only); use the reference "
+                    "backend");
+#endif
+}
+
 // A (C,) per-channel tensor as float64 values (empty when absent).
 inline std::vector<double> channel_values(const char* op, const c10::optional<at::Tensor>& t,
                                           int64_t channels, const char* name) {

@@ -27,6 +27,8 @@ namespace {
 
 using channel_args::channel_tensor;
 using channel_args::channel_values;
+using channel_args::check_x_device;
+using channel_args::check_x_dtype_and_rank;
 using channel_args::compute_options;
 using channel_args::cptr;
 using channel_args::format;
@@ -40,24 +42,11 @@ using channel_args::update_running_stats_cpu;
 constexpr const char* kOp = "batch_norm";
 
 void check_input(const at::Tensor& x) {
-  const auto dtype = x.scalar_type();
-  TORCH_CHECK_TYPE(
-      dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
-      kOp, ": x must be float32, float64, float16 or bfloat16, got ", dtype);
-  TORCH_CHECK_VALUE(x.dim() == 4, kOp, ": x must be (batch, channels, height, width), got shape ",
-                    x.sizes());
+  check_x_dtype_and_rank(kOp, x);
   TORCH_CHECK_VALUE(x.size(0) * x.size(2) * x.size(3) > 1, kOp,
                     ": expected more than 1 value per channel when training, got input shape ",
                     x.sizes());
-#ifdef SOPHON_FAST_WITH_CUDA
-  TORCH_CHECK_VALUE(x.is_cpu() || x.is_cuda(), kOp, ": x on ", x.device(),
-                    " is not supported by the compiled kernels (CPU and CUDA only); use the "
-                    "reference backend");
-#else
-  TORCH_CHECK_VALUE(x.is_cpu(), kOp, ": x on ", x.device(),
-                    " is not supported by the compiled kernels (CPU only); use the reference "
-                    "backend");
-#endif
+  check_x_device(kOp, x);
 }
 
 void check_like(const at::Tensor& x, const at::Tensor& t, const char* name) {
