@@ -15,33 +15,21 @@
 
 #include <cstdint>
 
+#include "../cuda_channel.cuh"
 #include "../cuda_elementwise.cuh"
 #include "bn_relu_pool_cuda.h"
 
 namespace {
 
+using sophon_fast::cuda::block_sum;
 using sophon_fast::cuda::by_dtype;
 using sophon_fast::cuda::Compute;
 using sophon_fast::cuda::load_as;
+using sophon_fast::cuda::rsqrt_c;
 using sophon_fast::cuda::store_as;
+using sophon_fast::cuda::update_running;
 
-__device__ __forceinline__ float rsqrt_c(float x) { return rsqrtf(x); }
-__device__ __forceinline__ double rsqrt_c(double x) { return rsqrt(x); }
-
-constexpr int kThreads = 256;
-
-// Block-wide sum; every thread gets the result.
-template <typename C>
-__device__ C block_sum(C v, C* shared) {
-  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  __syncthreads();  // shared may still be read by a previous reduction
-  if (lane == 0) shared[warp] = v;
-  __syncthreads();
-  v = shared[0];
-  for (int w = 1; w < kThreads / 32; ++w) v += shared[w];
-  return v;
-}
+constexpr int kThreads = sophon_fast::cuda::kChannelThreads;
 
 struct Geometry {
   int64_t channels, height, width, pooled_h, pooled_w, count, pooled_count;
@@ -103,10 +91,7 @@ __global__ void forward_kernel(const T* __restrict__ x,
   if (threadIdx.x == 0) {
     mean_out[c] = mean;
     invstd_out[c] = invstd;
-    const C mo = static_cast<C>(momentum);
-    if (running_mean != nullptr) running_mean[c] = mo * mean + (C(1) - mo) * running_mean[c];
-    if (running_var != nullptr)
-      running_var[c] = mo * var * count / (count - C(1)) + (C(1) - mo) * running_var[c];
+    update_running(running_mean, running_var, c, mean, var, count, momentum);
   }
   const C a = invstd * (weight != nullptr ? weight[c] : C(1));
   const C b = (bias != nullptr ? bias[c] : C(0)) - mean * a;
