@@ -54,6 +54,47 @@ def _channel_offsets(
 
 
 @_triton.jit
+def _channel_affine(
+    c,
+    mean,
+    var,
+    invstd,
+    count,
+    momentum,
+    mean_ptr,
+    invstd_ptr,
+    running_mean_ptr,
+    running_var_ptr,
+    weight_ptr,
+    bias_ptr,
+    HAS_RUNNING: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+):
+    """Stores channel c's batch mean and invstd, updates its running statistics as torch does
+    (momentum * batch + (1 - momentum) * running, the variance unbiased over count values) and
+    returns (scale, shift) of the normalised affine output scale * x + shift. Shared by the
+    BatchNorm2d and BN + ReLU + MaxPool2d forward kernels."""
+    acc_ty = invstd.dtype
+    tl.store(mean_ptr + c, mean)
+    tl.store(invstd_ptr + c, invstd)
+    if HAS_RUNNING:
+        old_mean = tl.load(running_mean_ptr + c).to(acc_ty)
+        old_var = tl.load(running_var_ptr + c).to(acc_ty)
+        new_mean = momentum * mean + (1.0 - momentum) * old_mean
+        new_var = momentum * (var * count / (count - 1.0)) + (1.0 - momentum) * old_var
+        tl.store(running_mean_ptr + c, new_mean.to(running_mean_ptr.dtype.element_ty))
+        tl.store(running_var_ptr + c, new_var.to(running_var_ptr.dtype.element_ty))
+    scale = invstd
+    if HAS_WEIGHT:
+        scale = scale * tl.load(weight_ptr + c).to(acc_ty)
+    shift = -mean * scale
+    if HAS_BIAS:
+        shift = shift + tl.load(bias_ptr + c).to(acc_ty)
+    return scale, shift
+
+
+@_triton.jit
 def _batch_norm_forward_kernel(
     x_ptr,
     weight_ptr,
@@ -105,21 +146,10 @@ def _batch_norm_forward_kernel(
         total += tl.where(mask, d * d, 0.0)
     var = tl.sum(total, axis=0) / count
     invstd = 1.0 / tl.sqrt(var + eps)
-    tl.store(mean_ptr + c, mean)
-    tl.store(invstd_ptr + c, invstd)
-    if HAS_RUNNING:
-        old_mean = tl.load(running_mean_ptr + c).to(acc_ty)
-        old_var = tl.load(running_var_ptr + c).to(acc_ty)
-        new_mean = momentum * mean + (1.0 - momentum) * old_mean
-        new_var = momentum * (var * count / (count - 1.0)) + (1.0 - momentum) * old_var
-        tl.store(running_mean_ptr + c, new_mean.to(running_mean_ptr.dtype.element_ty))
-        tl.store(running_var_ptr + c, new_var.to(running_var_ptr.dtype.element_ty))
-    scale = invstd
-    if HAS_WEIGHT:
-        scale = scale * tl.load(weight_ptr + c).to(acc_ty)
-    shift = -mean * scale
-    if HAS_BIAS:
-        shift = shift + tl.load(bias_ptr + c).to(acc_ty)
+    scale, shift = _channel_affine(
+        c, mean, var, invstd, count, momentum, mean_ptr, invstd_ptr, running_mean_ptr,
+        running_var_ptr, weight_ptr, bias_ptr, HAS_RUNNING, HAS_WEIGHT, HAS_BIAS,
+    )  # fmt: skip
     for start in range(0, n_values, BLOCK_SIZE):
         offsets, i = _channel_offsets(
             start, c, n_hw, width, stride_n, stride_c, stride_h, stride_w, BLOCK_SIZE

@@ -47,7 +47,7 @@ from torch.autograd.function import once_differentiable
 from .. import _backend
 from ..reference import bn_relu_pool as _reference
 from . import _triton
-from .batch_norm import _compute_dtype, _dense, _split_float
+from .batch_norm import _channel_affine, _compute_dtype, _dense, _split_float
 
 OP_NAME = "bn_relu_pool"
 FUSED_BACKENDS = ("cpu", "cuda", "triton")
@@ -135,21 +135,10 @@ def _bn_relu_pool_forward_kernel(
     var = tl.maximum(tl.sum(total_sq, axis=0) / count - mean_shifted * mean_shifted, 0.0)
     mean = mean_shifted + shift
     invstd = 1.0 / tl.sqrt(var + eps)
-    tl.store(mean_ptr + c, mean)
-    tl.store(invstd_ptr + c, invstd)
-    if HAS_RUNNING:
-        old_mean = tl.load(running_mean_ptr + c).to(acc_ty)
-        old_var = tl.load(running_var_ptr + c).to(acc_ty)
-        new_mean = momentum * mean + (1.0 - momentum) * old_mean
-        new_var = momentum * (var * count / (count - 1.0)) + (1.0 - momentum) * old_var
-        tl.store(running_mean_ptr + c, new_mean.to(running_mean_ptr.dtype.element_ty))
-        tl.store(running_var_ptr + c, new_var.to(running_var_ptr.dtype.element_ty))
-    scale = invstd
-    if HAS_WEIGHT:
-        scale = scale * tl.load(weight_ptr + c).to(acc_ty)
-    shift_out = -mean * scale
-    if HAS_BIAS:
-        shift_out = shift_out + tl.load(bias_ptr + c).to(acc_ty)
+    scale, shift_out = _channel_affine(
+        c, mean, var, invstd, count, momentum, mean_ptr, invstd_ptr, running_mean_ptr,
+        running_var_ptr, weight_ptr, bias_ptr, HAS_RUNNING, HAS_WEIGHT, HAS_BIAS,
+    )  # fmt: skip
     for start in range(0, n_pooled, BLOCK_SIZE):
         j = start + tl.arange(0, BLOCK_SIZE)
         mask = j < n_pooled
