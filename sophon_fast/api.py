@@ -342,6 +342,39 @@ class ProtectConfig:
         return cls(**data)
 
 
+def _check_mask_counts(batches, adapt_masks, eval_masks) -> None:
+    if not (len(batches) == len(adapt_masks) == len(eval_masks)) or len(batches) == 0:
+        raise ValueError(
+            f"simulate: expected as many adapt and eval masks as batches (>= 1); got {len(batches)} batches, "
+            f"{len(adapt_masks)} adapt masks, {len(eval_masks)} eval masks"
+        )
+
+
+def _run_simulation(engine: str, module: nn.Module, batches, adapt_masks, eval_masks, **kwargs):
+    """One simulation of ``module`` on ``engine`` ("fast" or "reference"); ``kwargs`` go to the
+    engine's simulate function. Returns (loss, accuracy, parameter name -> meta-gradient)."""
+    if engine == "reference":
+        from sophon_fast.reference.sophon import simulate_reference
+
+        return simulate_reference(module, batches, adapt_masks, eval_masks, **kwargs)
+    from sophon_fast.engine.flat import FlatParams
+    from sophon_fast.engine.functional import FunctionalModel
+    from sophon_fast.engine.inner import simulate_flat
+    from sophon_fast.engine.sampling import masks_to_indices
+
+    flat = FlatParams.from_module(module)
+    device = flat.params.device
+    result = simulate_flat(
+        FunctionalModel(module, flat.layout),
+        flat,
+        batches,
+        [masks_to_indices(m, device) for m in adapt_masks],
+        [masks_to_indices(m, device) for m in eval_masks],
+        **kwargs,
+    )
+    return result.loss, result.accuracy, flat.named_params(result.meta_grad.to(flat.params.dtype))
+
+
 def _check_model(model, device, *, resume: bool, checkpoint_dir) -> torch.device:
     """Reject a model protect() cannot train; the run's device (``device``, or the model's)."""
     if not isinstance(model, nn.Module):
@@ -769,11 +802,7 @@ def simulate(
             model, batches, adapt_masks, eval_masks, config, adversary=adversary, engine=engine
         )
         return SimulationResult(loss=loss, accuracy=mse, meta_grad=grads)
-    if not (len(batches) == len(adapt_masks) == len(eval_masks)) or len(batches) == 0:
-        raise ValueError(
-            f"simulate: expected as many adapt and eval masks as batches (>= 1); got {len(batches)} batches, "
-            f"{len(adapt_masks)} adapt masks, {len(eval_masks)} eval masks"
-        )
+    _check_mask_counts(batches, adapt_masks, eval_masks)
     for k, ((x, y), adapt, evaluate) in enumerate(zip(batches, adapt_masks, eval_masks)):
         for label, mask in (("adapt", adapt), ("eval", evaluate)):
             if mask.dtype != torch.bool or mask.shape != y.shape or x.shape[0] != y.shape[0]:
@@ -792,44 +821,11 @@ def simulate(
     was_training = model.training
     loss_fn, ce = get_loss(config.loss), get_loss("ce")
     try:
-        if engine == "reference":
-            from sophon_fast.reference.sophon import simulate_reference
-
-            loss, accuracy, grads = simulate_reference(
-                model,
-                batches,
-                adapt_masks,
-                eval_masks,
-                suppression_loss=loss_fn,
-                adapt_loss=ce,
-                adversary=adversary,
-                order=config.order,
-                truncate=config.truncate,
-                head_values=head_values,
-            )
-        else:
-            from sophon_fast.engine.flat import FlatParams
-            from sophon_fast.engine.functional import FunctionalModel
-            from sophon_fast.engine.inner import simulate_flat
-            from sophon_fast.engine.sampling import masks_to_indices
-
-            flat = FlatParams.from_module(model)
-            device = flat.params.device
-            result = simulate_flat(
-                FunctionalModel(model, flat.layout),
-                flat,
-                batches,
-                [masks_to_indices(m, device) for m in adapt_masks],
-                [masks_to_indices(m, device) for m in eval_masks],
-                suppression_loss=loss_fn,
-                adapt_loss=ce,
-                adversary=adversary,
-                order=config.order,
-                truncate=config.truncate,
-                head_values=head_values,
-            )
-            loss, accuracy = result.loss, result.accuracy
-            grads = flat.named_params(result.meta_grad.to(flat.params.dtype))
+        loss, accuracy, grads = _run_simulation(
+            engine, model, batches, adapt_masks, eval_masks,
+            suppression_loss=loss_fn, adapt_loss=ce, adversary=adversary, order=config.order,
+            truncate=config.truncate, head_values=head_values,
+        )  # fmt: skip
     finally:
         model.train(was_training)
     return SimulationResult(loss=loss, accuracy=accuracy, meta_grad=grads)

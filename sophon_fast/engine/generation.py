@@ -601,14 +601,10 @@ def simulate_generation(
     """:func:`sophon_fast.simulate` for generation: ``batches`` are K triples ``(x0 (B, C, H, W),
     noise (B, C, H, W), t (B,) int64)``; ``accuracy`` of the result is the mean denoising MSE of the
     evaluation samples after each step. Returns (loss, mean MSE, name -> meta-gradient)."""
-    from sophon_fast.api import _choice
+    from sophon_fast.api import _check_mask_counts, _choice, _run_simulation
 
     _choice("engine", engine, ("fast", "reference"))
-    if not (len(batches) == len(adapt_masks) == len(eval_masks)) or len(batches) == 0:
-        raise ValueError(
-            f"simulate: expected as many adapt and eval masks as batches (>= 1); got {len(batches)} batches, "
-            f"{len(adapt_masks)} adapt masks, {len(eval_masks)} eval masks"
-        )
+    _check_mask_counts(batches, adapt_masks, eval_masks)
     task = DenoisingTask.from_config(config)
     prepared = []
     for k, batch in enumerate(batches):
@@ -642,27 +638,9 @@ def simulate_generation(
         metric=denoising_error_sum,
     )
     try:
-        if engine == "reference":
-            loss, mse, grads = simulate_reference(
-                wrapper, prepared, adapt_masks, eval_masks, **kwargs
-            )
-        else:
-            from sophon_fast.engine.flat import FlatParams
-            from sophon_fast.engine.functional import FunctionalModel
-            from sophon_fast.engine.sampling import masks_to_indices
-
-            flat = FlatParams.from_module(wrapper)
-            device = flat.params.device
-            result = simulate_flat(
-                FunctionalModel(wrapper, flat.layout),
-                flat,
-                prepared,
-                [masks_to_indices(m, device) for m in adapt_masks],
-                [masks_to_indices(m, device) for m in eval_masks],
-                **kwargs,
-            )
-            loss, mse = result.loss, result.accuracy
-            grads = flat.named_params(result.meta_grad.to(flat.params.dtype))
+        loss, mse, grads = _run_simulation(
+            engine, wrapper, prepared, adapt_masks, eval_masks, **kwargs
+        )
     finally:
         model.train(was_training)
     prefix = "model."
