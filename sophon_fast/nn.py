@@ -132,6 +132,27 @@ class FusedBatchNormReLUMaxPool2d(nn.BatchNorm2d):
         )
 
 
+def _fuse_runs(model: nn.Module, length: int, matches, fused) -> nn.Module:
+    """In every ``nn.Sequential`` of ``model``, each run of ``length`` consecutive children with
+    ``matches(*children)`` true becomes ``fused(first child)`` followed by ``nn.Identity``s (the
+    container keeps its child names); runs are taken left to right, without overlap."""
+    for container in list(model.modules()):
+        if type(container) is not nn.Sequential:
+            continue
+        names = list(container._modules)
+        i = 0
+        while i + length <= len(names):
+            run = names[i : i + length]
+            if matches(*(container._modules[n] for n in run)):
+                container._modules[run[0]] = fused(container._modules[run[0]])
+                for name in run[1:]:
+                    container._modules[name] = nn.Identity()
+                i += length
+            else:
+                i += 1
+    return model
+
+
 def _is_pool_2x2(module: nn.Module) -> bool:
     """An exact nn.MaxPool2d with kernel 2, stride 2, no padding, dilation 1, floor, no indices."""
 
@@ -169,25 +190,19 @@ def fuse_bn_relu_pool(model: nn.Module) -> nn.Module:
     Returns:
         ``model`` (the same object), for chaining.
     """
-    for container in list(model.modules()):
-        if type(container) is not nn.Sequential:
-            continue
-        names = list(container._modules)
-        i = 0
-        while i + 2 < len(names):
-            bn, relu, pool = (container._modules[n] for n in names[i : i + 3])
-            if (
-                type(bn) in (nn.BatchNorm2d, FusedBatchNorm2d)
-                and type(relu) is nn.ReLU
-                and _is_pool_2x2(pool)
-            ):
-                bn.__class__ = FusedBatchNormReLUMaxPool2d
-                container._modules[names[i + 1]] = nn.Identity()
-                container._modules[names[i + 2]] = nn.Identity()
-                i += 3
-            else:
-                i += 1
-    return model
+
+    def matches(bn, relu, pool):
+        return (
+            type(bn) in (nn.BatchNorm2d, FusedBatchNorm2d)
+            and type(relu) is nn.ReLU
+            and _is_pool_2x2(pool)
+        )
+
+    def fused(bn):
+        bn.__class__ = FusedBatchNormReLUMaxPool2d
+        return bn
+
+    return _fuse_runs(model, 3, matches, fused)
 
 
 class FusedReLUMaxPool2d(nn.Module):
@@ -220,17 +235,8 @@ def fuse_relu_pool(model: nn.Module) -> nn.Module:
     Returns:
         ``model`` (the same object), for chaining.
     """
-    for container in list(model.modules()):
-        if type(container) is not nn.Sequential:
-            continue
-        names = list(container._modules)
-        i = 0
-        while i + 1 < len(names):
-            relu, pool = (container._modules[n] for n in names[i : i + 2])
-            if type(relu) is nn.ReLU and _is_pool_2x2(pool):
-                container._modules[names[i]] = FusedReLUMaxPool2d()
-                container._modules[names[i + 1]] = nn.Identity()
-                i += 2
-            else:
-                i += 1
-    return model
+
+    def matches(relu, pool):
+        return type(relu) is nn.ReLU and _is_pool_2x2(pool)
+
+    return _fuse_runs(model, 2, matches, lambda relu: FusedReLUMaxPool2d())
