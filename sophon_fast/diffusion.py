@@ -179,6 +179,19 @@ class NoiseSchedule:
 
     # ------------------------------------------------------------------ maps
 
+    def _check_map_inputs(
+        self, name: str, x: torch.Tensor, t: torch.Tensor, other_name: str, other: torch.Tensor
+    ) -> None:
+        """x (batch, *), t valid timesteps for that batch, other shaped like x."""
+        if x.dim() < 1:
+            raise ValueError(f"{name} must have a leading batch dimension; got a 0-dim tensor")
+        self.check_timesteps(t, x.shape[0])
+        if other.shape != x.shape:
+            raise ValueError(
+                f"{other_name} must have the shape of {name} {tuple(x.shape)}; "
+                f"got {tuple(other.shape)}"
+            )
+
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """Noise clean images to timestep ``t``: ``sqrt(alpha_bar[t]) x0 + sqrt(1 - alpha_bar[t]) noise``.
 
@@ -200,13 +213,7 @@ class NoiseSchedule:
         Shapes:
             x0: (batch, *), t: (batch,), noise: (batch, *) -> (batch, *)
         """
-        if x0.dim() < 1:
-            raise ValueError("x0 must have a leading batch dimension; got a 0-dim tensor")
-        self.check_timesteps(t, x0.shape[0])
-        if noise.shape != x0.shape:
-            raise ValueError(
-                f"noise must have the shape of x0 {tuple(x0.shape)}; got {tuple(noise.shape)}"
-            )
+        self._check_map_inputs("x0", x0, t, "noise", noise)
         return (
             self._coefficient("sqrt_alpha_bars", t, x0) * x0
             + self._coefficient("sqrt_one_minus_alpha_bars", t, x0) * noise
@@ -230,13 +237,7 @@ class NoiseSchedule:
         Shapes:
             x_t: (batch, *), t: (batch,), eps: (batch, *) -> (batch, *)
         """
-        if x_t.dim() < 1:
-            raise ValueError("x_t must have a leading batch dimension; got a 0-dim tensor")
-        self.check_timesteps(t, x_t.shape[0])
-        if eps.shape != x_t.shape:
-            raise ValueError(
-                f"eps must have the shape of x_t {tuple(x_t.shape)}; got {tuple(eps.shape)}"
-            )
+        self._check_map_inputs("x_t", x_t, t, "eps", eps)
         return (
             x_t - self._coefficient("sqrt_one_minus_alpha_bars", t, x_t) * eps
         ) / self._coefficient("sqrt_alpha_bars", t, x_t)
