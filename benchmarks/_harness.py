@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from sophon_fast import cpu_cache
+from sophon_fast import _backend, cpu_cache
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -200,6 +200,17 @@ def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float | No
     base = _rss_bytes()
     fn()
     return max(0, _peak_rss_bytes() - base) / 2**20
+
+
+def fused_backends(device: torch.device) -> list[str]:
+    """The compiled fused backends that run on ``device`` (cuda and compiled Triton on a GPU,
+    cpu on the CPU); interpreted Triton is left out: its timings say nothing about a kernel."""
+    return [
+        name
+        for name in ("cuda", "cpu", "triton")
+        if _backend.why_unavailable(name, device) is None
+        and not (name == "triton" and _backend.triton_mode() == "interpreted")
+    ]
 
 
 def copy_bandwidth_gbps(device: torch.device, n_bytes: int, repeats: int = 7) -> float:

@@ -27,16 +27,6 @@ SMALL_CNN_SHAPES = ((130, 32, 28, 28), (130, 64, 14, 14))
 BYTES_PER_ELEMENT = 14  # fp32: forward 4 + 1, backward 4 + 1 + 4
 
 
-def _fused_backends(device: torch.device) -> list[str]:
-    """Every compiled fused backend here (cuda and Triton on a GPU, cpu on the CPU)."""
-    return [
-        name
-        for name in ("cuda", "cpu", "triton")
-        if _backend.why_unavailable(name, device) is None
-        and not (name == "triton" and _backend.triton_mode() == "interpreted")
-    ]
-
-
 def _eager(x, weight, bias, running_mean, running_var):
     z = F.batch_norm(x, running_mean, running_var, weight, bias, True, 0.1, 1e-5)
     return F.max_pool2d(F.relu(z), 2, 2)
@@ -58,7 +48,7 @@ def _records(shape, channels_last, device, repeats, env, copy_gbps):
         return torch.autograd.grad(y, (x, weight, bias), grad_y)
 
     fns = {"eager": eager}
-    for backend in _fused_backends(device):
+    for backend in _harness.fused_backends(device):
 
         def fused(backend=backend):
             with _backend.use_backend(backend):

@@ -52,15 +52,6 @@ _BC1 = 1 - BETAS[0] ** (STEP + 1)
 _SQRT_BC2 = math.sqrt(1 - BETAS[1] ** (STEP + 1))
 
 
-def _fused_backends(device):
-    return [
-        name
-        for name in ("cpu", "cuda", "triton")
-        if _backend.why_unavailable(name, device) is None
-        and not (name == "triton" and _backend.triton_mode() == "interpreted")
-    ]
-
-
 # Eager per-tensor updates (the baseline a MAML library runs), out of place and differentiable.
 def _eager(update, params, grads, states):
     if update == "momentum":
@@ -144,7 +135,7 @@ def _forward_records(update, case, shapes, device, repeats, env, copy_gbps):
         "eager": lambda: _eager(update, params, grads, states),
         "foreach": lambda: _foreach(update, params, grads, states),
     }
-    for backend in _fused_backends(device):
+    for backend in _harness.fused_backends(device):
 
         def fused(backend=backend):
             with _backend.use_backend(backend):
@@ -207,7 +198,7 @@ def _backward_records(update, case, shapes, device, repeats, env, copy_gbps):
             eager_outputs, eager_inputs, eager_grad_outputs, retain_graph=True
         )
     }
-    for backend in _fused_backends(device):
+    for backend in _harness.fused_backends(device):
         with _backend.use_backend(backend):
             flat_outputs = _fused(update, flat_inputs[0], flat_inputs[1], flat_inputs[2:], step)
         flat_grad_outputs = [torch.randn_like(t) for t in flat_outputs]
@@ -271,7 +262,7 @@ def _in_place_records(case, shapes, device, repeats, env, copy_gbps):
             else:
                 baseline = optimizer.step
             fns[f"torch.optim {impl}"] = baseline
-        for backend in _fused_backends(device):
+        for backend in _harness.fused_backends(device):
             args = (flat_p, flat_g, *states, step, LR)
 
             def fused(backend=backend, kind=kind, args=args):

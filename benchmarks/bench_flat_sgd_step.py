@@ -25,16 +25,6 @@ FORWARD_BYTES_PER_PARAM = 12  # read params, grad; write params' (fp32)
 BACKWARD_BYTES_PER_PARAM = 8  # read d_out; write d_grad (d_params is d_out: weight_decay = 0)
 
 
-def _fused_backends(device: torch.device) -> list[str]:
-    names = []
-    for name in ("cpu", "cuda", "triton"):
-        if _backend.why_unavailable(name, device) is None and not (
-            name == "triton" and _backend.triton_mode() == "interpreted"
-        ):
-            names.append(name)
-    return names
-
-
 def _make(shapes, device, requires_grad=False):
     tensors = [torch.randn(s, device=device, requires_grad=requires_grad) for s in shapes]
     return tensors
@@ -50,7 +40,7 @@ def _forward_records(case, shapes, device, repeats, env, copy_gbps):
         "eager": lambda: [p - LR * g for p, g in zip(params, grads)],
         "foreach": lambda: torch._foreach_add(params, grads, alpha=-LR),
     }
-    for backend in _fused_backends(device):
+    for backend in _harness.fused_backends(device):
 
         def fused(backend=backend):
             with _backend.use_backend(backend):
@@ -99,7 +89,7 @@ def _forward_backward_records(case, shapes, device, repeats, env, copy_gbps):
         return torch.autograd.grad(outs, params + grads, grad_outs)
 
     fns = {"eager": eager_fwd_bwd}
-    for backend in _fused_backends(device):
+    for backend in _harness.fused_backends(device):
 
         def fused_fwd_bwd(backend=backend):
             with _backend.use_backend(backend):

@@ -31,17 +31,8 @@ LOSS_SHAPES = ((150, 10), (4096, 1000))
 RESNET18_BN_SHAPES = ((32, 64, 32, 32), (32, 128, 16, 16), (32, 256, 8, 8), (32, 512, 4, 4))
 
 
-def _fused_backend(device: torch.device) -> str | None:
-    for name in ("cuda", "cpu", "triton"):
-        if _backend.why_unavailable(name, device) is None and not (
-            name == "triton" and _backend.triton_mode() == "interpreted"
-        ):
-            return name
-    return None
-
-
 def _loss_records(device, repeats, env):
-    backend = _fused_backend(device)
+    backend = next(iter(_harness.fused_backends(device)), None)
     records = []
     for batch, classes in LOSS_SHAPES:
         logits = torch.randn(batch, classes, device=device, requires_grad=True)
@@ -75,20 +66,10 @@ def _loss_records(device, repeats, env):
     return records
 
 
-def _fused_backends(device: torch.device) -> list[str]:
-    """Every compiled fused backend here (cuda and Triton on a GPU, cpu on the CPU)."""
-    return [
-        name
-        for name in ("cuda", "cpu", "triton")
-        if _backend.why_unavailable(name, device) is None
-        and not (name == "triton" and _backend.triton_mode() == "interpreted")
-    ]
-
-
 def _bn_records(device, repeats, env):
     return [
         record
-        for backend in _fused_backends(device)
+        for backend in _harness.fused_backends(device)
         for record in _bn_backend_records(device, backend, repeats, env)
     ]
 
