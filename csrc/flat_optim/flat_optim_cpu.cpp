@@ -5,16 +5,16 @@
 // 3-8 eager ops of the same update.
 //
 // On float/double buffers the forwards and the Adam/RMSprop backwards run
-// that maths on packed vectors in one pass (flat_optim_cpu_packed.h, built for
-// SSE2 and for AVX2). The fp16/bf16 Adam/RMSprop loops stage each 256-element
-// chunk through local arrays instead (outputs may alias inputs in the in-place
+// that maths on packed vectors in one pass (flat_optim_cpu_packed.h), built
+// for SSE2 and, under GCC, for AVX2, picked at run time where the CPU has it
+// (the extension itself is compiled for baseline x86-64);
+// SOPHON_FAST_NO_AVX2=1 (read at each call) runs the SSE2 build, so tests
+// compare the two. No FMA: both builds round alike. The fp16/bf16 Adam/RMSprop
+// loops (and every float/double loop off x86) stage each 256-element chunk
+// through local arrays instead (outputs may alias inputs in the in-place
 // steps; with locals the compiler can prove they do not and vectorise the
-// maths; 1 KiB per array stays in L1) and take the chunk's roots with packed
-// SIMD instructions.
-// Every loop has an AVX2 build picked at run time where the CPU has it (the
-// extension itself is compiled for baseline x86-64); SOPHON_FAST_NO_AVX2=1
-// (read at each call) runs the baseline build, so tests compare the two. No
-// FMA: the AVX2 build rounds exactly as the baseline one.
+// maths; 1 KiB per array stays in L1) and take the chunk's roots with SSE2
+// instructions on x86.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -37,11 +37,9 @@
 #if defined(__GNUC__) && defined(__x86_64__)
 #include <immintrin.h>
 #define SF_X86 1
-#define SF_AVX2 __attribute__((target("avx2")))
 #define SF_INLINE __attribute__((always_inline)) inline
 #else
 #define SF_X86 0
-#define SF_AVX2
 #define SF_INLINE inline
 #endif
 
@@ -93,62 +91,9 @@ void sqrt_nonneg(const C* x, C* root, int64_t len) {
   for (; j < len; ++j) root[j] = optim::sqrt_pos(x[j]);
 }
 
-#if SF_X86
-template <typename C>
-SF_AVX2 void sqrt_nonneg_avx2(const C* x, C* root, int64_t len) {
-  int64_t j = 0;
-  if constexpr (std::is_same_v<C, float>) {
-    for (; j + 8 <= len; j += 8)
-      _mm256_storeu_ps(root + j,
-                       _mm256_sqrt_ps(_mm256_max_ps(_mm256_loadu_ps(x + j), _mm256_setzero_ps())));
-  } else {
-    for (; j + 4 <= len; j += 4)
-      _mm256_storeu_pd(root + j,
-                       _mm256_sqrt_pd(_mm256_max_pd(_mm256_loadu_pd(x + j), _mm256_setzero_pd())));
-  }
-  for (; j < len; ++j) root[j] = optim::sqrt_pos(x[j]);
-}
-
-// dst[0:len] = src[0:len] with non-temporal stores: a fresh output is not read
-// again before it leaves the cache, and skipping the read-for-ownership of
-// its lines saves a third of an out-of-place update's traffic. Callers fence.
-template <typename C>
-SF_AVX2 void stream_store(C* dst, const C* src, int64_t len) {
-  int64_t j = 0;
-  for (; j < len && (reinterpret_cast<uintptr_t>(dst + j) & 31) != 0; ++j) dst[j] = src[j];
-  if constexpr (std::is_same_v<C, float>) {
-    for (; j + 8 <= len; j += 8) _mm256_stream_ps(dst + j, _mm256_loadu_ps(src + j));
-  } else {
-    for (; j + 4 <= len; j += 4) _mm256_stream_pd(dst + j, _mm256_loadu_pd(src + j));
-  }
-  for (; j < len; ++j) dst[j] = src[j];
-}
-#endif
-
-template <typename C, bool AVX2>
-SF_INLINE void roots(const C* x, C* root, int64_t len) {
-#if SF_X86
-  if constexpr (AVX2) {
-    sqrt_nonneg_avx2(x, root, len);
-    return;
-  }
-#endif
-  sqrt_nonneg(x, root, len);
-}
-
-// Writes a chunk of one output: streamed on the AVX2 path for fresh outputs
-// (T == C there), plain stores otherwise.
-template <typename T, typename C, bool AVX2>
-SF_INLINE void put(T* dst, const C* src, int64_t len, bool stream) {
-#if SF_X86
-  if constexpr (AVX2 && std::is_same_v<T, C>) {
-    if (stream) {
-      stream_store(dst, src, len);
-      return;
-    }
-  }
-#endif
-  (void)stream;
+// Writes a chunk of one output, converting to the storage type.
+template <typename T, typename C>
+SF_INLINE void put(T* dst, const C* src, int64_t len) {
   for (int64_t j = 0; j < len; ++j) dst[j] = static_cast<T>(src[j]);
 }
 
@@ -170,7 +115,7 @@ struct AdamArgs {
   bool stream;  // non-temporal stores: outputs are fresh (not the inputs) and large
 };
 
-template <typename T, typename C, bool AVX2>
+template <typename T, typename C>
 SF_INLINE void adam_forward_range(const AdamArgs<T, C>& args, int64_t begin, int64_t end) {
   const AdamArgs<T, C> k = args;  // a local copy: the outputs cannot alias it
   C xp[kChunk], xg[kChunk], xm[kChunk], xv[kChunk];
@@ -188,16 +133,16 @@ SF_INLINE void adam_forward_range(const AdamArgs<T, C>& args, int64_t begin, int
       xm[j] = new_m;
       xv[j] = new_v;
     }
-    roots<C, AVX2>(xv, xg, len);  // d is no longer needed: its slot takes the roots
+    sqrt_nonneg(xv, xg, len);  // d is no longer needed: its slot takes the roots
     for (int64_t j = 0; j < len; ++j)
       xp[j] = optim::adam_finish<C>(xp[j], xm[j], xg[j], k.step_size, k.sqrt_bc2, k.hp);
-    put<T, C, AVX2>(k.out_p + i0, xp, len, k.stream);
-    put<C, C, AVX2>(k.out_m + i0, xm, len, k.stream);
-    put<C, C, AVX2>(k.out_v + i0, xv, len, k.stream);
+    put(k.out_p + i0, xp, len);
+    put(k.out_m + i0, xm, len);
+    put(k.out_v + i0, xv, len);
   }
 }
 
-template <typename T, typename C, bool AVX2>
+template <typename T, typename C>
 SF_INLINE void adam_backward_range(const AdamArgs<T, C>& args, int64_t begin, int64_t end) {
   const AdamArgs<T, C> k = args;
   C xa[kChunk], xcm[kChunk], xcv[kChunk], xp[kChunk], xg[kChunk], xm[kChunk], xv[kChunk];
@@ -222,7 +167,7 @@ SF_INLINE void adam_backward_range(const AdamArgs<T, C>& args, int64_t begin, in
       xm[j] = new_m;
       xv[j] = new_v;
     }
-    roots<C, AVX2>(xv, xp, len);  // params are no longer needed: their slot takes the roots
+    sqrt_nonneg(xv, xp, len);  // params are no longer needed: their slot takes the roots
     for (int64_t j = 0; j < len; ++j) {
       C gp, gg, gm, gv;
       optim::adam_vjp<C>(xa[j], xcm[j], xcv[j], xg[j], xm[j], xv[j], xp[j], k.step_size, k.sqrt_bc2,
@@ -232,10 +177,10 @@ SF_INLINE void adam_backward_range(const AdamArgs<T, C>& args, int64_t begin, in
       xm[j] = gm;
       xv[j] = gv;
     }
-    put<T, C, AVX2>(k.out_p + i0, xa, len, k.stream);
-    put<T, C, AVX2>(k.out_g + i0, xg, len, k.stream);
-    put<C, C, AVX2>(k.out_m + i0, xm, len, k.stream);
-    put<C, C, AVX2>(k.out_v + i0, xv, len, k.stream);
+    put(k.out_p + i0, xa, len);
+    put(k.out_g + i0, xg, len);
+    put(k.out_m + i0, xm, len);
+    put(k.out_v + i0, xv, len);
   }
 }
 
@@ -256,7 +201,7 @@ struct RmspropArgs {
   bool stream;
 };
 
-template <typename T, typename C, bool AVX2>
+template <typename T, typename C>
 SF_INLINE void rmsprop_forward_range(const RmspropArgs<T, C>& args, int64_t begin, int64_t end) {
   const RmspropArgs<T, C> k = args;
   const bool centered = k.ga != nullptr;
@@ -280,15 +225,15 @@ SF_INLINE void rmsprop_forward_range(const RmspropArgs<T, C>& args, int64_t begi
       xga[j] = new_ga;
       xq[j] = q;
     }
-    roots<C, AVX2>(xq, xq, len);
+    sqrt_nonneg(xq, xq, len);
     for (int64_t j = 0; j < len; ++j) xp[j] = optim::rmsprop_finish<C>(xp[j], xg[j], xq[j], k.hp);
-    put<T, C, AVX2>(k.out_p + i0, xp, len, k.stream);
-    put<C, C, AVX2>(k.out_v + i0, xv, len, k.stream);
-    if (centered) put<C, C, AVX2>(k.out_ga + i0, xga, len, k.stream);
+    put(k.out_p + i0, xp, len);
+    put(k.out_v + i0, xv, len);
+    if (centered) put(k.out_ga + i0, xga, len);
   }
 }
 
-template <typename T, typename C, bool AVX2>
+template <typename T, typename C>
 SF_INLINE void rmsprop_backward_range(const RmspropArgs<T, C>& args, int64_t begin, int64_t end) {
   const RmspropArgs<T, C> k = args;
   const bool centered = k.ga != nullptr;
@@ -321,7 +266,7 @@ SF_INLINE void rmsprop_backward_range(const RmspropArgs<T, C>& args, int64_t beg
       xga[j] = new_ga;
       xq[j] = q;
     }
-    roots<C, AVX2>(xq, xp, len);  // params are no longer needed: their slot takes the roots
+    sqrt_nonneg(xq, xp, len);  // params are no longer needed: their slot takes the roots
     for (int64_t j = 0; j < len; ++j) {
       C gp, gg, gv, gga;
       optim::rmsprop_vjp<C>(xa[j], xcv[j], xcga[j], xg[j], xga[j], xq[j], xp[j], centered, k.hp, gp,
@@ -331,10 +276,10 @@ SF_INLINE void rmsprop_backward_range(const RmspropArgs<T, C>& args, int64_t beg
       xv[j] = gv;
       xga[j] = gga;
     }
-    put<T, C, AVX2>(k.out_p + i0, xa, len, k.stream);
-    put<T, C, AVX2>(k.out_g + i0, xg, len, k.stream);
-    put<C, C, AVX2>(k.out_v + i0, xv, len, k.stream);
-    if (centered) put<C, C, AVX2>(k.out_ga + i0, xga, len, k.stream);
+    put(k.out_p + i0, xa, len);
+    put(k.out_g + i0, xg, len);
+    put(k.out_v + i0, xv, len);
+    if (centered) put(k.out_ga + i0, xga, len);
   }
 }
 
@@ -384,29 +329,13 @@ constexpr int kVectorBytes = 32;
   } while (0)
 #endif
 
-inline void store_fence() {
-#if SF_X86
-  _mm_sfence();
-#endif
-}
-
-// Each range kernel twice: baseline x86-64 and an AVX2 build, picked at run
-// time. fp16/bf16 run the baseline only (their conversions dominate).
-#define SF_RANGE_DISPATCH(NAME, ARGS_T)                                            \
-  template <typename T, typename C>                                                \
-  SF_AVX2 void NAME##_avx2(const ARGS_T<T, C>& args, int64_t begin, int64_t end) { \
-    NAME<T, C, true>(args, begin, end);                                            \
-    if (args.stream) store_fence(); /* streamed stores visible before the join */  \
-  }                                                                                \
-  template <typename T, typename C>                                                \
-  void NAME##_run(const ARGS_T<T, C>& args, int64_t numel) {                       \
-    const bool avx2 = SF_X86 && has_avx2() && std::is_same_v<T, C>;                \
-    at::parallel_for(0, numel, kGrain, [&](int64_t begin, int64_t end) {           \
-      if (avx2)                                                                    \
-        NAME##_avx2<T, C>(args, begin, end);                                       \
-      else                                                                         \
-        NAME<T, C, false>(args, begin, end);                                       \
-    });                                                                            \
+// The staged loops (fp16/bf16 buffers, and float/double off x86), across
+// threads.
+#define SF_RANGE_DISPATCH(NAME, ARGS_T)                                                  \
+  template <typename T, typename C>                                                      \
+  void NAME##_run(const ARGS_T<T, C>& args, int64_t numel) {                             \
+    at::parallel_for(0, numel, kGrain,                                                   \
+                     [&](int64_t begin, int64_t end) { NAME<T, C>(args, begin, end); }); \
   }
 
 SF_RANGE_DISPATCH(adam_forward_range, AdamArgs)
