@@ -17,13 +17,13 @@ otherwise) is reported beside it, with the same arms, so the report shows where 
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ._json import strict_json
 from .api import ProtectConfig, ProtectResult, protect
 from .attacks import FineTuneAttack, finetune
 from .data import load_builtin
@@ -193,7 +193,7 @@ def run_demo(
         "quick": quick,
         "seconds": seconds,
     }
-    atomic_write_text(out / "report.json", json.dumps(report, indent=1))
+    atomic_write_text(out / "report.json", strict_json(report, indent=1))
     _plot(curves, out / "restricted_accuracy.png")
     _print(format_report(report), progress)
     return report

@@ -17,13 +17,13 @@ Inception score) reports the share of each arm's samples that look like faces.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ._json import strict_json
 from .api import ProtectConfig, ProtectResult, protect
 from .attacks.attack import Attack
 from .attacks.generation import evaluate_generation, image_grid, write_png
@@ -238,7 +238,7 @@ def run_generation_demo(
         "protected_at_least_scratch": final["protected"] >= final["scratch"],
         "original_within_20_percent": abs(data["original_mse_ratio"] - 1.0) <= 0.2,
     }
-    atomic_write_text(out / "report.json", json.dumps(data, indent=1))
+    atomic_write_text(out / "report.json", strict_json(data, indent=1))
     return data
 
 

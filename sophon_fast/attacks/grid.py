@@ -287,6 +287,8 @@ def load_grid(source: str | dict | None = None, *, quick: bool = False) -> GridC
         raise FileNotFoundError(f"grid config {path} does not exist")
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
     except tomllib.TOMLDecodeError as error:
         raise ValueError(f"{path} is not valid TOML: {error}") from None
     if "grid" not in raw:

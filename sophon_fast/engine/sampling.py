@@ -18,6 +18,7 @@ generator. The engines receive the drawn tensors and never touch the generator.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -67,12 +68,42 @@ def as_tensors(data, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     if isinstance(data, Dataset) and hasattr(data, "__len__"):
         if len(data) == 0:
             raise ValueError(f"{name}: the Dataset is empty; expected at least one sample")
-        items = [data[i] for i in range(len(data))]
+        items = [_pair(data[i], i, name) for i in range(len(data))]
         xs = torch.stack([torch.as_tensor(item[0]) for item in items])
-        ys = torch.as_tensor([int(item[1]) for item in items], dtype=torch.int64)
+        ys = torch.as_tensor(
+            [_label(item[1], i, name) for i, item in enumerate(items)], dtype=torch.int64
+        )
         return xs, ys
     raise TypeError(
         f"{name}: expected an (images, labels) tensor pair, a Dataset or a DataLoader; got {type(data).__name__}"
+    )
+
+
+def _pair(item, index: int, name: str):
+    """A map-style dataset's item must be an (x, y) pair (a dict item raised KeyError: 0)."""
+    if not (isinstance(item, (tuple, list)) and len(item) == 2):
+        raise TypeError(
+            f"{name}: dataset item {index} is a {type(item).__name__}"
+            f"{f' of length {len(item)}' if isinstance(item, (tuple, list)) else ''}; "
+            "expected an (x, y) pair"
+        )
+    return item
+
+
+def _label(value, index: int, name: str) -> int:
+    """An integer class index; a float label (1.7) was truncated to 1 silently."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
+            raise ValueError(
+                f"{name}: dataset item {index} has a {value.dtype} label {value.item()!r}; "
+                "expected an integer class index"
+            )
+        return int(value.item())
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    raise ValueError(
+        f"{name}: dataset item {index} has the label {value!r} ({type(value).__name__}); "
+        "expected an integer class index"
     )
 
 
