@@ -2,15 +2,26 @@
 
 Backends:
     reference  pure PyTorch (:mod:`sophon_fast.reference`): always available, any device.
-    cpu        C++ kernels in the compiled extension ``sophon_fast._C`` (CPU tensors).
+    cpu        C++ kernels in the compiled extension (CPU tensors).
     triton     Triton kernels: compiled on CUDA tensors; on a machine without a CUDA device they run
                under Triton's interpreter on CPU tensors (slow: for tests, never chosen by ``auto``).
-    cuda       CUDA C++ kernels in ``sophon_fast._C`` (CUDA tensors; needs a CUDA build).
+    cuda       CUDA C++ kernels in the compiled extension (CUDA tensors; needs a CUDA build).
+
+The compiled extension is two modules (setup.py): ``sophon_fast._C_cuda`` (CPU and CUDA dispatch,
+built only with a CUDA torch and nvcc, optional) and ``sophon_fast._C`` (CPU only, always built).
+:func:`extension` is the first of them that imports; both have the same functions, and
+``with_cuda`` says which one it is. When the CUDA one failed to build, the reason is kept in
+``sophon_fast/_C_cuda_build_error.txt`` and reported as the cuda backend's.
 
 ``auto`` (the default) picks per op and device from :data:`AUTO_ORDER`, first available wins.
+Before ``auto`` first picks the cuda backend on a device it runs a tiny op there against the
+reference (once per device): a kernel image that does not run (architecture mismatch, broken
+build) gives one warning naming the device and the reason, and ``auto`` takes the next backend.
 ``SOPHON_FAST_BACKEND=<name>`` or :func:`use_backend` forces one backend for every op; a forced
-backend that cannot run the op raises :class:`BackendUnavailableError` instead of falling back.
-``SOPHON_FAST_NO_EXT=1`` at run time ignores a built extension (as if installed without it).
+backend that cannot run the op raises :class:`BackendUnavailableError` instead of falling back
+(and a forced cuda backend is never probed: its kernels' own errors surface).
+``SOPHON_FAST_NO_EXT=1`` at run time ignores a built extension (as if installed without it);
+``SOPHON_FAST_NO_CUDA=1`` ignores only ``sophon_fast._C_cuda`` (CPU kernels from ``_C``).
 """
 
 from __future__ import annotations
@@ -19,13 +30,18 @@ import contextlib
 import functools
 import os
 import threading
+import warnings
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 
 BACKENDS = ("reference", "cpu", "triton", "cuda")
 ENV_BACKEND = "SOPHON_FAST_BACKEND"
 ENV_NO_EXT = "SOPHON_FAST_NO_EXT"
+ENV_NO_CUDA = "SOPHON_FAST_NO_CUDA"
+# Left by setup.py beside the modules when sophon_fast._C_cuda failed to build.
+CUDA_BUILD_ERROR_FILE = "_C_cuda_build_error.txt"
 
 # Preference per device type when nothing is forced; an op may override it in AUTO_ORDER_BY_OP
 # once measurements say another order is faster for it.
@@ -47,20 +63,49 @@ def _flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def _cuda_module_missing(exc: ImportError) -> str:
+    """Why sophon_fast._C_cuda did not import, in words."""
+    note = Path(__file__).with_name(CUDA_BUILD_ERROR_FILE)
+    if note.is_file():
+        first = (note.read_text(errors="replace").strip().splitlines() or ["?"])[0]
+        return (
+            f"the CUDA part of the extension failed to build ({first}; see {note}); the CPU "
+            "extension sophon_fast._C is in use"
+        )
+    if isinstance(exc, ModuleNotFoundError) and exc.name == f"{__package__}._C_cuda":
+        return "the extension was built without CUDA (no CUDA torch or no nvcc at build time)"
+    return f"the CUDA extension sophon_fast._C_cuda is not importable ({exc})"
+
+
 @functools.cache
 def _load_extension():
-    """Import ``sophon_fast._C`` once; returns (module or None, reason it is missing)."""
+    """Import the extension once: ``sophon_fast._C_cuda`` if it imports, else ``sophon_fast._C``.
+
+    Returns:
+        (module or None, why there is none, why the cuda backend has no kernels ('' if it has)).
+    """
     if _flag(ENV_NO_EXT):
-        return None, f"{ENV_NO_EXT}=1 is set"
+        return None, f"{ENV_NO_EXT}=1 is set", f"{ENV_NO_EXT}=1 is set"
+    if _flag(ENV_NO_CUDA):
+        cuda_reason = f"{ENV_NO_CUDA}=1 is set"
+    elif torch.version.cuda is None:
+        cuda_reason = "torch was built without CUDA"
+    else:
+        try:
+            from . import _C_cuda  # noqa: PLC0415
+        except ImportError as exc:
+            cuda_reason = _cuda_module_missing(exc)
+        else:
+            return _C_cuda, "", ""
     try:
         from . import _C  # noqa: PLC0415
     except ImportError as exc:
-        return None, f"the compiled extension sophon_fast._C is not importable ({exc})"
-    return _C, ""
+        return None, f"the compiled extension sophon_fast._C is not importable ({exc})", cuda_reason
+    return _C, "", cuda_reason
 
 
 def extension():
-    """The compiled extension module, or None when it is not available."""
+    """The compiled extension module (``_C_cuda`` or ``_C``), or None when there is none."""
     return _load_extension()[0]
 
 
@@ -103,7 +148,7 @@ def why_unavailable(backend: str, device: torch.device) -> str | None:
     if backend == "reference":
         return None
     if backend in ("cpu", "cuda"):
-        module, reason = _load_extension()
+        module, reason, _ = _load_extension()
         if module is None:
             return reason
         if backend == "cpu" and kind != "cpu":
@@ -112,9 +157,7 @@ def why_unavailable(backend: str, device: torch.device) -> str | None:
             if kind != "cuda":
                 return f"the cuda backend runs on CUDA tensors, got a tensor on {device}"
             if not module.with_cuda:
-                return (
-                    "the extension was built without CUDA (no CUDA torch or no nvcc at build time)"
-                )
+                return _load_extension()[2] or "the extension was built without CUDA"
         return None
     if backend == "triton":
         mode = triton_mode()
@@ -144,23 +187,84 @@ def resolve(op: str, device: torch.device | str) -> str:
     return _resolve_auto(op, device)
 
 
-@functools.lru_cache(maxsize=256)
+# (op, device) -> backend, filled by _resolve_auto. Every input of the choice is fixed for the
+# life of the process (the extension, triton's mode, the device, the cuda probe's verdict), and a
+# loss at 150 x 10 calls costs only a few microseconds of look-ups in all.
+_auto_choice: dict[tuple[str, torch.device], str] = {}
+
+
 def _resolve_auto(op: str, device: torch.device) -> str:
-    # Cached: every input of the choice (the extension, triton's mode, the device) is fixed for
-    # the life of the process, and a loss at 150 x 10 costs only a few microseconds in all.
+    choice = _auto_choice.get((op, device))
+    if choice is not None:
+        return choice
     order = AUTO_ORDER_BY_OP.get(op, {}).get(device.type) or AUTO_ORDER.get(
         device.type, ("reference",)
     )
+    final = True
+    choice = "reference"
     for backend in order:
-        if why_unavailable(backend, device) is None:
-            return backend
-    return "reference"
+        if why_unavailable(backend, device) is not None:
+            continue
+        if backend == "cuda":
+            if _capturing():
+                final = False  # a probe cannot run inside a CUDA graph capture: decide later
+            elif _probe_on_device("cuda", _device_key(device)) is not None:
+                continue
+        choice = backend
+        break
+    if final:
+        _auto_choice[(op, device)] = choice
+    return choice
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def _device_key(device: torch.device) -> torch.device:
+    """``device`` with its index ("cuda" is the current CUDA device): one probe per device."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def _probe_device(backend: str) -> torch.device:
     if backend == "cuda" or (backend == "triton" and triton_mode() == "compiled"):
         return torch.device("cuda")
     return torch.device("cpu")
+
+
+def _probe_op(backend: str, device: torch.device) -> str | None:
+    """Run a tiny op with ``backend`` on ``device``; None if it matches the reference."""
+    from .ops.flat_sgd_step import flat_sgd_step  # noqa: PLC0415
+    from .reference.flat_sgd_step import flat_sgd_step as reference_step  # noqa: PLC0415
+
+    try:
+        with torch.no_grad(), use_backend(backend):
+            params = torch.linspace(-1.0, 1.0, 7, device=device)
+            grad = torch.linspace(0.5, -0.5, 7, device=device)
+            got = flat_sgd_step(params, grad, lr=0.25, weight_decay=0.5)
+            close = torch.allclose(
+                got, reference_step(params, grad, 0.25, 0.5), rtol=1e-6, atol=1e-6
+            )
+    except Exception as exc:  # a probe reports any failure instead of raising it
+        return f"running a probe op failed: {type(exc).__name__}: {exc}"
+    return None if close else "the probe op ran but gave a wrong result"
+
+
+@functools.cache
+def _probe_on_device(backend: str, device: torch.device) -> str | None:
+    """:func:`_probe_op` once per (backend, device); a failure warns once, naming both."""
+    reason = _probe_op(backend, device)
+    if reason is not None:
+        warnings.warn(
+            f"sophon_fast: the {backend} backend does not run on {device} ({reason}); ops on "
+            f"{device} use the next backend of the auto order instead (forcing {backend!r} "
+            "with SOPHON_FAST_BACKEND or use_backend still runs it)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return reason
 
 
 @functools.cache
@@ -173,19 +277,9 @@ def _probe(backend: str) -> str | None:
     reason = why_unavailable(backend, device)
     if reason is not None:
         return reason
-    from .ops.flat_sgd_step import flat_sgd_step  # noqa: PLC0415
-    from .reference.flat_sgd_step import flat_sgd_step as reference_step  # noqa: PLC0415
-
-    params = torch.linspace(-1.0, 1.0, 7, device=device)
-    grad = torch.linspace(0.5, -0.5, 7, device=device)
-    try:
-        with use_backend(backend):
-            got = flat_sgd_step(params, grad, lr=0.25, weight_decay=0.5)
-    except Exception as exc:  # a probe reports any failure instead of raising it
-        return f"running a probe op failed: {type(exc).__name__}: {exc}"
-    if not torch.allclose(got, reference_step(params, grad, 0.25, 0.5), rtol=1e-6, atol=1e-6):
-        return "the probe op ran but gave a wrong result"
-    return None
+    if backend == "cuda":
+        return _probe_on_device(backend, _device_key(device))
+    return _probe_op(backend, device)
 
 
 def _describe(backend: str) -> str:

@@ -1,6 +1,11 @@
-"""Backend discovery: what available_backends() reports on this machine."""
+"""Backend discovery: what available_backends() reports on this machine; auto dispatch probes
+the cuda backend and falls back; the CPU extension works without the CUDA one."""
 
 import os
+import subprocess
+import sys
+import textwrap
+import warnings
 
 import pytest
 import torch
@@ -39,3 +44,111 @@ def test_use_backend_rejects_unknown_names():
     with pytest.raises(ValueError, match="unknown backend"):
         with _backend.use_backend("metal"):
             pass
+
+
+@pytest.fixture
+def fresh_dispatch():
+    """Forget every cached auto choice and probe verdict before and after the test."""
+
+    def clear():
+        for name in ("_resolve_auto", "_probe_on_device", "_probe"):
+            cache_clear = getattr(getattr(_backend, name, None), "cache_clear", None)
+            if cache_clear is not None:
+                cache_clear()
+        getattr(_backend, "_auto_choice", {}).clear()
+
+    clear()
+    yield
+    clear()
+
+
+class _BrokenCudaExtension:
+    """The extension as a CUDA build whose kernel image does not run on the device."""
+
+    with_cuda = True
+
+    def __init__(self, real):
+        self._real = real
+        self.calls = 0
+
+    def flat_sgd_step_forward(self, *args, **kwargs):
+        self.calls += 1
+        raise RuntimeError("CUDA error: no kernel image is available for execution on the device")
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+
+def test_auto_probes_the_cuda_backend_once_per_device_and_falls_back(monkeypatch, fresh_dispatch):
+    """A CUDA extension that imports but whose kernels do not run must not take every op down:
+    auto probes it once per device, warns once naming the device, and takes the next backend;
+    a forced cuda backend is not probed and raises the kernel's error. The CPU plays the CUDA
+    device here (no GPU on CI): the cuda backend is made to look available on it."""
+    broken = _BrokenCudaExtension(_backend.extension())
+    real_why = _backend.why_unavailable
+
+    def why(backend, device):
+        return None if backend == "cuda" else real_why(backend, device)
+
+    monkeypatch.setattr(_backend, "extension", lambda: broken)
+    monkeypatch.setattr(_backend, "why_unavailable", why)
+    monkeypatch.setitem(_backend.AUTO_ORDER, "cpu", ("cuda", "reference"))
+    cpu = torch.device("cpu")
+    with pytest.warns(RuntimeWarning, match=r"cuda backend does not run on cpu .*no kernel image"):
+        assert _backend.resolve("flat_sgd_step", cpu) == "reference"
+    assert broken.calls == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per device: no second warning, no second probe
+        assert _backend.resolve("flat_adam_step", cpu) == "reference"
+        got = sophon_fast.flat_sgd_step(torch.ones(4), torch.ones(4), lr=0.5, weight_decay=0.0)
+    assert torch.equal(got, torch.full((4,), 0.5))
+    assert broken.calls == 1
+    with _backend.use_backend("cuda"):
+        assert _backend.resolve("flat_sgd_step", cpu) == "cuda"
+        with pytest.raises(RuntimeError, match="no kernel image"):
+            sophon_fast.flat_sgd_step(torch.ones(4), torch.ones(4), lr=0.5, weight_decay=0.0)
+
+
+def test_auto_keeps_a_cuda_backend_that_passes_its_probe(monkeypatch, fresh_dispatch):
+    """The probe compares against the reference: the real CPU kernels standing in for CUDA ones
+    pass it, and auto keeps the backend without a warning."""
+    if _backend.extension() is None:
+        pytest.skip("compiled extension unavailable")
+    real_why = _backend.why_unavailable
+    monkeypatch.setattr(
+        _backend, "why_unavailable", lambda b, d: None if b == "cuda" else real_why(b, d)
+    )
+    monkeypatch.setitem(_backend.AUTO_ORDER, "cpu", ("cuda", "reference"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _backend.resolve("flat_sgd_step", torch.device("cpu")) == "cuda"
+
+
+def test_cpu_extension_works_without_the_cuda_module():
+    """sophon_fast._C (CPU only) is used when sophon_fast._C_cuda is absent or broken: run in a
+    fresh interpreter where importing _C_cuda fails."""
+    if os.environ.get("SOPHON_FAST_NO_EXT") == "1":
+        pytest.skip("SOPHON_FAST_NO_EXT=1: no compiled extension")
+    code = textwrap.dedent(
+        """
+        import sys
+        sys.modules["sophon_fast._C_cuda"] = None  # any import of it fails
+        import torch
+        import sophon_fast
+        from sophon_fast import _backend
+        ext = _backend.extension()
+        assert ext is not None and ext.__name__ == "sophon_fast._C", ext
+        assert ext.with_cuda is False
+        assert _backend.resolve("flat_sgd_step", "cpu") == "cpu"
+        got = sophon_fast.flat_sgd_step(torch.ones(5), torch.ones(5), lr=0.5, weight_decay=0.0)
+        assert torch.equal(got, torch.full((5,), 0.5)), got
+        reason = _backend.why_unavailable("cuda", torch.device("cuda"))
+        assert reason, reason
+        print("ok:", reason)
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=os.environ
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "ok:" in done.stdout
