@@ -12,7 +12,12 @@ from test_engine import restricted_draw, tiny_cnn
 from sophon_fast.api import ProtectConfig
 from sophon_fast.engine.inner import FastEngine, to_channels_last
 from sophon_fast.engine.optimizers import resolve_adversary
-from sophon_fast.engine.options import FastOptions, bn_relu_pool_available, resolve_options
+from sophon_fast.engine.options import (
+    FastOptions,
+    bn_relu_pool_available,
+    describe_defaults,
+    resolve_options,
+)
 from sophon_fast.losses import get_loss
 from sophon_fast.models import xavier_head_values
 from sophon_fast.nn import FusedBatchNorm2d, FusedReLUMaxPool2d
@@ -133,6 +138,28 @@ def test_options_validation():
     assert "engine_options" not in ProtectConfig().to_dict()
 
 
+@pytest.mark.parametrize("order", [1, 2])
+def test_auto_defaults_are_per_device(order):
+    """auto was tuned on the CPU; on CUDA (where nothing is measured yet, and the BatchNorm kernels
+    copy channels_last inputs to NCHW and back) it switches on none of the speed options."""
+    speed = ("channels_last", "fused_batchnorm", "fused_bn_relu_pool", "fused_relu_pool")
+    cpu = FastOptions().resolved(order, torch.device("cpu"))
+    assert cpu["channels_last"] is (order == 1)
+    assert cpu["fused_batchnorm"] is (order == 2)
+    assert cpu["fused_relu_pool"] is (order == 2)
+    for device in (torch.device("cuda"), torch.device("cuda", 1), "cuda"):
+        gpu = FastOptions().resolved(order, device)
+        assert {name: gpu[name] for name in speed} == dict.fromkeys(speed, False), device
+        assert gpu["vmap_adversaries"] is False
+        assert gpu["flush_denormal"] is False
+    assert describe_defaults(order, torch.device("cuda")) == "none"
+    # An explicit choice is kept on every device.
+    forced = FastOptions(channels_last=True, fused_batchnorm=True, vmap_adversaries=True)
+    gpu = forced.resolved(order, torch.device("cuda"))
+    assert gpu["channels_last"] is True and gpu["fused_batchnorm"] is True
+    assert gpu["vmap_adversaries"] is True
+
+
 @pytest.mark.parametrize(
     "options", [{"cuda_graphs": "inner"}, {"cuda_graphs": "simulation"}, {"autocast": "bf16"}]
 )
@@ -158,7 +185,9 @@ def test_graph_static_buffer_logic_matches_the_eager_simulation(monkeypatch, mod
     capture itself needs a GPU): two simulations in a row equal the eager engine's."""
     from sophon_fast.engine import graphs
 
-    monkeypatch.setattr(graphs, "_capture", lambda body, warmup=2: (body(), _EagerGraph(body))[1])
+    monkeypatch.setattr(
+        graphs, "_capture", lambda body, warmup=2, pool=None: (body(), _EagerGraph(body))[1]
+    )
     order = 1 if mode == "inner" else 2
     adversary = resolve_adversary(adversary)
     eager, graphed = _engine(tiny_cnn(), order), _engine(tiny_cnn(), order)
@@ -173,6 +202,47 @@ def test_graph_static_buffer_logic_matches_the_eager_simulation(monkeypatch, mod
             torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-15)
         torch.testing.assert_close(graphed.flat.stats, eager.flat.stats, rtol=0, atol=0)
     assert len(graphed._graphs) == 1 and next(iter(graphed._graphs.values())) is not None
+
+
+class _Captured:
+    """A stand-in graph that records the pool it was captured into and its release."""
+
+    def __init__(self, name, pool):
+        self.name, self.pool, self.released = name, pool, False
+
+    def release(self):
+        self.released = True
+
+
+def test_graph_cache_shares_one_pool_and_frees_stale_graphs():
+    """The engine's graphs share one capture pool; a new shape frees the graphs of other shapes,
+    at most max_graphs stay (least recently used freed first), clear() frees the rest. (The real
+    capture needs a GPU; its pool argument is what this checks.)"""
+    from sophon_fast.engine import graphs
+
+    cache = graphs.GraphCache(max_graphs=2)
+    cache._pool = pool = object()  # what torch.cuda.graph_pool_handle() gives on a GPU
+
+    def build(name):
+        return lambda: _Captured(name, graphs._pool(None))
+
+    a = cache.capture("sgd", build("sgd"), "inner step", shape=(5, 64))
+    b = cache.capture("adam", build("adam"), "inner step", shape=(5, 64))
+    assert a.pool is pool and b.pool is pool  # one pool for the engine, not one per graph
+    assert graphs._pool(None) is None  # only during a capture
+    assert cache["sgd"] is a  # sgd is now the most recently used
+    c = cache.capture("rmsprop", build("rmsprop"), "inner step", shape=(5, 64))
+    assert b.released and not a.released and not c.released  # least recently used went first
+    assert sorted(cache.keys()) == ["rmsprop", "sgd"] and "adam" not in cache
+    d = cache.capture("sgd-32", build("sgd-32"), "inner step", shape=(5, 32))
+    assert a.released and c.released and list(cache.keys()) == ["sgd-32"]
+    with pytest.warns(UserWarning, match="capture of the inner step failed"):
+        failed = cache.capture("bad", lambda: 1 / 0, "inner step", shape=(5, 32))
+    assert failed is None and cache["bad"] is None and len(cache) == 2
+    cache.clear()
+    assert d.released and len(cache) == 0
+    with pytest.raises(ValueError, match="max_graphs"):
+        graphs.GraphCache(max_graphs=0)
 
 
 @pytest.mark.parametrize("order", [1, 2])

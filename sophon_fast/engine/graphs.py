@@ -7,16 +7,28 @@ Two capture modes (``engine_options["cuda_graphs"]``, :mod:`sophon_fast.engine.o
   loss and accuracy accumulation, all over static buffers (phi, optimizer state, scratch BatchNorm
   statistics, the batch and its split indices). A step of a small model is ~100-2000 kernel
   launches; a replay is one launch, so launch-bound steps (CIFAR sizes) gain the most. The maths
-  is the same kernels in the same order as :func:`sophon_fast.engine.inner.simulate_flat`'s
-  order-1 loop, so results are bitwise those of the eager loop on the same GPU.
+  is that of :func:`sophon_fast.engine.inner.simulate_flat`'s order-1 loop with the same
+  kernels except one, so NOT bitwise the eager loop's: the graph accumulates the meta-gradient
+  as a multiply then an add (``meta_grad.add_(g_k * w_k)``, w_k = n_k / N held in a static
+  buffer), where the eager loop calls the fused ``flat_accumulate_`` (one rounding where its
+  kernel fuses them). The two agree to rounding (float64 test: rtol 1e-12), not bit for bit.
 - ``"simulation"`` (any order): the whole :func:`simulate_flat` call, all K steps unrolled, is one
-  graph (order 2: including the double backward). Memory: the graph's private pool keeps every
-  intermediate of all K steps, as an order-2 simulation does anyway.
+  graph (the eager code captured as is; order 2: including the double backward). Memory: the
+  pool keeps every intermediate of all K steps, as an order-2 simulation does anyway.
 
 Requirements (otherwise capture fails, a warning says why and the engine runs eagerly): static
 shapes (the same batch size, adapt / evaluate sizes and K every simulation; the official split is
 static), no host synchronisation in the model's forward (BatchNorm with ``momentum=None`` reads
 ``num_batches_tracked`` on the host: not capturable), CUDA tensors. A new shape recaptures.
+
+Memory (:class:`GraphCache`, one per engine): every graph of an engine is captured into ONE
+memory pool (``torch.cuda.graph_pool_handle()``), so graphs for several adversaries reuse each
+other's intermediate memory instead of each holding a private pool. That is safe because they
+replay one at a time on one stream and every ``run`` copies its outputs out before another graph
+replays (what lives across replays, the static buffers, is allocated outside the pool). A capture
+for new shapes first frees every graph of other shapes, at most ``GraphCache.max_graphs`` graphs
+are kept (least recently used freed first), and ``GraphCache.clear()`` (or dropping the engine)
+frees them all.
 
 Autocast (``engine_options["autocast"]``): ``"bf16"`` runs every model forward under
 ``torch.autocast("cuda", torch.bfloat16, cache_enabled=False)`` and hands float32 logits to the
@@ -26,20 +38,26 @@ measured). ``"tf32"`` allows TF32 in cuBLAS matmuls and cuDNN convolutions for t
 each engine call (flags restored afterwards). Both change the numbers (bf16: ~1e-2 relative on
 the meta-gradient; TF32: ~1e-3), which is why they are opt-in.
 
-Status: written against the documented torch.cuda.graph / autocast APIs; not yet run on a GPU
-(benchmarks/gpu/run.sh runs them when a GPU is available).
+Status: written against the documented torch.cuda.graph / autocast / graph_pool_handle APIs; not
+yet run on a GPU (benchmarks/gpu/run.sh runs them when a GPU is available). On the CPU the tests
+run the static-buffer logic and the cache's eviction with a stand-in for the capture.
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
 import warnings
-from collections.abc import Iterator, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from typing import Any
 
 import torch
 
-__all__ = ["AutocastModel", "GraphedInnerStep", "GraphedSimulation", "precision"]
+__all__ = ["AutocastModel", "GraphCache", "GraphedInnerStep", "GraphedSimulation", "precision"]
+
+# The pool of the GraphCache.capture in progress on this thread (None: a private pool per graph).
+_ambient = threading.local()
 
 
 class AutocastModel:
@@ -77,8 +95,9 @@ def precision(mode: str | None) -> Iterator[None]:
         torch.backends.cudnn.allow_tf32 = cudnn
 
 
-def _capture(body, warmup: int = 2) -> torch.cuda.CUDAGraph:
-    """Warm ``body`` up on a side stream (as torch.cuda.graph requires), then capture it."""
+def _capture(body, warmup: int = 2, pool=None) -> torch.cuda.CUDAGraph:
+    """Warm ``body`` up on a side stream (as torch.cuda.graph requires), then capture it into
+    ``pool`` (a ``torch.cuda.graph_pool_handle()``; None: a private pool)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -86,9 +105,20 @@ def _capture(body, warmup: int = 2) -> torch.cuda.CUDAGraph:
             body()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, pool=pool):
         body()
     return graph
+
+
+def _pool(pool):
+    return pool if pool is not None else getattr(_ambient, "pool", None)
+
+
+def _release(graph) -> None:
+    """Free a captured graph now (its replay kernels and its share of the pool)."""
+    reset = getattr(graph, "reset", None)
+    if reset is not None:
+        reset()
 
 
 class GraphedInnerStep:
@@ -111,6 +141,7 @@ class GraphedInnerStep:
         adapt_loss,
         adversary,
         channels_last: bool,
+        pool=None,
     ) -> None:
         from sophon_fast.engine.inner import to_channels_last
         from sophon_fast.engine.optimizers import init_state, inner_step, state_dtype
@@ -155,7 +186,12 @@ class GraphedInnerStep:
                     self.state[key].copy_(value)
 
         self._reset(flat.params.detach(), None)
-        self.graph = _capture(body)
+        self.graph = _capture(body, pool=_pool(pool))
+
+    def release(self) -> None:
+        """Free the graph; the object cannot run afterwards."""
+        _release(self.graph)
+        self.graph = None
 
     def _reset(self, theta: torch.Tensor, head: list[tuple[slice, torch.Tensor]] | None) -> None:
         with torch.no_grad():
@@ -195,7 +231,7 @@ class GraphedSimulation:
     Static inputs are copied in before each replay; the outputs are cloned out after it.
     """
 
-    def __init__(self, simulate, batches, adapt_index, eval_index, head_values) -> None:
+    def __init__(self, simulate, batches, adapt_index, eval_index, head_values, pool=None) -> None:
         self.batches = [(x.clone(), y.clone()) for x, y in batches]
         self.adapt_index = [a.clone() for a in adapt_index]
         self.eval_index = [e.clone() for e in eval_index]
@@ -209,7 +245,12 @@ class GraphedSimulation:
                 self.batches, self.adapt_index, self.eval_index, self.head_values
             )
 
-        self.graph = _capture(body)
+        self.graph = _capture(body, pool=_pool(pool))
+
+    def release(self) -> None:
+        """Free the graph and its outputs; the object cannot run afterwards."""
+        _release(self.graph)
+        self.graph, self.outputs = None, None
 
     def run(self, batches, adapt_index, eval_index, head_values):
         for (x_static, y_static), (x, y) in zip(self.batches, batches):
@@ -235,3 +276,69 @@ def capture_or_warn(build, what: str):
             stacklevel=3,
         )
         return None
+
+
+class GraphCache:
+    """The captured graphs of one engine: key -> GraphedInnerStep / GraphedSimulation / None
+    (None: not capturable, run eagerly), all in one memory pool (see the module docstring).
+
+    Reads like a dict (``key in cache``, ``cache[key]``, ``len``, ``values()``); graphs enter only
+    through :meth:`capture`, which frees the graphs of other shapes first and keeps at most
+    ``max_graphs`` (4: e.g. one per adversary of a draw; each GraphedInnerStep also holds ~5
+    parameter-sized static buffers outside the pool).
+    """
+
+    def __init__(self, max_graphs: int = 4) -> None:
+        if max_graphs < 1:
+            raise ValueError(f"GraphCache: max_graphs must be >= 1, got {max_graphs}")
+        self.max_graphs = max_graphs
+        self._entries: OrderedDict[Hashable, tuple[Hashable, Any]] = OrderedDict()
+        self._pool = None
+
+    def pool(self):
+        """The engine's one capture pool (made on first use; None without CUDA)."""
+        if self._pool is None and torch.cuda.is_available():
+            self._pool = torch.cuda.graph_pool_handle()
+        return self._pool
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._entries
+
+    def __getitem__(self, key: Hashable):
+        self._entries.move_to_end(key)  # least recently used is first
+        return self._entries[key][1]
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def keys(self):
+        return self._entries.keys()
+
+    def values(self) -> list:
+        return [graph for _, graph in self._entries.values()]
+
+    def capture(self, key: Hashable, build: Callable[[], Any], what: str, *, shape: Hashable):
+        """Capture ``build()`` (through :func:`capture_or_warn`) for ``key`` into the shared pool,
+        after freeing every graph whose ``shape`` differs and the least recently used beyond
+        ``max_graphs - 1``; returns the graph, or None when capture failed."""
+        for old in [k for k, (s, _) in self._entries.items() if s != shape]:
+            self._free(old)
+        while len(self._entries) >= self.max_graphs:
+            self._free(next(iter(self._entries)))
+        _ambient.pool = self.pool()
+        try:
+            graph = capture_or_warn(build, what)
+        finally:
+            _ambient.pool = None
+        self._entries[key] = (shape, graph)
+        return graph
+
+    def _free(self, key: Hashable) -> None:
+        _, graph = self._entries.pop(key)
+        if graph is not None:
+            graph.release()
+
+    def clear(self) -> None:
+        """Free every graph (the pool goes with the last of them)."""
+        for key in list(self._entries):
+            self._free(key)

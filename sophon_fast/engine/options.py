@@ -6,6 +6,14 @@ the defaults applied). Measured effects are per outer step on the 2-core CPU (AM
 2.13, fp32; noisy shared machine), small CNN (conv32-BN-ReLU-pool, conv64-BN-ReLU-pool, fc)
 unless stated; ``benchmarks/results/e2e.csv`` has the full runs.
 
+"auto" is decided per device type (:data:`AUTO_DEFAULTS`). The table's auto values are the CPU's,
+where they were measured. On CUDA nothing has been measured yet, so auto switches on nothing
+there: ``channels_last``, ``fused_batchnorm``, ``fused_bn_relu_pool``, ``fused_relu_pool`` and
+``vmap_adversaries`` are all off (the CUDA BatchNorm kernels are NCHW-only and copy a
+channels_last input in and its outputs out, so the CPU's NHWC + fused-BN choice could be slower
+there; sophon_fast._backend.AUTO_ORDER_BY_OP is empty for the same reason). Any device type other
+than "cpu" and "cuda" gets the CUDA column. Set an option explicitly to use it anyway.
+
 =====================  =========  ==================================================================
 option                 default    what it does / measured effect
 =====================  =========  ==================================================================
@@ -40,10 +48,10 @@ option                 default    what it does / measured effect
                                   bend the meta-gradient by ~80 %) or "tf32" (TF32 matmul / cuDNN
                                   conv). Changes the numbers (bf16 ~1e-2 relative), off by default.
 ``vmap_adversaries``   auto       simulate several adversaries of one draw in one pass with
-                                  torch.func.vmap over stacked flat parameters. auto = on when the
-                                  model has no running statistics and all adversaries share one
-                                  optimizer; otherwise (or on any vmap failure) one loop per
-                                  adversary.
+                                  torch.func.vmap over stacked flat parameters. auto (CPU) = on
+                                  when the model has no running statistics and all adversaries
+                                  share one optimizer; otherwise (or on any vmap failure) one loop
+                                  per adversary.
 ``flush_denormal``     True       torch.set_flush_denormal(True) on the CPU during protect() (long
                                   runs slowed 2.6x midway on denormals without it).
 =====================  =========  ==================================================================
@@ -62,6 +70,26 @@ __all__ = ["FastOptions", "resolve_options", "describe_defaults"]
 _GRAPH_MODES = ("off", "inner", "simulation")
 _AUTOCAST = (None, "bf16", "tf32")
 
+# What "auto" (None) means per device type: option -> its value for (order). None left in the
+# result means "the engine decides" (vmap_adversaries: when the model allows it). CPU: measured
+# (module docstring). CUDA: nothing measured on a GPU yet, so nothing is switched on.
+AUTO_DEFAULTS: dict[str, dict[str, Any]] = {
+    "cpu": {
+        "channels_last": lambda order: order == 1,
+        "fused_batchnorm": lambda order: order == 2,
+        "fused_bn_relu_pool": lambda order: order == 1 and bn_relu_pool_available(),
+        "fused_relu_pool": lambda order: order == 2,
+        "vmap_adversaries": lambda order: None,
+    },
+    "cuda": {
+        "channels_last": lambda order: False,
+        "fused_batchnorm": lambda order: False,
+        "fused_bn_relu_pool": lambda order: False,
+        "fused_relu_pool": lambda order: False,
+        "vmap_adversaries": lambda order: False,
+    },
+}
+
 
 @dataclasses.dataclass(frozen=True)
 class FastOptions:
@@ -79,22 +107,24 @@ class FastOptions:
     vmap_adversaries: bool | None = None
     flush_denormal: bool = True
 
-    def resolved(self, order: int, device: torch.device) -> dict[str, Any]:
-        """The options with every "auto" decided for ``order`` on ``device``."""
+    def resolved(self, order: int, device: torch.device | str) -> dict[str, Any]:
+        """The options with every "auto" decided for ``order`` on ``device`` (its type's
+        :data:`AUTO_DEFAULTS`; a type without an entry gets the CUDA one: nothing measured)."""
+        device = torch.device(device)
+        auto = AUTO_DEFAULTS.get(device.type, AUTO_DEFAULTS["cuda"])
+
+        def pick(name: str) -> Any:
+            value = getattr(self, name)
+            return auto[name](order) if value is None else value
+
         return {
-            "channels_last": (order == 1) if self.channels_last is None else self.channels_last,
-            "fused_batchnorm": (order == 2)
-            if self.fused_batchnorm is None
-            else self.fused_batchnorm,
-            "fused_bn_relu_pool": (order == 1 and bn_relu_pool_available())
-            if self.fused_bn_relu_pool is None
-            else self.fused_bn_relu_pool,
-            "fused_relu_pool": (order == 2)
-            if self.fused_relu_pool is None
-            else self.fused_relu_pool,
+            "channels_last": pick("channels_last"),
+            "fused_batchnorm": pick("fused_batchnorm"),
+            "fused_bn_relu_pool": pick("fused_bn_relu_pool"),
+            "fused_relu_pool": pick("fused_relu_pool"),
             "cuda_graphs": self.cuda_graphs,
             "autocast": self.autocast,
-            "vmap_adversaries": self.vmap_adversaries,
+            "vmap_adversaries": pick("vmap_adversaries"),
             "flush_denormal": self.flush_denormal and device.type == "cpu",
         }
 
