@@ -12,6 +12,7 @@ from torch import nn
 
 from sophon_fast import _backend
 from sophon_fast.nn import FusedBatchNorm2d, convert_batchnorm
+from sophon_fast.ops import batch_norm as ops
 from sophon_fast.ops.batch_norm import batch_norm2d
 from sophon_fast.reference import batch_norm as reference
 
@@ -30,13 +31,14 @@ def _one_thread():
     torch.set_num_threads(previous)
 
 
-def _inputs(shape, dtype, channels_last=False, affine=True):
-    x = torch.randn(shape, dtype=dtype) * 2 + 0.5
+def _inputs(shape, dtype, channels_last=False, affine=True, device="cpu"):
+    """x, weight, bias on `device` (drawn on the CPU: the same values on every device)."""
+    x = (torch.randn(shape, dtype=dtype) * 2 + 0.5).to(device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     c = shape[1]
-    weight = torch.randn(c, dtype=dtype) if affine else None
-    bias = torch.randn(c, dtype=dtype) if affine else None
+    weight = torch.randn(c, dtype=dtype).to(device) if affine else None
+    bias = torch.randn(c, dtype=dtype).to(device) if affine else None
     return x, weight, bias
 
 
@@ -48,8 +50,9 @@ def _inputs(shape, dtype, channels_last=False, affine=True):
 def test_outputs_and_running_stats_match_torch(
     backend, device, dtype, shape, channels_last, momentum
 ):
-    x, weight, bias = _inputs(shape, dtype, channels_last)
-    rm, rv = torch.randn(shape[1], dtype=dtype), torch.rand(shape[1], dtype=dtype) + 0.5
+    x, weight, bias = _inputs(shape, dtype, channels_last, device=device)
+    rm = torch.randn(shape[1], dtype=dtype).to(device)
+    rv = (torch.rand(shape[1], dtype=dtype) + 0.5).to(device)
     rm_ref, rv_ref = rm.clone(), rv.clone()
     with _backend.use_backend(backend):
         y = batch_norm2d(x, weight, bias, rm, rv, momentum, 1e-3)
@@ -67,9 +70,9 @@ def test_outputs_and_running_stats_match_torch(
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
 def test_first_and_second_derivatives_match_torch(backend, device, shape, channels_last, affine):
-    x, weight, bias = _inputs(shape, torch.float64, channels_last, affine)
+    x, weight, bias = _inputs(shape, torch.float64, channels_last, affine, device)
     leaves = [t.requires_grad_(True) for t in (x, weight, bias) if t is not None]
-    grad_y = torch.randn(shape, dtype=torch.float64)
+    grad_y = torch.randn(shape, dtype=torch.float64).to(device)
 
     def derivatives(fn):
         y = fn(x, weight, bias, None, None, 0.1, 1e-5)
@@ -87,7 +90,7 @@ def test_first_and_second_derivatives_match_torch(backend, device, shape, channe
 @pytest.mark.parametrize(("backend", "device"), FUSED)
 @pytest.mark.parametrize("shape", [(2, 3, 1, 1), (2, 2, 1, 3)], ids=str)
 def test_gradcheck_and_gradgradcheck_float64(backend, device, shape):
-    x, weight, bias = _inputs(shape, torch.float64)
+    x, weight, bias = _inputs(shape, torch.float64, device=device)
     inputs = tuple(t.requires_grad_(True) for t in (x, weight, bias))
 
     def bn(x, w, b):
@@ -223,3 +226,94 @@ def test_signature_parity_with_reference():
     assert [p.default for p in public.parameters.values()] == [
         p.default for p in twin.parameters.values()
     ]
+
+
+# Odd channel sizes for the chunked Triton kernels with 16-value tiles, and the minimum chunk:
+# 231 = 3 x 77 values (5 column tiles a row, 15 tiles) in 4 chunks of 4 tiles, the last of 3;
+# 221 = 13 x 17 (one image, 14 column tiles) in 4 chunks, the last of 2; 18 = 6 x 3 (tiles of
+# 4 x 4) in 2 chunks of one tile, the second with 2 of its 4 rows.
+CHUNKED = (((3, 2, 7, 11), 40), ((1, 3, 13, 17), 40), ((6, 2, 3, 1), 1))
+# fp32 / fp64 in both layouts, fp16 and bf16 in one each (as the tests above).
+CHUNKED_DTYPES = (
+    (torch.float64, False),
+    (torch.float64, True),
+    (torch.float32, False),
+    (torch.float32, True),
+    (torch.float16, False),
+    (torch.bfloat16, True),
+)
+TRITON = [p for p in FUSED if p.values[0] == "triton"]
+
+
+def _small_chunks(monkeypatch, min_chunk):
+    """Triton tiles of 16 values and chunks of >= min_chunk values: several chunks a channel on
+    the CHUNKED shapes (the defaults give one chunk a channel under the interpreter)."""
+    monkeypatch.setattr(ops, "BLOCK_SIZE", 16)
+    monkeypatch.setattr(ops, "MIN_CHUNK_VALUES", min_chunk)
+
+
+def _chunked_derivatives(fn, x, weight, bias, grad_y, running):
+    leaves = [t.detach().clone().requires_grad_(True) for t in (x, weight, bias)]
+    y = fn(*leaves, *running, 0.1, 1e-5)
+    first = torch.autograd.grad(y, leaves, grad_y, create_graph=True)
+    norm = sum(g.float().square().sum() for g in first)
+    return (
+        y,
+        *first,
+        *torch.autograd.grad(norm, leaves, allow_unused=True, materialize_grads=True),
+    )
+
+
+@pytest.mark.parametrize(("backend", "device"), TRITON)
+@pytest.mark.parametrize(("dtype", "channels_last"), CHUNKED_DTYPES, ids=str)
+@pytest.mark.parametrize(("shape", "min_chunk"), CHUNKED, ids=str)
+def test_chunked_statistics_match_torch(
+    backend, device, dtype, channels_last, shape, min_chunk, monkeypatch
+):
+    """Several chunks a channel, the last one partial: outputs, running statistics, first and
+    second derivatives as torch. float16/bfloat16: error against float64 <= 2x torch's own."""
+    _small_chunks(monkeypatch, min_chunk)
+    n, c, h, w = shape
+    plan = ops.chunk_plan(n, h * w, c)
+    assert plan.n_chunks > 1 and (n * h * w) % (plan.tiles * plan.block_r * plan.block_s) != 0
+    assert plan.n_chunks * plan.tiles >= plan.n_tiles > (plan.n_chunks - 1) * plan.tiles
+    x, weight, bias = _inputs(shape, torch.float64, channels_last, device=device)
+    grad_y = torch.randn(shape, dtype=torch.float64).to(device)
+    running = (
+        torch.linspace(-1, 1, c, dtype=torch.float64).to(device),
+        torch.linspace(0.5, 2, c, dtype=torch.float64).to(device),
+    )
+
+    def run(fn, dt, backend_name):
+        state = [r.to(dt) for r in running]
+        with _backend.use_backend(backend_name):
+            out = _chunked_derivatives(fn, *(t.to(dt) for t in (x, weight, bias, grad_y)), state)
+        return [t.double().cpu() for t in (*out, *state)]
+
+    ours = run(batch_norm2d, dtype, backend)
+    theirs = run(reference.batch_norm2d, dtype, "reference")
+    if dtype in TOLERANCE:
+        rtol, atol = TOLERANCE[dtype]
+        for got, want in zip(ours, theirs):
+            torch.testing.assert_close(got, want, rtol=rtol, atol=atol)
+        return
+    exact = run(reference.batch_norm2d, torch.float64, "reference")
+    unit = torch.finfo(dtype).eps
+    for k, (got, torch_, want) in enumerate(zip(ours, theirs, exact)):
+        scale = want.abs().max()
+        bound = 2 * (torch_ - want).abs().max() + unit * max(scale, 1.0)
+        assert (got - want).abs().max() <= bound, k
+
+
+def test_chunk_plan_fills_an_h100_at_resnet18_sizes():
+    """ResNet-18 BN layers at batch 128, 32x32 inputs, with the compiled sizes: every layer
+    launches >= 2 programs per SM of a 132-SM H100 (one block per channel gave 64-512), chunks
+    cover every tile once and hold >= the minimum chunk."""
+    for c, side in ((64, 32), (128, 16), (256, 8), (512, 4)):
+        plan = ops.chunk_plan(
+            128, side * side, c, block=1024, min_chunk=4096, target_programs=4 * 132
+        )
+        assert c * plan.n_chunks >= 2 * 132, (c, plan)
+        assert plan.n_chunks * plan.tiles >= plan.n_tiles > (plan.n_chunks - 1) * plan.tiles
+        values = 128 * side * side / plan.n_chunks
+        assert values >= 4096 or plan.n_chunks == 1, (c, plan)
