@@ -56,19 +56,28 @@ from sophon_fast.losses import SUPPRESSION_LOSSES, get_loss
 __all__ = ["ProtectConfig", "ProtectResult", "SimulationResult", "protect", "simulate"]
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
+_LR_MAX = 1e30  # well inside float32 (3.4e38), so lr * gradient products stay finite too
 _RESUME_MAY_DIFFER = ("outer_steps", "checkpoint_every")
 _GENERATION_FIELDS = ("mode", "timesteps", "noise_schedule", "diffusion_steps")
 
 
-def _int(name: str, value: Any, *, minimum: int, allow_none: bool = False) -> None:
+# Counts beyond this are typos (a step or sample count of 2**40 never finishes); the bound keeps
+# them from reaching torch, whose int64 arguments overflow at 2**63.
+_INT_MAX = 2**62
+
+
+def _int(
+    name: str, value: Any, *, minimum: int, allow_none: bool = False, maximum: int = _INT_MAX
+) -> None:
     if value is None and allow_none:
         return
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(
             f"ProtectConfig.{name}: expected an int, got {value!r} ({type(value).__name__})"
         )
-    if value < minimum:
-        raise ValueError(f"ProtectConfig.{name}: expected an int >= {minimum}, got {value}")
+    if not minimum <= value <= maximum:
+        top = "2**62" if maximum == _INT_MAX else maximum
+        raise ValueError(f"ProtectConfig.{name}: expected an int in [{minimum}, {top}], got {value}")
 
 
 def _float(
@@ -240,9 +249,22 @@ class ProtectConfig:
                 f"(the rest of each batch evaluates), got {self.adapt_size}"
             )
         _int("ntr_steps", self.ntr_steps, minimum=0)
+        # torch.Generator.manual_seed takes a uint64 (2**70 overflowed at the first step) and
+        # generation draws its fixed noise from seed + 1: 2**62 leaves room for both
         _int("seed", self.seed, minimum=0)
         for name in ("inner_lr", "alpha", "beta", "base_lr"):
             setattr(self, name, _float(name, getattr(self, name)))
+        # The optimizers hold their learning rates as float32 scalars on the device: a product
+        # above float32's 3.4e38 overflowed inside Adam after the set-up had run.
+        for name, lr in (
+            ("alpha * base_lr", self.alpha * self.base_lr),
+            ("beta * base_lr", self.beta * self.base_lr),
+            ("inner_lr", self.inner_lr),
+        ):
+            if not lr <= _LR_MAX:
+                raise ValueError(
+                    f"ProtectConfig.{name}: expected a learning rate <= {_LR_MAX:g}, got {lr:g}"
+                )
         self.max_grad_norm = _float("max_grad_norm", self.max_grad_norm, allow_none=True)
         for name in ("reinit_head",):
             if self.reinit_head is not None and not isinstance(self.reinit_head, bool):
@@ -270,6 +292,12 @@ class ProtectConfig:
                 f"ProtectConfig.adversaries: expected a non-empty sequence of adversaries, got {specs!r}"
             )
         self.adversaries = tuple(resolve_adversary(spec) for spec in specs)
+        for adversary in self.adversaries:
+            if not adversary.lr <= _LR_MAX:
+                raise ValueError(
+                    f"ProtectConfig.adversaries: {adversary.name} lr {adversary.lr:g} is above "
+                    f"{_LR_MAX:g}; expected a usable learning rate"
+                )
         _choice("adversary_sampling", self.adversary_sampling, ("one", "all"))
         _int("simulations", self.simulations, minimum=1)
         _choice("guard_mode", self.guard_mode, ("absolute", "relative"))
@@ -375,6 +403,50 @@ def _run_simulation(engine: str, module: nn.Module, batches, adapt_masks, eval_m
     return result.loss, result.accuracy, flat.named_params(result.meta_grad.to(flat.params.dtype))
 
 
+def _revalidated(config: ProtectConfig | None) -> ProtectConfig:
+    """A freshly validated copy of ``config`` (None = the defaults).
+
+    ProtectConfig validates on construction only; a field assigned afterwards (``inner_steps =
+    0`` ran as an unprotected "success") is checked here again, when the run starts.
+    """
+    if config is None:
+        return ProtectConfig()
+    if not isinstance(config, ProtectConfig):
+        raise TypeError(f"config: expected a ProtectConfig or None, got {type(config).__name__}")
+    with warnings.catch_warnings():
+        # the construction-time warnings (eval_every off) were shown when the config was built
+        warnings.simplefilter("ignore")
+        return dataclasses.replace(config)
+
+
+def _check_forward(model: nn.Module, x: torch.Tensor, num_classes: int) -> None:
+    """One eval-mode forward of two samples: the model must return (2, num_classes) logits.
+
+    A forward with fewer logits than the head has outputs failed deep inside the loss, after the
+    set-up; in eval mode and without gradients this leaves the model (and BatchNorm statistics)
+    untouched.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(x[:2])
+    except Exception as error:  # the user's forward: any failure, reported with the input shape
+        raise ValueError(
+            f"model: the forward pass fails on two samples of shape {tuple(x.shape[1:])}: "
+            f"{type(error).__name__}: {error}"
+        ) from error
+    finally:
+        model.train(was_training)
+    expected = (min(2, x.shape[0]), num_classes)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(
+            f"model: the forward pass returns {got} for {expected[0]} samples; expected "
+            f"logits {expected} (one per class of the head)"
+        )
+
+
 def _check_model(model, device, *, resume: bool, checkpoint_dir) -> torch.device:
     """Reject a model protect() cannot train; the run's device (``device``, or the model's)."""
     if not isinstance(model, nn.Module):
@@ -384,6 +456,13 @@ def _check_model(model, device, *, resume: bool, checkpoint_dir) -> torch.device
     first_param = next(model.parameters(), None)
     if first_param is None:
         raise ValueError(f"model: {type(model).__name__} has no parameters")
+    on_meta = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if on_meta:
+        raise ValueError(
+            f"model: {on_meta[:3]}{' ...' if len(on_meta) > 3 else ''} are on the meta device and "
+            "hold no values; materialise the model first (model.to_empty(device=...) and "
+            "load_state_dict)"
+        )
     frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
     if frozen:
         raise ValueError(
@@ -393,9 +472,34 @@ def _check_model(model, device, *, resume: bool, checkpoint_dir) -> torch.device
     return torch.device(device) if device is not None else first_param.device
 
 
+def _prepare_checkpoints(
+    run, config: ProtectConfig, checkpoint_dir, *, resume, overwrite, main_rank, data
+) -> Callable[[], None] | None:
+    """Before the first step (both modes): create and probe ``checkpoint_dir``, refuse to start
+    over an existing checkpoint without ``overwrite``, fingerprint the data (name -> (images,
+    labels or None)), resume; returns the checkpoint writer for the loop (None: no directory)."""
+    if checkpoint_dir is None:
+        return None
+    from sophon_fast.engine.checkpoint import data_fingerprint, prepare_checkpoint_dir
+
+    # every rank checks (they share the directory), rank 0 alone deletes on overwrite
+    prepare_checkpoint_dir(checkpoint_dir, resume=resume, overwrite=overwrite, delete=main_rank)
+    run.data_fingerprints = {name: data_fingerprint(*pair) for name, pair in data.items()}
+    if resume:
+        _resume(run, config, checkpoint_dir)
+    config_dict = config.to_dict()
+
+    def checkpoint() -> None:
+        if main_rank:
+            run.write_checkpoint(checkpoint_dir, config_dict)
+
+    return checkpoint
+
+
 def _resume(run, config: ProtectConfig, checkpoint_dir) -> None:
-    """Load the last complete checkpoint into ``run`` after checking its config matches."""
-    from sophon_fast.engine.checkpoint import load_checkpoint
+    """Load the last complete checkpoint into ``run`` after checking that its config and data
+    match and that it holds only finite values."""
+    from sophon_fast.engine.checkpoint import load_checkpoint, nonfinite_tensors
 
     tensors, meta = load_checkpoint(checkpoint_dir)
     saved, current = dict(meta["config"]), config.to_dict()
@@ -406,6 +510,35 @@ def _resume(run, config: ProtectConfig, checkpoint_dir) -> None:
     )
     if differ:
         raise ValueError(f"resume: the config differs from the checkpoint's in {differ}")
+    saved_data = meta.get("data")
+    if saved_data is None:
+        warnings.warn(
+            f"resume: the checkpoint in {checkpoint_dir} predates data fingerprints; the data "
+            "cannot be checked against it",
+            stacklevel=3,
+        )
+    else:
+        for name, fingerprint in (run.data_fingerprints or {}).items():
+            if name in saved_data and saved_data[name] != fingerprint:
+                raise ValueError(
+                    f"resume: the {name} data differs from the data the checkpoint in "
+                    f"{checkpoint_dir} was written with (fingerprint {fingerprint}, checkpoint "
+                    f"{saved_data[name]}): resume with the same data, or start over with "
+                    "overwrite=True (--overwrite) or another checkpoint directory"
+                )
+    weights = {k: v for k, v in tensors.items() if k.startswith(("engine.model.", "good.model."))}
+    others = {
+        k: v for k, v in tensors.items() if k.startswith(("engine.", "good.")) and k not in weights
+    }
+    bad = nonfinite_tensors(weights)
+    if meta.get("stopped_by") != "nonfinite":  # a run stopped there never steps again
+        bad += nonfinite_tensors(others)
+    if bad:
+        raise ValueError(
+            f"resume: the checkpoint in {checkpoint_dir} (step {meta.get('step')}) holds NaN or "
+            f"infinite values in {bad[:4]}{' ...' if len(bad) > 4 else ''}; it cannot be "
+            "continued: start over with overwrite=True (--overwrite)"
+        )
     run.load_state(tensors, meta)
 
 
@@ -436,7 +569,8 @@ class ProtectResult:
             "rollback_stop" or "rollback_continue"), ``seconds``.
         config: the :class:`ProtectConfig` used.
         initial_original_accuracy: original accuracy (percent) before protection, or None.
-        stopped_by: None, "guard" or "callback".
+        stopped_by: None (completion), "guard", "nonfinite" (a NaN or infinity, rolled back;
+            see :mod:`sophon_fast.engine.outer`) or "callback". :attr:`outcome` says it in words.
     """
 
     model: nn.Module
@@ -448,13 +582,56 @@ class ProtectResult:
     WEIGHTS = "model.safetensors"
     META = "result.json"
 
-    def save(self, directory: str | Path) -> Path:
+    @property
+    def outcome(self) -> str:
+        """How the run ended, in words: never "completion" for a guard or non-finite stop, nor
+        for a ``guard_action="continue"`` run whose every checked step was rolled back."""
+        last = self.history[-1]["step"] if self.history else 0
+        if self.stopped_by == "guard":
+            return f"the intactness guard at step {last} (rolled back to the last good state)"
+        if self.stopped_by == "nonfinite":
+            return f"a non-finite value at step {last} (rolled back to the last good state)"
+        if self.stopped_by == "callback":
+            return f"a callback at step {last}"
+        continued = ("rollback_continue", "nonfinite_continue")
+        rolled = sum(1 for h in self.history if h.get("guard") in continued)
+        checked = sum(
+            1 for h in self.history if h.get("original_accuracy") is not None or h.get("guard")
+        )
+        if rolled and rolled == checked:
+            return (
+                f"completion, but every one of the {rolled} checked steps was rolled back: the "
+                "model is the starting or last good state, not a protected one"
+            )
+        if rolled:
+            return f"completion ({rolled} of {len(self.history)} steps rolled back)"
+        return "completion"
+
+    def save(self, directory: str | Path, *, allow_nonfinite: bool = False) -> Path:
         """Write ``model.safetensors`` (weights and buffers) and ``result.json`` (config, history,
-        model_spec, head) to ``directory``, each atomically. Returns the directory."""
-        from sophon_fast.engine.checkpoint import atomic_save_tensors, atomic_write_text
+        model_spec, head) to ``directory``, each atomically. Returns the directory.
+
+        Raises:
+            ValueError: a weight or buffer holds NaN or infinity (nothing is written), unless
+                ``allow_nonfinite=True``.
+        """
+        from sophon_fast._json import strict_json
+        from sophon_fast.engine.checkpoint import (
+            atomic_save_tensors,
+            atomic_write_text,
+            nonfinite_tensors,
+        )
 
         directory = Path(directory)
-        atomic_save_tensors(directory / self.WEIGHTS, dict(self.model.state_dict()))
+        state = dict(self.model.state_dict())
+        bad = nonfinite_tensors(state)
+        if bad and not allow_nonfinite:
+            raise ValueError(
+                f"ProtectResult.save: the model holds NaN or infinite values in {bad[:4]}"
+                f"{' ...' if len(bad) > 4 else ''}; nothing written (pass allow_nonfinite=True "
+                "to save it anyway)"
+            )
+        atomic_save_tensors(directory / self.WEIGHTS, state)
         meta = {
             "format": "sophon_fast.ProtectResult/1",
             "config": self.config.to_dict(),
@@ -464,12 +641,22 @@ class ProtectResult:
             "initial_original_accuracy": self.initial_original_accuracy,
             "stopped_by": self.stopped_by,
         }
-        atomic_write_text(directory / self.META, json.dumps(meta, indent=1))
+        if getattr(self, "events", None):
+            meta["events"] = self.events  # non-finite rollbacks: step, quantities, restored step
+        atomic_write_text(directory / self.META, strict_json(meta, indent=1))
         return directory
 
     @classmethod
     def load(cls, directory: str | Path, model: nn.Module | None = None) -> ProtectResult:
         """Load a result written by :meth:`save`; never unpickles.
+
+        Every way the folder can be wrong is one error naming the file and what is wrong: a
+        missing folder or file, a file where the folder is expected, a truncated or empty
+        ``model.safetensors``, a ``result.json`` that is not UTF-8 JSON of the saved shape, or a
+        ``model_spec`` whose architecture differs from the saved weights. The architecture is
+        first built on the meta device (no memory) and compared with the shapes in the weights
+        file's header, so sizes read from ``result.json`` are bounded by the weights actually
+        on disk (``num_classes=10**13`` tried to allocate 1.28 PB).
 
         Args:
             directory: the directory given to :meth:`save`.
@@ -477,14 +664,21 @@ class ProtectResult:
                 rebuilds a zoo model from the saved ``model_spec``.
 
         Raises:
-            FileNotFoundError: missing files.
-            ValueError: no ``model`` and no ``model_spec`` saved, or weights that do not fit.
+            FileNotFoundError: a missing folder or file.
+            NotADirectoryError: ``directory`` is a file.
+            ValueError: a corrupt file, no ``model`` and no ``model_spec`` saved, or weights
+                that do not fit the architecture.
         """
-        from safetensors.torch import load_file
-
         directory = Path(directory)
-        meta = json.loads((directory / cls.META).read_text(encoding="utf-8"))
-        weights = load_file(str(directory / cls.WEIGHTS))
+        if not directory.exists():
+            raise FileNotFoundError(f"{directory}: no such folder (expected a ProtectResult.save folder)")
+        if not directory.is_dir():
+            raise NotADirectoryError(
+                f"{directory}: is a file; expected a folder holding {cls.META} and {cls.WEIGHTS}"
+            )
+        meta = _read_result_json(directory / cls.META)
+        weights_path = directory / cls.WEIGHTS
+        shapes = _weight_shapes(weights_path)
         if model is None:
             spec = meta.get("model_spec")
             if not spec:
@@ -492,9 +686,8 @@ class ProtectResult:
                     f"{directory}: the saved {meta.get('model_class')} is not a zoo model (no model_spec); "
                     "pass model= an instance of its architecture"
                 )
-            from sophon_fast.models import build_model
-
-            model = build_model(spec["name"], spec.get("kwargs"))
+            model = _build_bounded(spec, shapes, directory / cls.META, weights_path)
+        weights = _read_weights(weights_path)
         floating = {t.dtype for t in weights.values() if t.is_floating_point()}
         if len(floating) == 1:
             model = model.to(dtype=floating.pop())
@@ -504,13 +697,98 @@ class ProtectResult:
             raise ValueError(
                 f"{directory}: weights do not fit {type(model).__name__}: {error}"
             ) from None
+        try:
+            config = ProtectConfig.from_dict(meta["config"])
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{directory / cls.META}: invalid config: {error}") from None
         return cls(
             model=model,
             history=meta["history"],
-            config=ProtectConfig.from_dict(meta["config"]),
+            config=config,
             initial_original_accuracy=meta.get("initial_original_accuracy"),
             stopped_by=meta.get("stopped_by"),
         )
+
+
+def _read_result_json(path: Path) -> dict[str, Any]:
+    """``result.json`` as a dict of the saved shape, or one ValueError naming the file."""
+    if path.is_dir():
+        raise ValueError(f"{path}: is a folder; expected the JSON file ProtectResult.save writes")
+    try:
+        meta = json.loads(path.read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: missing (ProtectResult.save writes it)") from None
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from None
+    expected = {"config": dict, "history": list}
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: expected a JSON object, got a {type(meta).__name__}")
+    for key, kind in expected.items():
+        if not isinstance(meta.get(key), kind):
+            raise ValueError(
+                f"{path}: '{key}' should be a JSON {'object' if kind is dict else 'array'}, "
+                f"got {type(meta.get(key)).__name__}"
+            )
+    if not all(isinstance(record, dict) for record in meta["history"]):
+        raise ValueError(f"{path}: 'history' should hold one JSON object per outer step")
+    spec = meta.get("model_spec")
+    if spec is not None and not (
+        isinstance(spec, dict)
+        and isinstance(spec.get("name"), str)
+        and isinstance(spec.get("kwargs", {}), (dict, type(None)))
+    ):
+        raise ValueError(f"{path}: 'model_spec' should be {{\"name\": str, \"kwargs\": {{...}}}}, got {spec!r}")
+    return meta
+
+
+def _weight_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape from a safetensors header (reads no tensor data)."""
+    from safetensors import SafetensorError, safe_open
+
+    if path.is_dir():
+        raise ValueError(f"{path}: is a folder; expected the safetensors file ProtectResult.save writes")
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: missing (ProtectResult.save writes it)")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ValueError(f"{path}: not a readable safetensors file ({error})") from None
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ValueError(f"{path}: not a readable safetensors file ({error})") from None
+
+
+def _build_bounded(spec: dict, shapes: dict, meta_path: Path, weights_path: Path) -> nn.Module:
+    """Build the zoo model ``spec`` names, after checking on the meta device that its parameters
+    and buffers have exactly the shapes stored in the weights file."""
+    from sophon_fast.models import build_model
+
+    name, kwargs = spec["name"], spec.get("kwargs")
+    try:
+        with torch.device("meta"):
+            skeleton = build_model(name, kwargs)
+    except (TypeError, ValueError, RuntimeError, OverflowError, MemoryError) as error:
+        raise ValueError(f"{meta_path}: model_spec {spec!r} does not build: {error}") from None
+    wanted = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    if wanted != shapes:
+        differ = sorted(k for k in set(wanted) | set(shapes) if wanted.get(k) != shapes.get(k))
+        first = differ[0]
+        raise ValueError(
+            f"{meta_path}: model_spec {spec!r} does not match {weights_path.name}: "
+            f"{len(differ)} tensors differ, e.g. {first!r}: spec {wanted.get(first)}, "
+            f"file {shapes.get(first)}"
+        )
+    return build_model(name, kwargs)
 
 
 def _make_engine(config: ProtectConfig, model: nn.Module):
@@ -550,6 +828,7 @@ def protect(
     callbacks: Sequence[Callable[[dict[str, Any]], Any]] = (),
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
+    overwrite: bool = False,
 ) -> ProtectResult:
     """Make ``model`` hard to fine-tune on ``restricted`` while keeping it good on ``original``.
 
@@ -585,8 +864,14 @@ def protect(
         checkpoint_dir: write checkpoints here (every ``config.checkpoint_every`` steps and at
             the end). Default None.
         resume: continue from the checkpoint in ``checkpoint_dir`` (same config apart from
-            ``outer_steps`` / ``checkpoint_every``); runs until ``config.outer_steps`` in total.
-            On the CPU the result is bit-identical to an uninterrupted run. Default False.
+            ``outer_steps`` / ``checkpoint_every``, same data: byte fingerprints are compared);
+            runs until ``config.outer_steps`` in total. On the CPU the result is bit-identical
+            to an uninterrupted run, also after a kill at any instant of a checkpoint write
+            (:mod:`sophon_fast.engine.checkpoint`). Default False.
+        overwrite: discard a checkpoint already in ``checkpoint_dir`` and start over; without it
+            (and without ``resume``) an existing checkpoint raises ``FileExistsError``.
+            ``checkpoint_dir`` is created and checked writable before the first step.
+            Default False.
 
     Returns:
         :class:`ProtectResult` with the protected copy, its per-step history and the config.
@@ -598,18 +883,17 @@ def protect(
             parameters, a checkpoint
             that does not match, or ``resume`` without ``checkpoint_dir``.
         FileNotFoundError: ``resume=True`` but no checkpoint in ``checkpoint_dir``.
+        FileExistsError: a checkpoint in ``checkpoint_dir`` without ``resume`` or ``overwrite``.
+        PermissionError: ``checkpoint_dir`` cannot be created or written.
         sophon_fast.distributed.DistributedError: under a process group, another rank died,
             hung past the timeout or runs a different config or data.
     """
     from sophon_fast.distributed import current as distributed_context
-    from sophon_fast.engine.checkpoint import save_checkpoint
     from sophon_fast.engine.outer import ProtectionRun
     from sophon_fast.engine.sampling import as_tensors
     from sophon_fast.models import find_head
 
-    config = ProtectConfig() if config is None else config
-    if not isinstance(config, ProtectConfig):
-        raise TypeError(f"config: expected a ProtectConfig or None, got {type(config).__name__}")
+    config = _revalidated(config)
     if config.mode == "generation":
         from sophon_fast.engine.generation import protect_generation
 
@@ -624,6 +908,7 @@ def protect(
             callbacks=callbacks,
             checkpoint_dir=checkpoint_dir,
             resume=resume,
+            overwrite=overwrite,
         )
     device = _check_model(model, device, resume=resume, checkpoint_dir=checkpoint_dir)
     head_name, head_linear = find_head(model, config.head)  # warns once for an unnamed head
@@ -678,6 +963,7 @@ def protect(
     dtype = config.torch_dtype
     work = copy.deepcopy(model).to(device=device, dtype=dtype)
     work.train()
+    _check_forward(work, original_x[:2].to(device=device, dtype=dtype), num_classes)
 
     def to_device(x, y):
         return x.to(device=device, dtype=dtype), y.to(device=device, dtype=torch.int64)
@@ -693,16 +979,19 @@ def protect(
         dist=distributed_context(),  # None without a process group of > 1 ranks
     )
     main_rank = run.dist is None or run.dist.rank == 0  # writes checkpoints, shows progress
-    if resume:
-        _resume(run, config, checkpoint_dir)
-
-    def checkpoint() -> None:
-        if main_rank:
-            save_checkpoint(
-                checkpoint_dir,
-                run.state_tensors(),
-                {**run.state_meta(), "config": config.to_dict()},
-            )
+    checkpoint = _prepare_checkpoints(
+        run,
+        config,
+        checkpoint_dir,
+        resume=resume,
+        overwrite=overwrite,
+        main_rank=main_rank,
+        data={
+            "original": (original_x, original_y),
+            "restricted": (restricted_x, restricted_y),
+            "original_eval": (eval_x, eval_y),
+        },
+    )
 
     flush = device.type == "cpu" and (config.engine_options or {}).get("flush_denormal", True)
     if flush:
@@ -713,7 +1002,7 @@ def protect(
             config.outer_steps,
             progress=progress and main_rank,
             callbacks=callbacks,
-            checkpoint=checkpoint if checkpoint_dir is not None else None,
+            checkpoint=checkpoint,
             checkpoint_every=config.checkpoint_every,
         )
     finally:
@@ -723,13 +1012,15 @@ def protect(
             )  # PyTorch's default; the previous state is not queryable
     protected = run.engine.export()
     protected.train(model.training)
-    return ProtectResult(
+    result = ProtectResult(
         model=protected,
         history=run.history,
         config=config,
         initial_original_accuracy=run.initial_original_accuracy,
         stopped_by=run.stopped_by,
     )
+    result.events = list(run.events)
+    return result
 
 
 @dataclass
@@ -791,7 +1082,7 @@ def simulate(
     Raises:
         ValueError: mismatched lengths or shapes, empty masks, unknown head parameter names.
     """
-    config = ProtectConfig() if config is None else config
+    config = _revalidated(config)
     adversary = config.adversaries[0] if adversary is None else resolve_adversary(adversary)
     engine = config.engine if engine is None else engine
     _choice("engine", engine, ("fast", "reference"))

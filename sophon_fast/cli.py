@@ -1,7 +1,7 @@
 """Command line: ``sophon-fast demo | protect | show | backends``.
 
     sophon-fast demo [--mode classification|generation] [--out DIR] [--device cpu|cuda] [--seed N] [--quick]
-    sophon-fast protect --config FILE.toml [--out DIR] [--device D] [--resume]
+    sophon-fast protect --config FILE.toml [--out DIR] [--device D] [--resume | --overwrite]
                         [--nproc N] [--timeout SECONDS]
     sophon-fast show DIR [--data builtin:NAME]
     sophon-fast evaluate --model CKPT [--normal CKPT] [--config grid.toml | --quick] --out DIR
@@ -22,6 +22,11 @@ A protect config (TOML):
     inner_steps = 10
     [output]
     dir = "protected"                           # --out overrides it
+
+Only these tables and keys are read; any other table or key (a ``[protekt]`` typo) is an error
+that names it. Every bad file or path (missing, a file where a folder is expected and back, not
+UTF-8, not TOML/JSON/safetensors of the expected shape) and an unusable ``--device`` end the
+command with one line naming it and exit status 2 (or 1), never a traceback.
 """
 
 from __future__ import annotations
@@ -38,12 +43,20 @@ except ModuleNotFoundError:  # Python < 3.11
 
 
 def _load_toml(path: Path) -> dict[str, Any]:
+    if path.is_dir():
+        raise SystemExit(f"sophon-fast: config file {path} is a folder; expected a TOML file")
     if not path.is_file():
         raise SystemExit(f"sophon-fast: config file {path} does not exist")
     try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
+        return tomllib.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as error:
+        raise SystemExit(
+            f"sophon-fast: {path} is not UTF-8 text ({error.reason} at byte {error.start})"
+        ) from None
     except tomllib.TOMLDecodeError as error:
         raise SystemExit(f"sophon-fast: {path} is not valid TOML: {error}") from None
+    except OSError as error:
+        raise SystemExit(f"sophon-fast: cannot read {path}: {error.strerror}") from None
 
 
 def _section(config: dict, name: str, path: Path) -> dict:
@@ -53,7 +66,75 @@ def _section(config: dict, name: str, path: Path) -> dict:
     return section
 
 
+# The protect TOML's tables and keys; [protect] takes ProtectConfig's fields. Anything else is a
+# typo: a misspelt [protect] table ran the official 1000 x 50-step default silently.
+_PROTECT_TOML = {"model": {"name", "kwargs", "weights"}, "data": {"original", "restricted"},
+                 "protect": None, "output": {"dir"}}  # fmt: skip
+
+
+def _check_protect_toml(raw: dict, path: Path) -> None:
+    """Unknown tables and keys of a protect config are errors that name them."""
+    import dataclasses
+
+    from .api import ProtectConfig
+
+    unknown = sorted(set(raw) - set(_PROTECT_TOML))
+    if unknown:
+        raise SystemExit(
+            f"sophon-fast: {path}: unknown table(s) or key(s) {unknown}; expected the tables "
+            f"{sorted(_PROTECT_TOML)}"
+        )
+    for table, keys in _PROTECT_TOML.items():
+        if table not in raw:
+            continue
+        if not isinstance(raw[table], dict):
+            raise SystemExit(f"sophon-fast: {path}: '{table}' must be a [{table}] table")
+        if keys is None:
+            keys = {f.name for f in dataclasses.fields(ProtectConfig)}
+        unknown = sorted(set(raw[table]) - keys)
+        if unknown:
+            raise SystemExit(
+                f"sophon-fast: {path}: unknown key(s) {unknown} in [{table}]; expected some of "
+                f"{sorted(keys)}"
+            )
+
+
+def _device(value: str | None, flag: str = "--device"):
+    """``--device`` as a torch.device, or one line saying why it cannot be used here."""
+    import torch
+
+    if value is None:
+        return None
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError):
+        raise SystemExit(
+            f"sophon-fast: {flag} {value}: not a device; expected cpu, cuda or cuda:N"
+        ) from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "torch was built without CUDA" if torch.version.cuda is None else "no GPU is visible"
+            raise SystemExit(f"sophon-fast: {flag} {value}: CUDA is not available ({why})")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise SystemExit(
+                f"sophon-fast: {flag} {value}: only {torch.cuda.device_count()} CUDA device(s) visible"
+            )
+    elif device.type != "cpu":
+        raise SystemExit(f"sophon-fast: {flag} {value}: expected cpu, cuda or cuda:N")
+    return device
+
+
+def _folder_arg(path: Path, what: str) -> Path:
+    """An output folder argument that must not be an existing file."""
+    if path.exists() and not path.is_dir():
+        raise SystemExit(f"sophon-fast: {what} {path} is a file; expected a folder (or a new path)")
+    return path
+
+
 def cmd_demo(args) -> int:
+    _device(args.device)
+    if args.out is not None:
+        _folder_arg(Path(args.out), "--out")
     if getattr(args, "mode", "classification") == "generation":
         from .demo_generation import format_generation_report, run_generation_demo
 
@@ -114,6 +195,7 @@ def cmd_protect(args) -> int:
 
     config_path = Path(args.config)
     raw = _load_toml(config_path)
+    _check_protect_toml(raw, config_path)
     model_section = _section(raw, "model", config_path)
     data_section = _section(raw, "data", config_path)
     for key in ("original", "restricted"):
@@ -124,15 +206,19 @@ def cmd_protect(args) -> int:
             f"sophon-fast: {config_path} [model] needs 'weights' (a directory written by "
             "ProtectResult.save or `sophon-fast demo`): protecting an untrained model makes no sense"
         )
+    try:
+        config = ProtectConfig.from_dict(raw.get("protect", {}))
+    except (TypeError, ValueError) as error:
+        raise SystemExit(f"sophon-fast: {config_path} [protect]: {error}") from None
+    out = _folder_arg(Path(args.out or raw.get("output", {}).get("dir", "protected")), "output")
+    _check_output(out, resume=args.resume, overwrite=getattr(args, "overwrite", False))
     model = None
     if "name" in model_section:
         model = build_model(model_section["name"], model_section.get("kwargs"))
     model = ProtectResult.load(model_section["weights"], model=model).model
-    config = ProtectConfig.from_dict(raw.get("protect", {}))
     original, original_eval = load_spec(data_section["original"], what="[data] original")
     restricted, _ = load_spec(data_section["restricted"], what="[data] restricted")
-    out = Path(args.out or raw.get("output", {}).get("dir", "protected"))
-    device = torch.device(args.device) if args.device else None
+    device = _device(args.device)
     # under torchrun (WORLD_SIZE > 1): join its process group, with a timeout
     started_group = init_from_env(device=device, timeout_s=getattr(args, "timeout", None))
     try:
@@ -146,6 +232,7 @@ def cmd_protect(args) -> int:
             progress=not args.no_progress,
             checkpoint_dir=out / "checkpoints",
             resume=args.resume,
+            overwrite=getattr(args, "overwrite", False),
         )
         main_rank = is_main_process()
         if started_group:
@@ -161,9 +248,41 @@ def cmd_protect(args) -> int:
     last = result.history[-1] if result.history else {}
     print(
         f"protected model written to {out} ({len(result.history)} outer steps, stopped by "
-        f"{result.stopped_by or 'completion'}; last original accuracy {last.get('original_accuracy')})"
+        f"{result.outcome}; last original accuracy {last.get('original_accuracy')})"
     )
     return 0
+
+
+def _check_output(out: Path, *, resume: bool, overwrite: bool) -> None:
+    """Before any step: ``out`` can be created and written, and holds no earlier result or
+    checkpoint unless ``--resume`` or ``--overwrite`` (an unwritable folder failed after the
+    whole run; a second run silently replaced the first one's checkpoint)."""
+    import os
+    import tempfile
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        handle, probe = tempfile.mkstemp(prefix=".write-probe.", suffix=".tmp", dir=out)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as error:
+        raise SystemExit(
+            f"sophon-fast protect: cannot write to the output folder {out} ({error}); "
+            "choose a writable --out before the run starts"
+        ) from None
+    if resume or overwrite:
+        return
+    held = [name for name in ("model.safetensors", "result.json") if (out / name).exists()]
+    held += [
+        f"checkpoints/{name}"
+        for name in ("checkpoint.safetensors", "checkpoint.json")
+        if (out / "checkpoints" / name).exists()
+    ]
+    if held:
+        raise SystemExit(
+            f"sophon-fast protect: {out} already holds {', '.join(held)}; pass --resume to "
+            "continue its checkpoint or --overwrite to replace it (or choose another --out)"
+        )
 
 
 def cmd_show(args) -> int:
@@ -174,9 +293,16 @@ def cmd_show(args) -> int:
     n_params = sum(p.numel() for p in model.parameters())
     spec = getattr(model, "model_spec", None)
     print(f"{args.directory}: {type(model).__name__} {spec or ''}, {n_params:,} parameters")
-    print(
-        f"outer steps run: {len(result.history)}; stopped by: {result.stopped_by or 'completion'}"
-    )
+    print(f"outer steps run: {len(result.history)}; stopped by: {result.outcome}")
+    from .engine.checkpoint import nonfinite_tensors
+
+    bad = nonfinite_tensors(dict(model.state_dict()))
+    if bad:
+        print(
+            f"WARNING: the weights hold NaN or infinite values in {bad[:4]}"
+            f"{' ...' if len(bad) > 4 else ''}: this model is broken, whatever its accuracy",
+            file=sys.stderr,
+        )
     if result.history:
         last = result.history[-1]
         print("last step: " + ", ".join(f"{k}={v}" for k, v in last.items()))
@@ -212,6 +338,8 @@ def cmd_evaluate(args) -> int:
 
     if args.config and args.quick:
         raise SystemExit("sophon-fast evaluate: give --config or --quick, not both")
+    _device(args.device)
+    _folder_arg(Path(args.out), "--out")
     model_dir = Path(args.model)
     pair = _demo_pair(model_dir)
     restricted_spec = args.restricted or pair.get("restricted", "builtin:sklearn_digits")
@@ -302,6 +430,12 @@ def build_parser() -> argparse.ArgumentParser:
     prot.add_argument("--device", help="cpu or cuda (default: where the model is)")
     prot.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints")
     prot.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a result or checkpoint already in OUT (without it, or --resume, the run "
+        "refuses to start there)",
+    )
+    prot.add_argument(
         "--nproc",
         type=int,
         default=1,
@@ -363,7 +497,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, TypeError, FileNotFoundError) as error:
+    except (ValueError, TypeError, OSError) as error:
+        # OSError covers a missing file, a file where a folder is expected and back, and a
+        # refused permission; its message names the path
         print(f"sophon-fast {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -1,20 +1,32 @@
-"""Checkpoints of a protection run: safetensors for tensors, JSON for everything else.
+"""Checkpoints of a protection run: one safetensors file is the commit, a JSON copy for reading.
 
-A checkpoint directory holds two files, each written atomically (temporary file in the same
-directory, flushed and fsynced, then ``os.replace``), so a crash leaves either the old or the new
-file, never a torn one:
+A checkpoint directory holds
 
 - ``checkpoint.safetensors``: the engine state (weights, BatchNorm statistics, both Adam states),
   the sampler permutations and positions, the seeded generator's state and torch's global RNG
-  states (as uint8 tensors);
-- ``checkpoint.json``: config, history, step counter and run flags.
+  states (as uint8 tensors), and in its header metadata the run's JSON (config, history, step,
+  flags, data fingerprints) under ``meta``. This one file is the checkpoint: it is written to a
+  temporary file in the same directory, flushed and fsynced, then renamed over the old one
+  (``os.replace``) and the directory fsynced, so a kill at any instant leaves either the previous
+  complete checkpoint or the new complete one, never a torn one or a mixed pair;
+- ``checkpoint.json``: a copy of the same JSON, for people and scripts, written after the commit.
+  A kill between the two leaves the previous step's copy; the header records a hash of the copy
+  it replaces (``previous_json_sha256``), so loading tells that stale copy (ignored) from a copy
+  edited by hand (refused as inconsistent).
 
-Both carry the same ``step``; loading checks that they match. Nothing is unpickled: safetensors
-holds raw tensors and JSON holds plain data.
+Stale ``.checkpoint.*.tmp`` files of a killed writer are removed by the next write.
+Checkpoints of the earlier format (the JSON only in ``checkpoint.json``, the header holding just
+``step``) still load when both files name the same step. Nothing is unpickled: safetensors holds
+raw tensors and JSON holds plain data.
+
+:func:`data_fingerprint` hashes the bytes of a data set (SHA-256, 1.4 GB/s on one EPYC core:
+0.44 s for CIFAR-10's 614 MB training images), stored in checkpoints and evaluate()'s cells so a
+resume on changed data is refused.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -28,52 +40,97 @@ __all__ = [
     "CHECKPOINT_TENSORS",
     "atomic_write_text",
     "atomic_save_tensors",
+    "checkpoint_step",
+    "data_fingerprint",
     "load_checkpoint",
     "load_optimizer_tensors",
+    "nonfinite_tensors",
     "optimizer_tensors",
+    "prepare_checkpoint_dir",
     "save_checkpoint",
 ]
 
 CHECKPOINT_TENSORS = "checkpoint.safetensors"
 CHECKPOINT_JSON = "checkpoint.json"
+FORMAT = "sophon_fast.checkpoint/2"
+
+#: Test seam: ``hook(point, path)`` is called at every write point of a checkpoint (see
+#: :func:`save_checkpoint`); the crash tests make it kill the process there. None in normal use.
+write_point_hook = None
 
 
-def _atomic(path: Path, write) -> None:
+def _reach(point: str, path: Path) -> None:
+    if write_point_hook is not None:
+        write_point_hook(point, path)
+
+
+def _umask() -> int:
+    """The process umask (reading it means setting it: restored at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make a rename in ``directory`` durable (POSIX; a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic(path: Path, write, point: str | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        # mkstemp creates 0600 (and safetensors writes a fresh file): the renamed file gets what
+        # open() would give it, 0666 less the umask
+        os.chmod(tmp, 0o666 & ~_umask())
+        if point:
+            _reach(f"{point}_written", Path(tmp))
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
+        if point:
+            _reach(f"{point}_synced", Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    _fsync_directory(path.parent)  # the rename itself survives a power cut
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+def atomic_write_text(path: str | os.PathLike, text: str, *, point: str | None = None) -> None:
     """Write ``text`` to ``path`` atomically."""
 
     def write(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as handle:
             handle.write(text)
 
-    _atomic(Path(path), write)
+    _atomic(Path(path), write, point)
 
 
 def atomic_save_tensors(
     path: str | os.PathLike,
     tensors: dict[str, torch.Tensor],
     metadata: dict[str, str] | None = None,
+    *,
+    point: str | None = None,
 ) -> None:
     """Save ``tensors`` (moved to the CPU, contiguous, unshared) as safetensors, atomically."""
     plain = {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
     # Imported here: the kernel layer (import sophon_fast, the ops) must not need safetensors.
     from safetensors.torch import save_file
 
-    _atomic(Path(path), lambda tmp: save_file(plain, tmp, metadata=metadata))
+    _atomic(Path(path), lambda tmp: save_file(plain, tmp, metadata=metadata), point)
 
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer, prefix: str) -> dict[str, torch.Tensor]:
@@ -108,39 +165,179 @@ def load_optimizer_tensors(
         optimizer.state.setdefault(param, {})[key] = value
 
 
+def _clean_stale_temporaries(directory: Path) -> None:
+    """Remove the temporary files a killed checkpoint writer left (one writer per directory)."""
+    for name in (CHECKPOINT_TENSORS, CHECKPOINT_JSON):
+        for stale in directory.glob(f".{name}.*.tmp"):
+            try:
+                stale.unlink()
+            except FileNotFoundError:
+                pass
+
+
 def save_checkpoint(
     directory: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict[str, Any]
 ) -> None:
-    """Write a checkpoint (tensors first, then the JSON that names the same ``meta['step']``)."""
-    directory = Path(directory)
-    step = str(meta["step"])
-    atomic_save_tensors(directory / CHECKPOINT_TENSORS, tensors, metadata={"step": step})
-    atomic_write_text(directory / CHECKPOINT_JSON, json.dumps(meta, indent=1, sort_keys=True))
+    """Write a checkpoint: one atomic replace of ``checkpoint.safetensors`` (tensors and the JSON
+    ``meta`` in its header) is the commit; ``checkpoint.json`` is refreshed after it.
 
-
-def load_checkpoint(directory: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read a checkpoint written by :func:`save_checkpoint`.
-
-    Raises:
-        FileNotFoundError: no checkpoint in ``directory``.
-        ValueError: the two files belong to different steps.
+    Write points (``write_point_hook``), in order: ``begin``, ``tensors_written`` (temporary
+    file complete, not yet fsynced), ``tensors_synced``, ``committed`` (renamed), ``json_written``,
+    ``json_synced``, ``done``. A kill before ``committed`` leaves the previous checkpoint; from
+    ``committed`` on, the new one.
     """
     directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    _clean_stale_temporaries(directory)
+    _reach("begin", directory)
+    text = json.dumps(meta, indent=1, sort_keys=True)
+    json_path = directory / CHECKPOINT_JSON
+    try:
+        previous = hashlib.sha256(json_path.read_bytes()).hexdigest()
+    except FileNotFoundError:
+        previous = ""
+    metadata = {
+        "format": FORMAT,
+        "step": str(meta["step"]),
+        "meta": text,
+        "previous_json_sha256": previous,
+    }
+    atomic_save_tensors(directory / CHECKPOINT_TENSORS, tensors, metadata, point="tensors")
+    _reach("committed", directory)
+    atomic_write_text(json_path, text, point="json")
+    _reach("done", directory)
+
+
+def _header(tensor_path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(str(tensor_path), framework="pt") as handle:
+        return dict(handle.metadata() or {})
+
+
+def _read_meta(directory: Path) -> tuple[Path, dict[str, Any]]:
     tensor_path, json_path = directory / CHECKPOINT_TENSORS, directory / CHECKPOINT_JSON
-    if not (tensor_path.exists() and json_path.exists()):
+    if not tensor_path.exists():
+        raise FileNotFoundError(
+            f"no checkpoint in {directory} (expected {CHECKPOINT_TENSORS}"
+            f"{'' if json_path.exists() else ' and ' + CHECKPOINT_JSON})"
+        )
+    header = _header(tensor_path)
+    if "meta" in header:  # this format: the header is the checkpoint, the JSON a copy
+        meta = json.loads(header["meta"])
+        if json_path.exists():
+            raw = json_path.read_bytes()
+            if raw != header["meta"].encode("utf-8") and hashlib.sha256(
+                raw
+            ).hexdigest() != header.get("previous_json_sha256"):
+                raise ValueError(
+                    f"checkpoint in {directory} is inconsistent: {CHECKPOINT_JSON} is neither the "
+                    f"copy of step {header.get('step')}'s checkpoint nor the one it replaced (edited "
+                    f"by hand?); delete {CHECKPOINT_JSON} to resume from {CHECKPOINT_TENSORS}"
+                )
+        return tensor_path, meta
+    # the earlier format: JSON only in checkpoint.json, the two files must name the same step
+    if not json_path.exists():
         raise FileNotFoundError(
             f"no checkpoint in {directory} (expected {CHECKPOINT_TENSORS} and {CHECKPOINT_JSON})"
         )
     meta = json.loads(json_path.read_text(encoding="utf-8"))
-    from safetensors import safe_open
-
-    with safe_open(str(tensor_path), framework="pt") as handle:
-        tensor_step = (handle.metadata() or {}).get("step")
-    if tensor_step != str(meta.get("step")):
+    if header.get("step") != str(meta.get("step")):
         raise ValueError(
-            f"checkpoint in {directory} is inconsistent: tensors are from step {tensor_step}, "
+            f"checkpoint in {directory} is inconsistent: tensors are from step {header.get('step')}, "
             f"JSON from step {meta.get('step')}"
         )
+    return tensor_path, meta
+
+
+def checkpoint_step(directory: str | os.PathLike) -> int | None:
+    """The step of the checkpoint in ``directory``, None when there is none (reads only headers)."""
+    directory = Path(directory)
+    if not (directory / CHECKPOINT_TENSORS).exists() and not (directory / CHECKPOINT_JSON).exists():
+        return None
+    try:
+        return int(_read_meta(directory)[1]["step"])
+    except (FileNotFoundError, ValueError, KeyError, TypeError):
+        return -1  # something is there, just not a readable checkpoint
+
+
+def load_checkpoint(directory: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read a checkpoint written by :func:`save_checkpoint` (or by the earlier two-file format).
+
+    Raises:
+        FileNotFoundError: no checkpoint in ``directory``.
+        ValueError: the JSON copy was edited, or (earlier format) the two files belong to
+            different steps.
+    """
+    tensor_path, meta = _read_meta(Path(directory))
     from safetensors.torch import load_file
 
     return load_file(str(tensor_path)), meta
+
+
+def prepare_checkpoint_dir(
+    directory: str | os.PathLike, *, resume: bool, overwrite: bool, delete: bool = True
+) -> None:
+    """Before the first step: create ``directory``, check that a file can be written there, and
+    refuse to start over an existing checkpoint unless ``overwrite`` (which deletes it now when
+    ``delete``: rank 0 alone under a process group).
+
+    Raises:
+        FileExistsError: a checkpoint is there and neither ``resume`` nor ``overwrite`` is set.
+        PermissionError / OSError: the directory cannot be created or written.
+    """
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-probe.", suffix=".tmp", dir=directory)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as error:
+        raise PermissionError(
+            f"checkpoint directory {directory} cannot be created or written ({error}); "
+            "choose a writable location before the run starts"
+        ) from None
+    if resume:
+        return
+    step = checkpoint_step(directory)
+    if step is None:
+        return
+    if not overwrite:
+        held = f"step {step}" if step >= 0 else "an unreadable checkpoint"
+        raise FileExistsError(
+            f"{directory} already holds a checkpoint ({held}); pass resume=True (--resume) to "
+            "continue it, or overwrite=True (--overwrite) to discard it and start over"
+        )
+    if not delete:
+        return
+    for name in (CHECKPOINT_TENSORS, CHECKPOINT_JSON):
+        try:
+            (directory / name).unlink()
+        except FileNotFoundError:
+            pass
+    _clean_stale_temporaries(directory)
+
+
+def data_fingerprint(*tensors: torch.Tensor | None) -> str:
+    """SHA-256 (hex, 32 digits) of the tensors' dtypes, shapes and bytes (CPU, contiguous, in
+    their own dtype); None hashes as absent. Any change of a value, order, shape or dtype changes
+    it, unlike shape + sum + labels, which a flipped image set passes."""
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        if tensor is None:
+            digest.update(b"none;")
+            continue
+        tensor = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{tensor.dtype};{tuple(tensor.shape)};".encode())
+        if tensor.numel():
+            digest.update(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+    return digest.hexdigest()[:32]
+
+
+def nonfinite_tensors(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors holding a NaN or an infinity."""
+    return sorted(
+        name
+        for name, tensor in tensors.items()
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+    )

@@ -28,7 +28,12 @@ What the run records (history): ``suppression_loss``; ``restricted_mse`` (the me
 of the evaluation halves after each simulated fine-tuning step, whatever the suppression loss);
 ``ntr_loss``; ``original_accuracy`` None; ``original_mse`` (eval-mode denoising MSE on the original evaluation images, with
 noise and timesteps drawn once from ``seed + 1`` and reused every time, so the numbers are
-comparable step to step). There is no intactness guard (it reads a classification accuracy).
+comparable step to step). There is no intactness guard (it reads a classification accuracy),
+but the non-finite checks of :mod:`sophon_fast.engine.outer` run as in classification: a NaN or
+infinite loss, meta-gradient or weight rolls back to the previous step's state and stops
+(``stopped_by="nonfinite"``; ``guard_action="continue"`` goes on). Checkpoints, the data
+fingerprints a resume compares and ``overwrite`` are shared with classification
+(:func:`sophon_fast.api._prepare_checkpoints`).
 """
 
 from __future__ import annotations
@@ -490,11 +495,11 @@ def protect_generation(
     callbacks: Sequence[Callable[[dict[str, Any]], Any]] = (),
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
+    overwrite: bool = False,
 ):
     """:func:`sophon_fast.protect` for ``config.mode == "generation"`` (same arguments; the data
     are images (N, C, H, W) in the model's range, or pairs whose labels are ignored)."""
-    from sophon_fast.api import ProtectResult, _check_model, _resume
-    from sophon_fast.engine.checkpoint import save_checkpoint
+    from sophon_fast.api import ProtectResult, _check_model, _prepare_checkpoints
 
     device = _check_model(model, device, resume=resume, checkpoint_dir=checkpoint_dir)
     original_x = as_images(original, "original")
@@ -552,13 +557,19 @@ def protect_generation(
         original_eval=to_device(eval_x) if config.eval_every else None,
         head=None,
     )
-    if resume:
-        _resume(run, config, checkpoint_dir)
-
-    def checkpoint() -> None:
-        save_checkpoint(
-            checkpoint_dir, run.state_tensors(), {**run.state_meta(), "config": config.to_dict()}
-        )
+    checkpoint = _prepare_checkpoints(
+        run,
+        config,
+        checkpoint_dir,
+        resume=resume,
+        overwrite=overwrite,
+        main_rank=True,
+        data={
+            "original": (original_x, None),
+            "restricted": (restricted_x, None),
+            "original_eval": (eval_x, None),
+        },
+    )
 
     flush = device.type == "cpu"
     if flush:
@@ -569,7 +580,7 @@ def protect_generation(
             config.outer_steps,
             progress=progress,
             callbacks=callbacks,
-            checkpoint=checkpoint if checkpoint_dir is not None else None,
+            checkpoint=checkpoint,
             checkpoint_every=config.checkpoint_every,
         )
     finally:
@@ -584,6 +595,7 @@ def protect_generation(
         initial_original_accuracy=None,
         stopped_by=run.stopped_by,
     )
+    result.events = list(run.events)
     result.initial_original_mse = run.initial_original_accuracy  # the MSE, see GenerationRun
     return result
 

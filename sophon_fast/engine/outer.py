@@ -2,15 +2,33 @@
 
 One outer step (official order):
 
-1. back up weights and statistics (engine-specific: one flat copy, or ``copy.deepcopy``);
+1. (the last good state is already held: see "Rollback" below);
 2. ``suppression_steps`` times: draw a simulation (:mod:`sophon_fast.engine.sampling`), run it
    (for every drawn adversary; several are averaged), clip the meta-gradient to
    ``max_grad_norm`` and take one meta Adam step (lr alpha * base_lr);
 3. ``ntr_steps`` times: CE on an original batch and one NTR Adam step (lr beta * base_lr, its
    own Adam state, no clipping);
 4. every ``eval_every`` outer steps: original-domain accuracy on the evaluation data, then the
-   intactness guard: at accuracy <= threshold, restore the backup and stop (official) or go on;
+   intactness guard: at accuracy <= threshold, restore the last good state and stop (official)
+   or go on;
 5. record history, call callbacks (True stops), write a checkpoint when due.
+
+Rollback and non-finite values. The run holds one *last good state* (weights and statistics, one
+engine backup; with ``guard_action="continue"`` also both Adam states): the state after the last
+step that was finite and, while the guard is on, evaluated above the threshold (or the starting
+state). With ``eval_every=1`` that is the previous step's state, as in the official code; with
+``eval_every > 1`` unevaluated steps are not "good", so a guard rollback never lands on a state
+that was ruined but not measured. Every step also checks, on the device, that the suppression
+loss of every meta step, every meta-gradient, every NTR loss and the weights and statistics after
+the step are finite (one sum per tensor, :func:`_finite_sum`); the flags are read in the same
+host transfer as the losses the history records (one synchronisation per step, which the history
+already needed; there were three). A non-finite value
+restores the last good state (and the Adam states where held), records ``guard`` =
+``"nonfinite_stop"`` / ``"nonfinite_continue"``, warns naming the step and the quantity, and
+stops (``stopped_by="nonfinite"``) unless ``guard_action="continue"``. Guaranteed: no step's
+non-finite weights survive that step; a returned model has finite weights and statistics.
+The last good state, when it differs from the current one, is saved in checkpoints
+(``good.*`` tensors), so a resumed run rolls back exactly as the uninterrupted one.
 
 All randomness is drawn here from one seeded generator and handed to the engine, so the fast and
 reference engines see the same batches, splits, head values and adversaries.
@@ -73,8 +91,11 @@ class ProtectionRun:
     stopped_by: str | None = None
     initial_original_accuracy: float | None = None
     dist: Any = None  # sophon_fast.distributed.DistributedContext under a process group, else None
+    data_fingerprints: dict[str, str] | None = None  # name -> data_fingerprint, checked on resume
+    events: list[dict[str, Any]] = field(default_factory=list)  # rollbacks for non-finite values
 
     def __post_init__(self) -> None:
+        self._good = None  # (step, engine backup, optimizer tensors or None): the last good state
         self.generator = torch.Generator().manual_seed(self.config.seed)
         self.restricted_sampler = EpochSampler(self.restricted[1].shape[0], self.generator)
         self.original_sampler = EpochSampler(self.original[1].shape[0], self.generator)
@@ -109,13 +130,53 @@ class ProtectionRun:
             and self.initial_original_accuracy is None
         ):
             self.initial_original_accuracy = self.original_accuracy()
+        if self._good is None:
+            self._keep_good()
+
+    # ------------------------------------------------------------------ the last good state
+    def _optimizer_tensors(self) -> dict[str, torch.Tensor]:
+        return {
+            k: v
+            for k, v in self.engine.state_tensors().items()
+            if k.startswith(("meta_adam.", "ntr_adam."))
+        }
+
+    def _keep_good(self) -> None:
+        """Hold the current state as the last good one (Adam states too in continue mode, where
+        a rollback for a non-finite value must not keep NaN moments)."""
+        self._good = None  # drop the old copy first: one copy alive at a time
+        optim = None
+        if self.config.guard_action == "continue":
+            optim = {k: v.clone() for k, v in self._optimizer_tensors().items()}
+        self._good = (self.step, self.engine.backup(), optim)
+
+    def _restore_good(self, optimizers: bool) -> int:
+        """Restore the last good state (its Adam states too when ``optimizers`` and held);
+        returns its step."""
+        step, backup, optim = self._good
+        self.engine.restore(backup)
+        if optimizers and optim is not None:
+            from sophon_fast.engine.checkpoint import load_optimizer_tensors
+
+            load_optimizer_tensors(self.engine.meta_optimizer, optim, "meta_adam")
+            load_optimizer_tensors(self.engine.ntr_optimizer, optim, "ntr_adam")
+        return step
+
+    def _weights(self) -> list[torch.Tensor]:
+        return [
+            t
+            for k, t in self.engine.state_tensors().items()
+            if k.startswith("model.") and t.is_floating_point()
+        ]
 
     # ------------------------------------------------------------------ one outer step
     def outer_step(self) -> dict[str, Any]:
         cfg, engine = self.config, self.engine
         started = time.perf_counter()
-        backup = engine.backup()
+        if self._good is None:  # a run stepped without start() (benchmarks): its state now
+            self._keep_good()
         suppression_losses, restricted_accuracies, adversaries = [], [], []
+        grad_finite = []  # () bool device tensors: no host synchronisation until the record
 
         def next_draw():
             return draw_simulation(
@@ -165,6 +226,7 @@ class ProtectionRun:
                         )
                     del draw
                 loss, accuracy, grad = average_results(results)
+            grad_finite.append(_all_finite(grad))
             engine.meta_step(grad, cfg.max_grad_norm)
             suppression_losses.append(loss)
             restricted_accuracies.append(accuracy)
@@ -181,35 +243,61 @@ class ProtectionRun:
         if self.dist is not None:
             self.dist.sync_statistics(engine)  # BatchNorm rule: sophon_fast.distributed
         self.step += 1
+        weights_finite = _all_finite(self._weights())
+        # one host transfer for the recorded means and the finiteness flags
+        means, flags = _read_step_values(
+            [suppression_losses, restricted_accuracies, ntr_losses],
+            [
+                _all_finite(suppression_losses),
+                _all_finite(grad_finite),
+                _all_finite(ntr_losses),
+                weights_finite,
+            ],
+        )
+        suppression_mean, accuracy_mean, ntr_mean = means
         original_accuracy = None
-        if cfg.eval_every and self.original_eval is not None and self.step % cfg.eval_every == 0:
-            original_accuracy = self.original_accuracy()
         guard = None
         threshold = self.guard_threshold()
-        if (
-            original_accuracy is not None
-            and threshold is not None
-            and original_accuracy <= threshold
-        ):
-            engine.restore(backup)
-            guard = "rollback_stop" if cfg.guard_action == "stop" else "rollback_continue"
+        bad = [name for name, ok in zip(_QUANTITIES, flags) if not ok]
+        if bad:
+            good_step = self._restore_good(optimizers=True)
+            guard = "nonfinite_stop" if cfg.guard_action == "stop" else "nonfinite_continue"
             if cfg.guard_action == "stop":
-                self.stopped_by = "guard"
-
-        def mean(values):
-            return (
-                None
-                if not values
-                else float(torch.stack([v.detach().double() for v in values]).mean())
+                self.stopped_by = "nonfinite"
+            event = {"step": self.step, "quantities": bad, "rolled_back_to": good_step}
+            self.events.append(event)
+            warnings.warn(
+                f"protect: outer step {self.step}: non-finite {bad[0]}"
+                + (f" (then {', '.join(bad[1:])})" if len(bad) > 1 else "")
+                + f"; rolled back to the last good state (step {good_step})"
+                + ("; stopping" if cfg.guard_action == "stop" else "; continuing (guard_action)"),
+                RuntimeWarning,
+                stacklevel=2,
             )
+        else:
+            if (
+                cfg.eval_every
+                and self.original_eval is not None
+                and self.step % cfg.eval_every == 0
+            ):
+                original_accuracy = self.original_accuracy()
+            if (
+                original_accuracy is not None
+                and threshold is not None
+                and original_accuracy <= threshold
+            ):
+                self._restore_good(optimizers=False)  # Adam moments kept (documented)
+                guard = "rollback_stop" if cfg.guard_action == "stop" else "rollback_continue"
+                if cfg.guard_action == "stop":
+                    self.stopped_by = "guard"
+            elif threshold is None or original_accuracy is not None:
+                self._keep_good()  # finite, and evaluated above the threshold when guarded
 
         record = {
             "step": self.step,
-            "suppression_loss": mean(suppression_losses),
-            "restricted_accuracy": None
-            if not restricted_accuracies
-            else 100.0 * mean(restricted_accuracies),
-            "ntr_loss": mean(ntr_losses),
+            "suppression_loss": suppression_mean,
+            "restricted_accuracy": None if accuracy_mean is None else 100.0 * accuracy_mean,
+            "ntr_loss": ntr_mean,
             "original_accuracy": original_accuracy,
             "adversaries": adversaries,
             "guard": guard,
@@ -229,10 +317,9 @@ class ProtectionRun:
         checkpoint_every: int | None = None,
     ) -> None:
         """Run outer steps until ``outer_steps`` in total, a guard stop or a callback's True."""
-        if self.stopped_by == "guard":
-            warnings.warn(
-                "the run was stopped by the intactness guard; nothing left to resume", stacklevel=3
-            )
+        if self.stopped_by in ("guard", "nonfinite"):
+            cause = "the intactness guard" if self.stopped_by == "guard" else "a non-finite value"
+            warnings.warn(f"the run was stopped by {cause}; nothing left to resume", stacklevel=3)
             return
         self.stopped_by = None
         from tqdm.auto import tqdm
@@ -263,6 +350,18 @@ class ProtectionRun:
                     break
         finally:
             bar.close()
+        rolled = [h for h in self.history if h.get("guard") in _CONTINUED]
+        evaluated = [
+            h for h in self.history if h.get("original_accuracy") is not None or h.get("guard")
+        ]
+        if rolled and not self.stopped_by and len(rolled) == len(evaluated):
+            warnings.warn(
+                f"protect: the guard rolled back every one of the {len(rolled)} checked steps "
+                f"(guard_action='continue'): the model is the last good state (step "
+                f"{self._good[0]}), not a protected one",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     # ------------------------------------------------------------------ checkpoint state
     def state_tensors(self) -> dict[str, torch.Tensor]:
@@ -273,7 +372,24 @@ class ProtectionRun:
         tensors["rng.torch_cpu"] = torch.get_rng_state()
         if torch.cuda.is_available() and self.restricted[0].is_cuda:
             tensors["rng.torch_cuda"] = torch.cuda.get_rng_state(self.restricted[0].device)
+        tensors.update(self._good_tensors())
         return tensors
+
+    def _good_tensors(self) -> dict[str, torch.Tensor]:
+        """``good.*``: the last good state when it is not the current one (else nothing)."""
+        if self._good is None or self._good[0] == self.step:
+            return {}
+        _, backup, optim = self._good
+        current = self.engine.backup()
+        self.engine.restore(backup)
+        out = {
+            f"good.{k}": v.detach().clone()
+            for k, v in self.engine.state_tensors().items()
+            if k.startswith("model.")
+        }
+        self.engine.restore(current)
+        out.update({f"good.{k}": v for k, v in (optim or {}).items()})
+        return out
 
     def state_meta(self) -> dict[str, Any]:
         return {
@@ -282,7 +398,20 @@ class ProtectionRun:
             "initial_original_accuracy": self.initial_original_accuracy,
             "history": self.history,
             "engine": self.engine.name,
+            "good_step": None if self._good is None else self._good[0],
+            "data": self.data_fingerprints,
+            "events": self.events,
         }
+
+    def write_checkpoint(self, directory, config_dict: dict[str, Any]) -> None:
+        """Save this run's checkpoint to ``directory`` (one atomic commit, see
+        :mod:`sophon_fast.engine.checkpoint`)."""
+        from sophon_fast.engine import checkpoint as checkpoints
+
+        # looked up at call time: tests wrap save_checkpoint
+        checkpoints.save_checkpoint(
+            directory, self.state_tensors(), {**self.state_meta(), "config": config_dict}
+        )
 
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         if meta["engine"] != self.engine.name:
@@ -290,9 +419,19 @@ class ProtectionRun:
                 f"checkpoint was written by engine={meta['engine']!r}, this run uses {self.engine.name!r}"
             )
         prefix = "engine."
-        self.engine.load_state_tensors(
-            {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-        )
+        engine_tensors = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        good_step = meta.get("good_step")
+        self._good = None  # start() holds the loaded state as the last good one
+        if good_step is not None and good_step != meta["step"]:
+            good = {k[len("good.") :]: v for k, v in tensors.items() if k.startswith("good.")}
+            self.engine.load_state_tensors(
+                {**{k: v for k, v in engine_tensors.items() if not k.startswith("model.")}, **good}
+            )
+            optim = None
+            if self.config.guard_action == "continue":
+                optim = {k: v.clone() for k, v in self._optimizer_tensors().items()}
+            self._good = (int(good_step), self.engine.backup(), optim)
+        self.engine.load_state_tensors(engine_tensors)
         self.restricted_sampler.load_state_tensors(tensors, "sampler.restricted")
         self.original_sampler.load_state_tensors(tensors, "sampler.original")
         self.generator.set_state(tensors["rng.generator"])
@@ -303,3 +442,63 @@ class ProtectionRun:
         self.stopped_by = meta["stopped_by"]
         self.initial_original_accuracy = meta["initial_original_accuracy"]
         self.history = list(meta["history"])
+        self.events = list(meta.get("events") or [])
+        if self._good is None:
+            self._keep_good()
+
+
+#: What each finiteness flag of a step checks, in order (named in warnings and events).
+_QUANTITIES = ("suppression loss", "meta-gradient", "NTR loss", "weights or statistics")
+_CONTINUED = ("rollback_continue", "nonfinite_continue")
+
+
+def _finite_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """() bool: the sum of ``tensor`` is finite, i.e. no NaN or infinity in it (NaN and inf
+    propagate through a sum; a sum beyond the accumulator's range, 3.4e38 in float32, also
+    counts, which no trained model's weights or clipped gradient approach). A sum is one
+    reduction pass: 3.5 ms for 11.2 M float32 on one EPYC core, where isfinite(x).all() took
+    257 ms (it materialises a bool tensor)."""
+    accumulate = torch.float64 if tensor.dtype == torch.float64 else torch.float32
+    return torch.isfinite(tensor.sum(dtype=accumulate))
+
+
+def _all_finite(values) -> torch.Tensor | None:
+    """() bool device tensor: every element of a tensor, a list or a dict of tensors is finite
+    (see :func:`_finite_sum`); None for nothing to check."""
+    if isinstance(values, dict):
+        values = list(values.values())
+    if isinstance(values, torch.Tensor):
+        return _finite_sum(values)
+    flags = [v if v.dtype == torch.bool else _finite_sum(v) for v in values if v is not None]
+    if not flags:
+        return None
+    if len(flags) == 1:
+        return flags[0]
+    device = flags[0].device
+    return torch.stack([f.to(device) for f in flags]).all()
+
+
+def _read_step_values(groups, flags):
+    """Means (float64, as the history records them) of each group of () tensors and the truth
+    of each flag, read from the device in one transfer. Returns (means, flags) with None for an
+    empty group and True for a None flag."""
+    parts, where = [], []
+    for values in groups:
+        if values:
+            parts.append(torch.stack([v.detach().double() for v in values]).mean())
+            where.append(len(parts) - 1)
+        else:
+            where.append(None)
+    flag_at = []
+    for flag in flags:
+        if flag is None:
+            flag_at.append(None)
+        else:
+            parts.append(flag.double())
+            flag_at.append(len(parts) - 1)
+    if not parts:
+        return [None] * len(groups), [True] * len(flags)
+    device = parts[0].device
+    host = torch.stack([p.to(device) for p in parts]).tolist()
+    means = [None if i is None else host[i] for i in where]
+    return means, [True if i is None else host[i] == 1.0 for i in flag_at]
