@@ -7,7 +7,11 @@ Per-cell seeds are derived from (recipe, seed) only, so all arms see the same da
 draw and batch order. Cells run in-process (``workers=1``) or in spawned worker processes with
 one thread each; with a ``report_dir`` each finished cell is written atomically to
 ``report_dir/cells/<id>.json`` and a rerun reuses every cell whose recipe, seed, budget, model
-weights and data are unchanged, so an interrupted evaluation resumes where it stopped.
+weights and data are unchanged, so an interrupted evaluation resumes where it stopped. Data are
+compared by a hash of their bytes per data set
+(:func:`sophon_fast.engine.checkpoint.data_fingerprint`); cells computed on different data raise
+an error naming the data set instead of being reused or silently replaced (cells written before
+per-data-set fingerprints are run again).
 
 The search adversary adds recipes drawn from the search space (scope x optimizer x
 log-uniform lr x schedule): with the random sampler they are drawn up front and run on every
@@ -31,7 +35,7 @@ import torch
 from torch import nn
 
 from ..distributed import current as distributed_context
-from ..engine.checkpoint import atomic_write_text
+from ..engine.checkpoint import atomic_write_text, data_fingerprint
 from ..training import accuracy, as_tensors
 from .attack import Attack, run_attack
 from .grid import GridConfig, load_grid, sample_attack
@@ -52,17 +56,16 @@ def _fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-def _data_fingerprint(*datasets) -> str:
-    digest = hashlib.sha256()
-    for data in datasets:
-        if data is None:
-            digest.update(b"none")
-            continue
-        images, labels = as_tensors(data)
-        digest.update(str(tuple(images.shape)).encode())
-        digest.update(images.detach().cpu().float().sum().numpy().tobytes())
-        digest.update(labels.detach().cpu().numpy().tobytes())
-    return digest.hexdigest()[:16]
+def _data_fingerprints(**datasets) -> dict[str, str]:
+    """name -> hash of the bytes of that data set's images and labels ("none" when absent)."""
+    return {
+        name: "none" if data is None else data_fingerprint(*as_tensors(data))
+        for name, data in datasets.items()
+    }
+
+
+def _combined(parts: dict[str, str]) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _cell_seed(attack: Attack, seed: int) -> int:
@@ -154,7 +157,8 @@ def _cell_spec(
         "seed": seed,
         "cell_seed": cell_seed,
         "model_key": model_key,
-        "fingerprint": fingerprints[model_key] + ":" + fingerprints["data"],
+        "fingerprint": fingerprints[model_key] + ":" + _combined(fingerprints["data"]),
+        "data_fingerprints": fingerprints["data"],
     }
 
 
@@ -166,8 +170,24 @@ def _load_done(cells_dir: Path | None, spec: dict) -> dict | None:
         return None
     try:
         done = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError):  # unreadable, torn, not UTF-8 or not JSON: run the cell again
         return None
+    if not isinstance(done, dict):
+        return None
+    theirs = done.get("data_fingerprints")
+    if isinstance(theirs, dict) and done.get("attack") == spec["attack"]:
+        changed = sorted(
+            name
+            for name, value in spec["data_fingerprints"].items()
+            if name in theirs and theirs[name] != value
+        )
+        if changed:
+            raise ValueError(
+                f"evaluate: {cells_dir} holds results computed on different {', '.join(changed)} "
+                f"data (cell {spec['id']}: fingerprint {theirs[changed[0]]}, now "
+                f"{spec['data_fingerprints'][changed[0]]}); evaluate the new data in another "
+                f"report_dir (--out), or delete {cells_dir} to start over"
+            )
     if done.get("fingerprint") != spec["fingerprint"] or done.get("attack") != spec["attack"]:
         return None
     return done
@@ -395,8 +415,12 @@ def evaluate(
         data["benign_train"] = _shaped_like(benign[0], train)
         data["benign_test"] = _shaped_like(benign[1], train)
     fingerprints = {key: _fingerprint(m) for key, m in models.items()}
-    fingerprints["data"] = _data_fingerprint(train, test, original)
-    trainability_print = _data_fingerprint(data.get("benign_train"), data.get("benign_test"))
+    fingerprints["data"] = _data_fingerprints(
+        restricted_train=train, restricted_test=test, original=original
+    )
+    trainability_parts = _data_fingerprints(
+        benign_train=data.get("benign_train"), benign_test=data.get("benign_test")
+    )
 
     recipes = [dataclasses.replace(a, epochs=budget) for a in grid.attacks]
     _check_recipes(recipes, model)
@@ -431,7 +455,10 @@ def evaluate(
                 spec = _cell_spec(
                     arm, "trainability", trainability, seed, model_key(arm, seed), fingerprints
                 )
-                spec["fingerprint"] = fingerprints[model_key(arm, seed)] + ":" + trainability_print
+                spec["fingerprint"] = (
+                    fingerprints[model_key(arm, seed)] + ":" + _combined(trainability_parts)
+                )
+                spec["data_fingerprints"] = trainability_parts
                 specs.append(spec)
 
     report_dir = Path(report_dir) if report_dir is not None else None
