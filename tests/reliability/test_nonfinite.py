@@ -190,3 +190,32 @@ def test_a_nonfinite_stop_is_not_resumed_past(tmp_path, monkeypatch):
                         resume=True, progress=False)  # fmt: skip
     assert again.stopped_by == "nonfinite" and len(again.history) == 2
     assert_same(first.model, again.model)
+
+
+def test_generation_mode_rolls_back_and_stops_too(monkeypatch):
+    from sophon_fast.engine.generation import GenerationFastEngine
+
+    torch.manual_seed(0)
+    unet = {
+        "in_channels": 1,
+        "image_size": 8,
+        "base_channels": 8,
+        "channel_mults": [1, 2],
+        "groups": 4,
+    }
+    model = build_model("unet", unet)
+    g = torch.Generator().manual_seed(0)
+    original = torch.rand(14, 1, 8, 8, generator=g) * 2 - 1
+    restricted = torch.rand(12, 1, 8, 8, generator=g) * 2 - 1
+    cfg = dict(mode="generation", loss="dos", dtype="float64", inner_steps=2, batch_size=6,
+               adapt_size=4, eval_size=4)  # fmt: skip
+    one_step = protect(
+        model, original, restricted, ProtectConfig(**cfg, outer_steps=1), progress=False
+    )
+    poison(monkeypatch, GenerationFastEngine, "meta-gradient", at_call=2)
+    with pytest.warns(RuntimeWarning, match="outer step 2: non-finite meta-gradient"):
+        result = protect(
+            model, original, restricted, ProtectConfig(**cfg, outer_steps=3), progress=False
+        )
+    assert result.stopped_by == "nonfinite" and len(result.history) == 2
+    assert_same(result.model, one_step.model)
