@@ -145,11 +145,15 @@ def _failing_rank(out: str, mode: str, fail_at: int) -> None:
 
 
 def _resuming_rank(checkpoint_dir: str, out: str) -> None:
+    ran = []  # the outer steps this process runs: a resume that ignored the checkpoint runs 1-5
     result = run_protect(
-        tiny_config(outer_steps=5, checkpoint_every=1), checkpoint_dir=checkpoint_dir, resume=True
+        tiny_config(outer_steps=5, checkpoint_every=1),
+        checkpoint_dir=checkpoint_dir,
+        resume=True,
+        callbacks=[lambda record: ran.append(record["step"])],
     )
     if rank_and_world()[0] == 0:
-        torch.save({"state": result.model.state_dict(), "history": result.history}, out)
+        torch.save({"state": result.model.state_dict(), "history": result.history, "ran": ran}, out)
 
 
 def _tiny_evaluate(report_dir=None):
@@ -270,6 +274,7 @@ def test_resume_after_a_crash_continues_from_the_last_complete_checkpoint(crashe
     resumed = torch.load(resumed_path)
     single = run_protect(tiny_config(outer_steps=5))
     assert [r["step"] for r in resumed["history"]] == [1, 2, 3, 4, 5]
+    assert resumed["ran"] == [3, 4, 5]  # steps 1 and 2 came from the checkpoint
     assert max_difference(resumed["state"], single.model.state_dict()) <= WEIGHTS_ATOL
 
 

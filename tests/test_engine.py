@@ -23,7 +23,7 @@ from sophon_fast.models import SmallCNN, xavier_head_values
 INNER_STEPS = 3
 BATCH = 8
 ADAPT = 5
-META_GRAD_RTOL = 1e-10  # fast vs reference, float64 (the bound)
+META_GRAD_RTOL = 1e-13  # fast vs reference, float64: 2.2e-15 measured (max of 109), 45x margin
 
 
 @pytest.fixture(autouse=True, scope="module")

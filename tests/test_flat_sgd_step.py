@@ -7,10 +7,17 @@ import torch
 from _backends import backend_params
 from _shapes import FLAT_SIZES, SMALL_FLAT_SIZES
 from _tolerances import elementwise
+from test_flat_optim import compiled_float_typing
 
 from sophon_fast import _backend
+from sophon_fast.ops import _triton
+from sophon_fast.ops import flat_sgd_step as ops
 from sophon_fast.ops.flat_sgd_step import flat_sgd_step
 from sophon_fast.reference import flat_sgd_step as reference
+
+# Comparisons with the reference twin: the reference itself is the oracle, never compared with
+# itself (it was: ~250 cases that could not fail).
+FUSED = [p for p in backend_params() if p.values[0] != "reference"]
 
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 HYPER = ((0.1, 0.0), (0.37, 0.05), (-0.02, 1.5))  # (lr, weight_decay), negative lr = ascent
@@ -22,7 +29,7 @@ def _inputs(n, dtype, device):
     return params, grad
 
 
-@pytest.mark.parametrize(("backend", "device"), backend_params())
+@pytest.mark.parametrize(("backend", "device"), FUSED)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("n", FLAT_SIZES)
 @pytest.mark.parametrize(("lr", "weight_decay"), HYPER)
@@ -35,7 +42,7 @@ def test_forward_matches_reference(backend, device, dtype, n, lr, weight_decay):
     torch.testing.assert_close(got, expected, **elementwise(dtype))
 
 
-@pytest.mark.parametrize(("backend", "device"), backend_params())
+@pytest.mark.parametrize(("backend", "device"), FUSED)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("n", FLAT_SIZES)
 def test_backward_matches_reference(backend, device, dtype, n):
@@ -223,3 +230,33 @@ def test_backward_without_weight_decay_passes_grad_out_through(backend, device):
         )
     torch.testing.assert_close(d_params, grad_out, rtol=0, atol=0)
     torch.testing.assert_close(d_grad, -0.5 * grad_out, rtol=0, atol=0)
+
+
+@pytest.mark.triton
+@pytest.mark.skipif(
+    _triton.mode() != "interpreted",
+    reason="emulates compiled argument typing under the interpreter",
+)
+@pytest.mark.parametrize(("lr", "weight_decay"), HYPER)
+def test_float64_hyper_parameters_reach_compiled_kernels_in_float64(lr, weight_decay, monkeypatch):
+    # Compiled Triton passed lr and weight_decay as float32: lr = 0.1 became 0.10000000149, a
+    # 1.5e-8 relative error in a float64 step (test_flat_optim.CompiledFloatTyping emulates it).
+    launched = compiled_float_typing(monkeypatch, ops)
+    params, grad = _inputs(1031, torch.float64, "cpu")
+    params.requires_grad_(True)
+    grad.requires_grad_(True)
+    grad_out = torch.randn(1031, dtype=torch.float64)
+    with _backend.use_backend("triton"):
+        got = flat_sgd_step(params, grad, lr, weight_decay)
+        grads = torch.autograd.grad(got, (params, grad), grad_out)
+    tolerance = elementwise(torch.float64)
+    torch.testing.assert_close(
+        got.detach(), reference.flat_sgd_step(params, grad, lr, weight_decay).detach(), **tolerance
+    )
+    for g, e in zip(grads, reference.flat_sgd_step_backward(grad_out, lr, weight_decay)):
+        torch.testing.assert_close(g, e, **tolerance)
+    assert {kernel for kernel, _, _ in launched} == {
+        "_flat_sgd_step_forward_kernel",
+        "_flat_sgd_step_backward_kernel",
+    }
+    assert all(ty == "fp64" for _, _, ty in launched), sorted(set(launched))
