@@ -210,6 +210,7 @@ def cmd_protect(args) -> int:
         config = ProtectConfig.from_dict(raw.get("protect", {}))
     except (TypeError, ValueError) as error:
         raise SystemExit(f"sophon-fast: {config_path} [protect]: {error}") from None
+    device = _device(args.device)  # before _check_output creates the folder
     out = _folder_arg(Path(args.out or raw.get("output", {}).get("dir", "protected")), "output")
     _check_output(out, resume=args.resume, overwrite=getattr(args, "overwrite", False))
     model = None
@@ -218,7 +219,6 @@ def cmd_protect(args) -> int:
     model = ProtectResult.load(model_section["weights"], model=model).model
     original, original_eval = load_spec(data_section["original"], what="[data] original")
     restricted, _ = load_spec(data_section["restricted"], what="[data] restricted")
-    device = _device(args.device)
     # under torchrun (WORLD_SIZE > 1): join its process group, with a timeout
     started_group = init_from_env(device=device, timeout_s=getattr(args, "timeout", None))
     try:

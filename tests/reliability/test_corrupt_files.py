@@ -218,20 +218,25 @@ def _protect_toml(tmp_path, weights):
 @pytest.mark.parametrize("command", ["protect", "evaluate", "demo"])
 def test_device_cuda_without_cuda(saved, tmp_path, command):
     argv = {
-        "protect": ["protect", "--config", str(_protect_toml(tmp_path, saved))],
+        "protect": [
+            *("protect", "--config", str(_protect_toml(tmp_path, saved))),
+            *("--out", str(tmp_path / "o")),
+        ],
         "evaluate": ["evaluate", "--model", str(saved), "--out", str(tmp_path / "ev")],
         "demo": ["demo", "--quick", "--out", str(tmp_path / "demo")],
     }[command]
     with pytest.raises(SystemExit, match="--device cuda: CUDA is not available"):
         cli.main([*argv, "--device", "cuda", "--no-progress"])
-    assert not (tmp_path / "demo").exists()
+    assert not any(p.is_dir() for p in tmp_path.iterdir())  # refused before any folder is made
 
 
 @pytest.mark.parametrize("device", ["tpu9", "npu", "meta"])
 def test_unknown_device(saved, tmp_path, device):
     toml = _protect_toml(tmp_path, saved)
     with pytest.raises(SystemExit, match=f"--device {device}"):
-        cli.main(["protect", "--config", str(toml), "--device", device, "--no-progress"])
+        cli.main(
+            ["protect", "--config", str(toml), "--device", device, "--out", str(tmp_path / "o")]
+        )
 
 
 def test_out_that_is_a_file(saved, tmp_path):
@@ -257,7 +262,10 @@ def test_weights_that_are_a_file(tmp_path, capsys):
     weights = tmp_path / "w.safetensors"
     weights.write_bytes(b"\0" * 16)
     _one_line_error(
-        capsys, ["protect", "--config", str(_protect_toml(tmp_path, weights))], weights, "is a file"
+        capsys,
+        ["protect", "--config", str(_protect_toml(tmp_path, weights)), "--out", str(tmp_path / "o")],
+        weights,
+        "is a file",
     )
 
 
