@@ -1,7 +1,8 @@
 // batch_norm: input checks and device dispatch. CPU kernels (batch_norm_cpu.cpp)
 // run NCHW planes and channels_last row matrices natively; the CUDA kernels
 // (torch-free launchers of batch_norm_cuda.cu) work on NCHW planes, a
-// channels_last input converted on the way in and its outputs on the way out.
+// channels_last input converted on the way in and its outputs on the way out,
+// with a workspace tensor for their per-chunk partial sums.
 #include "batch_norm.h"
 
 #include <ATen/ops/empty.h>
@@ -65,6 +66,14 @@ at::Tensor planes(const at::Tensor& t, bool nhwc = false) {
 
 #ifdef SOPHON_FAST_WITH_CUDA
 
+// Scratch for the launchers' per-chunk partial sums (compute dtype), sized on
+// x's device (the caller's CUDAGuard makes it current).
+at::Tensor workspace(const at::Tensor& x) {
+  return at::empty(
+      {sophon_fast_batch_norm_cuda_workspace(x.size(0), x.size(1), x.size(2) * x.size(3))},
+      compute_options(x));
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(
     const at::Tensor& x, bool cl, const c10::optional<at::Tensor>& weight,
     const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
@@ -76,12 +85,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(
   auto y = at::empty_like(x, at::MemoryFormat::Contiguous);
   auto mean = at::empty({x.size(1)}, compute_options(x));
   auto invstd = at::empty({x.size(1)}, compute_options(x));
-  check_launch(sophon_fast_batch_norm_forward_cuda(
-                   dtype_code(x.scalar_type()), x.const_data_ptr(), cptr(w), cptr(b),
-                   y.mutable_data_ptr(), mean.mutable_data_ptr(), invstd.mutable_data_ptr(),
-                   running.mean(), running.var(), x.size(0), x.size(1), x.size(2) * x.size(3),
-                   momentum, eps, at::cuda::getCurrentCUDAStream().stream()),
-               "batch_norm forward kernel");
+  auto work = workspace(x);
+  check_launch(
+      sophon_fast_batch_norm_forward_cuda(
+          dtype_code(x.scalar_type()), x.const_data_ptr(), cptr(w), cptr(b), y.mutable_data_ptr(),
+          mean.mutable_data_ptr(), invstd.mutable_data_ptr(), running.mean(), running.var(),
+          work.mutable_data_ptr(), x.size(0), x.size(1), x.size(2) * x.size(3), momentum, eps,
+          at::cuda::getCurrentCUDAStream().stream()),
+      "batch_norm forward kernel");
   running.copy_back();
   return {like_input(y, cl), mean, invstd};
 }
@@ -96,12 +107,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
   auto dx = at::empty_like(x, at::MemoryFormat::Contiguous);
   auto dw = at::empty({x.size(1)}, compute_options(x));
   auto db = at::empty({x.size(1)}, compute_options(x));
-  check_launch(sophon_fast_batch_norm_backward_cuda(
-                   dtype_code(x.scalar_type()), x.const_data_ptr(), cptr(w),
-                   grad_y.const_data_ptr(), mu.const_data_ptr(), is.const_data_ptr(),
-                   dx.mutable_data_ptr(), dw.mutable_data_ptr(), db.mutable_data_ptr(), x.size(0),
-                   x.size(1), x.size(2) * x.size(3), at::cuda::getCurrentCUDAStream().stream()),
-               "batch_norm backward kernel");
+  auto work = workspace(x);
+  check_launch(
+      sophon_fast_batch_norm_backward_cuda(
+          dtype_code(x.scalar_type()), x.const_data_ptr(), cptr(w), grad_y.const_data_ptr(),
+          mu.const_data_ptr(), is.const_data_ptr(), dx.mutable_data_ptr(), dw.mutable_data_ptr(),
+          db.mutable_data_ptr(), work.mutable_data_ptr(), x.size(0), x.size(1),
+          x.size(2) * x.size(3), at::cuda::getCurrentCUDAStream().stream()),
+      "batch_norm backward kernel");
   const auto param =
       weight.has_value() && weight->defined() ? weight->scalar_type() : x.scalar_type();
   return {like_input(dx, cl), dw.to(param), db.to(param)};
@@ -120,13 +133,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> double_backward_cuda(
   auto gx = at::empty_like(x, at::MemoryFormat::Contiguous);
   auto ggy = at::empty_like(x, at::MemoryFormat::Contiguous);
   auto gw = at::empty({x.size(1)}, compute_options(x));
-  check_launch(
-      sophon_fast_batch_norm_double_backward_cuda(
-          dtype_code(x.scalar_type()), x.const_data_ptr(), cptr(w), grad_y.const_data_ptr(),
-          mu.const_data_ptr(), is.const_data_ptr(), cptr(ggx), cptr(ggw), cptr(ggb),
-          gx.mutable_data_ptr(), gw.mutable_data_ptr(), ggy.mutable_data_ptr(), x.size(0),
-          x.size(1), x.size(2) * x.size(3), at::cuda::getCurrentCUDAStream().stream()),
-      "batch_norm double backward kernel");
+  auto work = workspace(x);
+  check_launch(sophon_fast_batch_norm_double_backward_cuda(
+                   dtype_code(x.scalar_type()), x.const_data_ptr(), cptr(w),
+                   grad_y.const_data_ptr(), mu.const_data_ptr(), is.const_data_ptr(), cptr(ggx),
+                   cptr(ggw), cptr(ggb), gx.mutable_data_ptr(), gw.mutable_data_ptr(),
+                   ggy.mutable_data_ptr(), work.mutable_data_ptr(), x.size(0), x.size(1),
+                   x.size(2) * x.size(3), at::cuda::getCurrentCUDAStream().stream()),
+               "batch_norm double backward kernel");
   const auto param =
       weight.has_value() && weight->defined() ? weight->scalar_type() : x.scalar_type();
   return {like_input(gx, cl), gw.to(param), like_input(ggy, cl)};

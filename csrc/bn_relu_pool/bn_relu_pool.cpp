@@ -67,6 +67,14 @@ void check_grad(const at::Tensor& x, const at::Tensor& grad_y) {
 
 #ifdef SOPHON_FAST_WITH_CUDA
 
+// Scratch for the launchers' per-chunk partial sums (compute dtype), sized on
+// x's device (the caller's CUDAGuard makes it current).
+at::Tensor workspace(const at::Tensor& x) {
+  return at::empty(
+      {sophon_fast_bn_relu_pool_cuda_workspace(x.size(0), x.size(1), x.size(2), x.size(3))},
+      compute_options(x));
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(
     const at::Tensor& x, bool cl, const c10::optional<at::Tensor>& weight,
     const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
@@ -78,11 +86,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(
   auto y = at::empty(pooled_sizes(x), x.options());
   auto mean = at::empty({x.size(1)}, compute_options(x));
   auto invstd = at::empty({x.size(1)}, compute_options(x));
+  auto work = workspace(x);
   check_launch(sophon_fast_bn_relu_pool_forward_cuda(
                    dtype_code(x.scalar_type()), x.const_data_ptr(), cptr(w), cptr(b),
                    y.mutable_data_ptr(), mean.mutable_data_ptr(), invstd.mutable_data_ptr(),
-                   running.mean(), running.var(), x.size(0), x.size(1), x.size(2), x.size(3),
-                   momentum, eps, at::cuda::getCurrentCUDAStream().stream()),
+                   running.mean(), running.var(), work.mutable_data_ptr(), x.size(0), x.size(1),
+                   x.size(2), x.size(3), momentum, eps, at::cuda::getCurrentCUDAStream().stream()),
                "bn_relu_pool forward kernel");
   running.copy_back();
   return {like_input(y, cl), mean, invstd};
@@ -100,12 +109,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
   auto dx = at::empty_like(x, at::MemoryFormat::Contiguous);
   auto dw = at::empty({x.size(1)}, compute_options(x));
   auto db = at::empty({x.size(1)}, compute_options(x));
-  check_launch(sophon_fast_bn_relu_pool_backward_cuda(
-                   dtype_code(x.scalar_type()), x.const_data_ptr(), cptr(w), cptr(b),
-                   grad_y.const_data_ptr(), mu.const_data_ptr(), is.const_data_ptr(),
-                   dx.mutable_data_ptr(), dw.mutable_data_ptr(), db.mutable_data_ptr(), x.size(0),
-                   x.size(1), x.size(2), x.size(3), at::cuda::getCurrentCUDAStream().stream()),
-               "bn_relu_pool backward kernel");
+  auto work = workspace(x);
+  check_launch(
+      sophon_fast_bn_relu_pool_backward_cuda(
+          dtype_code(x.scalar_type()), x.const_data_ptr(), cptr(w), cptr(b),
+          grad_y.const_data_ptr(), mu.const_data_ptr(), is.const_data_ptr(), dx.mutable_data_ptr(),
+          dw.mutable_data_ptr(), db.mutable_data_ptr(), work.mutable_data_ptr(), x.size(0),
+          x.size(1), x.size(2), x.size(3), at::cuda::getCurrentCUDAStream().stream()),
+      "bn_relu_pool backward kernel");
   const auto param =
       weight.has_value() && weight->defined() ? weight->scalar_type() : x.scalar_type();
   return {like_input(dx, cl), dw.to(param), db.to(param)};

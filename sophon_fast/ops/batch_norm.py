@@ -14,16 +14,17 @@ Memory traffic of the double backward at fp32: reads x, grad_y, grad_dx twice (r
 map) and writes two tensors: 32 B/element, against ~100 eager ops of 8-12 B/element each.
 
 Backends: ``cpu`` (C++ in csrc/batch_norm: NCHW planes, channels_last natively as rows of
-channels), ``cuda`` (csrc/batch_norm/batch_norm_cuda.cu: one block per channel, NCHW planes;
-channels_last converted in and out), ``triton`` (the kernels below, through the input's
-strides, so NCHW and channels_last run without a copy: every stage is two launches over a
-(channel, chunk) grid, per-chunk partial statistics then a pass that combines them and maps the
-chunk's values; the chunk count comes from the channel's M so a ResNet-18 layer fills an H100's
-132 SMs; see chunk_plan) and ``reference`` (``F.batch_norm``: eager autograd). Sums accumulate
-in float32 (float64 for float64 inputs); the forward's variance is the chunks' M2 joined by
-Chan's parallel combine (no cancellation for a large mean). Derivatives beyond the second
-are not supported by the fused path (the double backward is once differentiable), which
-second-order simulation never needs.
+channels), ``cuda`` (csrc/batch_norm/batch_norm_cuda.cu: the same two-pass (channel, chunk)
+structure as the Triton kernels on NCHW planes, channels_last converted in and out;
+compile-checked for sm_80 / sm_90 by make cuda-check, not yet run on a GPU), ``triton`` (the
+kernels below, through the input's strides, so NCHW and channels_last run without a copy: every
+stage is two launches over a (channel, chunk) grid, per-chunk partial statistics then a pass
+that combines them and maps the chunk's values; the chunk count comes from the channel's M so a
+ResNet-18 layer fills an H100's 132 SMs; see chunk_plan) and ``reference`` (``F.batch_norm``:
+eager autograd). Sums accumulate in float32 (float64 for float64 inputs); the forward's variance
+is the chunks' M2 joined by Chan's parallel combine (no cancellation for a large mean).
+Derivatives beyond the second are not supported by the fused path (the double backward is once
+differentiable), which second-order simulation never needs.
 """
 
 from __future__ import annotations

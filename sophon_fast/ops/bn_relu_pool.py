@@ -24,15 +24,15 @@ on z = a x + b rounded like the forward, so equal inputs route the gradient as t
 the ReLU clips (z <= 0) the gradient is 0 whichever index is picked.
 
 Backends: ``cpu`` (csrc/bn_relu_pool: NCHW one channel per task, channels_last natively as rows
-of channels), ``cuda`` (csrc/bn_relu_pool/bn_relu_pool_cuda.cu: one block per channel, NCHW;
-channels_last converted in and out), ``triton`` (the kernels below, through the input's
-strides: (channel, chunk) grids as in ops/batch_norm.py; the forward is batch_norm's per-chunk
-statistics then one pass over the 2x2 windows, the backward one pass of window sums then one
-writing dx over every window, those of an odd last row or column partial) and ``reference``
-(the eager composition). Statistics: the CUDA kernels use one pass of sums shifted by the
-channel's first value, in the compute dtype (float32, float64 for float64 inputs); Triton uses
-per-chunk mean and M2 joined by Chan's parallel combine; the CPU kernels add blocks of 256 values
-in float64. The op is once differentiable: a second derivative raises.
+of channels), ``cuda`` (csrc/bn_relu_pool/bn_relu_pool_cuda.cu: the Triton kernels' passes on
+NCHW, channels_last converted in and out; compile-checked for sm_80 / sm_90 by make cuda-check,
+not yet run on a GPU), ``triton`` (the kernels below, through the input's strides: (channel,
+chunk) grids as in ops/batch_norm.py; the forward is batch_norm's per-chunk statistics then one
+pass over the 2x2 windows, the backward one pass of window sums then one writing dx over every
+window, those of an odd last row or column partial) and ``reference`` (the eager composition). Statistics: the CUDA and Triton kernels join per-chunk mean and M2 by
+Chan's parallel combine in the compute dtype (float32, float64 for float64 inputs); the CPU
+kernels add blocks of 256 values in float64. The op is once differentiable: a second derivative
+raises.
 
 Measured (2-core AMD EPYC with AVX2, torch 2.13, float32, forward + backward incl. weight and
 bias gradients, OMP_WAIT_POLICY=PASSIVE, medians of 5 interleaved repeats, two runs while other
