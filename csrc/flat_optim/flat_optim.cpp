@@ -45,17 +45,17 @@ void check_state(const at::Tensor& params, const at::Tensor& t, const char* name
 void check_step(const at::Tensor& params, const at::Tensor& step) {
   TORCH_CHECK_VALUE(step.numel() == 1 && step.dim() <= 1, "step must be a 0-d tensor, got shape ",
                     step.sizes());
-  TORCH_CHECK_TYPE(at::isFloatingType(step.scalar_type()),
-                   "step must be a floating tensor (as torch.optim keeps it), got ",
-                   step.scalar_type());
-  TORCH_CHECK_VALUE(step.device() == params.device() || step.is_cpu(), "step is on ", step.device(),
-                    " but params is on ", params.device());
-}
-
-// The count as the kernels read it: a 1-element state-dtype tensor on the
-// params' device (a device-side cast, no host read).
-at::Tensor step_on_device(const at::Tensor& params, const at::Tensor& step) {
-  return step.to(params.device(), state_type(params)).reshape({1}).contiguous();
+  const auto type = step.scalar_type();
+  TORCH_CHECK_TYPE(
+      type == at::kFloat || type == at::kDouble || type == at::kHalf || type == at::kBFloat16,
+      "step must be a floating tensor (as torch.optim keeps it): float32, float64, "
+      "float16 or bfloat16, got ",
+      type);
+  // The kernels read the count where it is: a step elsewhere would be copied,
+  // with a host synchronisation, on every call (and break CUDA graph capture).
+  TORCH_CHECK_VALUE(step.device() == params.device(), "step is on ", step.device(),
+                    " but params is on ", params.device(),
+                    "; keep the count on the params' device");
 }
 
 // Outputs: the given buffers (checked) or fresh ones like the inputs.
@@ -128,13 +128,12 @@ std::vector<at::Tensor> flat_momentum_step_forward(
 #ifdef SOPHON_FAST_WITH_CUDA
   if (params.is_cuda()) {
     const c10::cuda::CUDAGuard guard(params.device());
-    const auto s = step_on_device(params, step);
-    check_launch(
-        sophon_fast_flat_momentum_forward_cuda(
-            dtype_code(params.scalar_type()), params.const_data_ptr(), grad.const_data_ptr(),
-            momentum_buffer.const_data_ptr(), s.const_data_ptr(), result[0].mutable_data_ptr(),
-            result[1].mutable_data_ptr(), params.numel(), hp, stream()),
-        "flat_momentum_step forward kernel");
+    check_launch(sophon_fast_flat_momentum_forward_cuda(
+                     dtype_code(params.scalar_type()), params.const_data_ptr(),
+                     grad.const_data_ptr(), momentum_buffer.const_data_ptr(), step.const_data_ptr(),
+                     dtype_code(step.scalar_type()), result[0].mutable_data_ptr(),
+                     result[1].mutable_data_ptr(), params.numel(), hp, stream()),
+                 "flat_momentum_step forward kernel");
     return result;
   }
 #endif
@@ -163,13 +162,13 @@ std::vector<at::Tensor> flat_momentum_step_backward(const at::Tensor& grad_new_p
 #ifdef SOPHON_FAST_WITH_CUDA
   if (grad_new_params.is_cuda()) {
     const c10::cuda::CUDAGuard guard(grad_new_params.device());
-    const auto s = step_on_device(grad_new_params, step);
-    check_launch(sophon_fast_flat_momentum_backward_cuda(
-                     dtype_code(grad_new_params.scalar_type()), grad_new_params.const_data_ptr(),
-                     grad_new_buffer.const_data_ptr(), s.const_data_ptr(), mut_or_null(grad_params),
-                     grad_grad.mutable_data_ptr(), grad_buf.mutable_data_ptr(),
-                     grad_new_params.numel(), hp, stream()),
-                 "flat_momentum_step backward kernel");
+    check_launch(
+        sophon_fast_flat_momentum_backward_cuda(
+            dtype_code(grad_new_params.scalar_type()), grad_new_params.const_data_ptr(),
+            grad_new_buffer.const_data_ptr(), step.const_data_ptr(), dtype_code(step.scalar_type()),
+            mut_or_null(grad_params), grad_grad.mutable_data_ptr(), grad_buf.mutable_data_ptr(),
+            grad_new_params.numel(), hp, stream()),
+        "flat_momentum_step backward kernel");
     return {identity ? grad_new_params : grad_params, grad_grad, grad_buf};
   }
 #endif
@@ -193,12 +192,11 @@ void adam_dispatch(const at::Tensor& params, const at::Tensor& grad, const at::T
 #ifdef SOPHON_FAST_WITH_CUDA
   if (params.is_cuda()) {
     const c10::cuda::CUDAGuard guard(params.device());
-    const auto s = step_on_device(params, step);
     check_launch(sophon_fast_flat_adam_forward_cuda(
                      dtype_code(params.scalar_type()), params.const_data_ptr(),
                      grad.const_data_ptr(), exp_avg.const_data_ptr(), exp_avg_sq.const_data_ptr(),
-                     s.const_data_ptr(), ptr_or_null(partials), max_norm,
-                     result[0].mutable_data_ptr(), result[1].mutable_data_ptr(),
+                     step.const_data_ptr(), dtype_code(step.scalar_type()), ptr_or_null(partials),
+                     max_norm, result[0].mutable_data_ptr(), result[1].mutable_data_ptr(),
                      result[2].mutable_data_ptr(), params.numel(), hp, stream()),
                  "flat_adam_step forward kernel");
     return;
@@ -260,16 +258,15 @@ std::vector<at::Tensor> flat_adam_step_backward(
 #ifdef SOPHON_FAST_WITH_CUDA
   if (grad.is_cuda()) {
     const c10::cuda::CUDAGuard guard(grad.device());
-    const auto s = step_on_device(grad, step);
-    check_launch(
-        sophon_fast_flat_adam_backward_cuda(
-            dtype_code(grad.scalar_type()), grad_new_params.const_data_ptr(),
-            grad_new_exp_avg.const_data_ptr(), grad_new_exp_avg_sq.const_data_ptr(),
-            ptr_or_null(params), grad.const_data_ptr(), exp_avg.const_data_ptr(),
-            exp_avg_sq.const_data_ptr(), s.const_data_ptr(), grad_params.mutable_data_ptr(),
-            grad_grad.mutable_data_ptr(), grad_exp_avg.mutable_data_ptr(),
-            grad_exp_avg_sq.mutable_data_ptr(), grad.numel(), hp, stream()),
-        "flat_adam_step backward kernel");
+    check_launch(sophon_fast_flat_adam_backward_cuda(
+                     dtype_code(grad.scalar_type()), grad_new_params.const_data_ptr(),
+                     grad_new_exp_avg.const_data_ptr(), grad_new_exp_avg_sq.const_data_ptr(),
+                     ptr_or_null(params), grad.const_data_ptr(), exp_avg.const_data_ptr(),
+                     exp_avg_sq.const_data_ptr(), step.const_data_ptr(),
+                     dtype_code(step.scalar_type()), grad_params.mutable_data_ptr(),
+                     grad_grad.mutable_data_ptr(), grad_exp_avg.mutable_data_ptr(),
+                     grad_exp_avg_sq.mutable_data_ptr(), grad.numel(), hp, stream()),
+                 "flat_adam_step backward kernel");
     return {grad_params, grad_grad, grad_exp_avg, grad_exp_avg_sq};
   }
 #endif

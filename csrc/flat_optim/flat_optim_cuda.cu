@@ -37,23 +37,39 @@ __device__ __forceinline__ int64_t blocks_x_threads_begin() {
   return static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
 }
 
+// The count of steps taken, read on the device in the dtype the caller keeps
+// it in: no host copy and no cast kernel per call.
+__device__ __forceinline__ double read_step(const void* step, int step_dtype) {
+  switch (step_dtype) {
+    case SOPHON_FAST_DTYPE_FLOAT64:
+      return *static_cast<const double*>(step);
+    case SOPHON_FAST_DTYPE_FLOAT16:
+      return __half2float(*static_cast<const __half*>(step));
+    case SOPHON_FAST_DTYPE_BFLOAT16:
+      return __bfloat162float(*static_cast<const __nv_bfloat16*>(step));
+    default:
+      return *static_cast<const float*>(step);
+  }
+}
+
 // (lr / (1 - b1^t), sqrt(1 - b2^t)) in double, rounded once: as torch.optim.
 template <typename C>
-__device__ __forceinline__ void adam_corrections(const C* step, const SfAdamHp& hp, C& step_size,
-                                                 C& sqrt_bc2) {
-  const double t = static_cast<double>(*step) + 1.0;
+__device__ __forceinline__ void adam_corrections(const void* step, int step_dtype,
+                                                 const SfAdamHp& hp, C& step_size, C& sqrt_bc2) {
+  const double t = read_step(step, step_dtype) + 1.0;
   step_size = static_cast<C>(hp.lr / (1.0 - pow(hp.beta1, t)));
   sqrt_bc2 = static_cast<C>(sqrt(1.0 - pow(hp.beta2, t)));
 }
 
+// Forward kernels: no __restrict__, the outputs may alias the inputs (in-place
+// steps, out= buffers). Backward kernels write fresh buffers only.
 template <typename T>
-__global__ void momentum_forward_kernel(const T* __restrict__ p, const T* __restrict__ g,
-                                        const typename Compute<T>::type* b,
-                                        const typename Compute<T>::type* step, T* out_p,
+__global__ void momentum_forward_kernel(const T* p, const T* g, const typename Compute<T>::type* b,
+                                        const void* step, int step_dtype, T* out_p,
                                         typename Compute<T>::type* out_b, int64_t n,
                                         SfMomentumHp hp) {
   using C = typename Compute<T>::type;
-  const bool first = *step == C(0);
+  const bool first = read_step(step, step_dtype) == 0.0;
   SF_GRID_STRIDE(i, n) {
     C new_p, new_b;
     momentum_forward<C>(load_as(p, i), load_as(g, i), b[i], first, hp, new_p, new_b);
@@ -65,12 +81,12 @@ __global__ void momentum_forward_kernel(const T* __restrict__ p, const T* __rest
 template <typename T>
 __global__ void momentum_backward_kernel(const T* __restrict__ a,
                                          const typename Compute<T>::type* __restrict__ c,
-                                         const typename Compute<T>::type* step, T* grad_params,
+                                         const void* step, int step_dtype, T* grad_params,
                                          T* __restrict__ grad_grad,
                                          typename Compute<T>::type* __restrict__ grad_buf,
                                          int64_t n, SfMomentumHp hp) {
   using C = typename Compute<T>::type;
-  const bool first = *step == C(0);
+  const bool first = read_step(step, step_dtype) == 0.0;
   SF_GRID_STRIDE(i, n) {
     C gp, gg, gb;
     momentum_backward<C>(load_as(a, i), c[i], first, hp, gp, gg, gb);
@@ -81,16 +97,14 @@ __global__ void momentum_backward_kernel(const T* __restrict__ a,
 }
 
 template <typename T>
-__global__ void adam_forward_kernel(const T* p, const T* __restrict__ g,
-                                    const typename Compute<T>::type* m,
-                                    const typename Compute<T>::type* v,
-                                    const typename Compute<T>::type* step,
-                                    const typename Compute<T>::type* partials, double max_norm,
-                                    T* out_p, typename Compute<T>::type* out_m,
+__global__ void adam_forward_kernel(const T* p, const T* g, const typename Compute<T>::type* m,
+                                    const typename Compute<T>::type* v, const void* step,
+                                    int step_dtype, const typename Compute<T>::type* partials,
+                                    double max_norm, T* out_p, typename Compute<T>::type* out_m,
                                     typename Compute<T>::type* out_v, int64_t n, SfAdamHp hp) {
   using C = typename Compute<T>::type;
   C step_size, sqrt_bc2;
-  adam_corrections<C>(step, hp, step_size, sqrt_bc2);
+  adam_corrections<C>(step, step_dtype, hp, step_size, sqrt_bc2);
   C clip = C(1);
   if (partials != nullptr) {
     __shared__ C block_sum[kThreads];
@@ -120,12 +134,12 @@ __global__ void adam_backward_kernel(
     const T* __restrict__ a, const typename Compute<T>::type* __restrict__ c_m,
     const typename Compute<T>::type* __restrict__ c_v, const T* __restrict__ p,
     const T* __restrict__ g, const typename Compute<T>::type* __restrict__ m,
-    const typename Compute<T>::type* __restrict__ v, const typename Compute<T>::type* step,
+    const typename Compute<T>::type* __restrict__ v, const void* step, int step_dtype,
     T* __restrict__ gp_out, T* __restrict__ gg_out, typename Compute<T>::type* __restrict__ gm_out,
     typename Compute<T>::type* __restrict__ gv_out, int64_t n, SfAdamHp hp) {
   using C = typename Compute<T>::type;
   C step_size, sqrt_bc2;
-  adam_corrections<C>(step, hp, step_size, sqrt_bc2);
+  adam_corrections<C>(step, step_dtype, hp, step_size, sqrt_bc2);
   SF_GRID_STRIDE(i, n) {
     C gp, gg, gm, gv;
     adam_backward<C>(load_as(a, i), c_m[i], c_v[i], p != nullptr ? load_as(p, i) : C(0),
@@ -138,8 +152,7 @@ __global__ void adam_backward_kernel(
 }
 
 template <typename T>
-__global__ void rmsprop_forward_kernel(const T* p, const T* __restrict__ g,
-                                       const typename Compute<T>::type* v,
+__global__ void rmsprop_forward_kernel(const T* p, const T* g, const typename Compute<T>::type* v,
                                        const typename Compute<T>::type* ga, T* out_p,
                                        typename Compute<T>::type* out_v,
                                        typename Compute<T>::type* out_ga, int64_t n,
@@ -200,8 +213,8 @@ __global__ void sum_of_squares_kernel(const T* __restrict__ x,
 }
 
 template <typename T>
-__global__ void accumulate_kernel(typename Compute<T>::type* __restrict__ acc,
-                                  const T* __restrict__ g, int64_t n, double weight) {
+__global__ void accumulate_kernel(typename Compute<T>::type* acc, const T* g, int64_t n,
+                                  double weight) {
   using C = typename Compute<T>::type;
   const C w = static_cast<C>(weight);
   SF_GRID_STRIDE(i, n) { acc[i] += w * load_as(g, i); }
@@ -218,51 +231,47 @@ extern "C" int sophon_fast_norm_partials(void) { return kNormPartials; }
 
 extern "C" int sophon_fast_flat_momentum_forward_cuda(int dtype, const void* params,
                                                       const void* grad, const void* buf,
-                                                      const void* step, void* out_params,
-                                                      void* out_buf, int64_t n, SfMomentumHp hp,
-                                                      cudaStream_t stream) {
+                                                      const void* step, int step_dtype,
+                                                      void* out_params, void* out_buf, int64_t n,
+                                                      SfMomentumHp hp, cudaStream_t stream) {
   if (n == 0) return 0;
   return by_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     momentum_forward_kernel<T><<<grid_for(n), kThreads, 0, stream>>>(
         static_cast<const T*>(params), static_cast<const T*>(grad), static_cast<const S<T>*>(buf),
-        static_cast<const S<T>*>(step), static_cast<T*>(out_params), static_cast<S<T>*>(out_buf), n,
-        hp);
+        step, step_dtype, static_cast<T*>(out_params), static_cast<S<T>*>(out_buf), n, hp);
     return last_error();
   });
 }
 
 extern "C" int sophon_fast_flat_momentum_backward_cuda(int dtype, const void* grad_new_params,
                                                        const void* grad_new_buf, const void* step,
-                                                       void* grad_params, void* grad_grad,
-                                                       void* grad_buf, int64_t n, SfMomentumHp hp,
-                                                       cudaStream_t stream) {
+                                                       int step_dtype, void* grad_params,
+                                                       void* grad_grad, void* grad_buf, int64_t n,
+                                                       SfMomentumHp hp, cudaStream_t stream) {
   if (n == 0) return 0;
   return by_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     momentum_backward_kernel<T><<<grid_for(n), kThreads, 0, stream>>>(
-        static_cast<const T*>(grad_new_params), static_cast<const S<T>*>(grad_new_buf),
-        static_cast<const S<T>*>(step), static_cast<T*>(grad_params), static_cast<T*>(grad_grad),
+        static_cast<const T*>(grad_new_params), static_cast<const S<T>*>(grad_new_buf), step,
+        step_dtype, static_cast<T*>(grad_params), static_cast<T*>(grad_grad),
         static_cast<S<T>*>(grad_buf), n, hp);
     return last_error();
   });
 }
 
-extern "C" int sophon_fast_flat_adam_forward_cuda(int dtype, const void* params, const void* grad,
-                                                  const void* exp_avg, const void* exp_avg_sq,
-                                                  const void* step, const void* partials,
-                                                  double max_norm, void* out_params,
-                                                  void* out_exp_avg, void* out_exp_avg_sq,
-                                                  int64_t n, SfAdamHp hp, cudaStream_t stream) {
+extern "C" int sophon_fast_flat_adam_forward_cuda(
+    int dtype, const void* params, const void* grad, const void* exp_avg, const void* exp_avg_sq,
+    const void* step, int step_dtype, const void* partials, double max_norm, void* out_params,
+    void* out_exp_avg, void* out_exp_avg_sq, int64_t n, SfAdamHp hp, cudaStream_t stream) {
   if (n == 0) return 0;
   return by_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     adam_forward_kernel<T><<<grid_for(n), kThreads, 0, stream>>>(
         static_cast<const T*>(params), static_cast<const T*>(grad),
-        static_cast<const S<T>*>(exp_avg), static_cast<const S<T>*>(exp_avg_sq),
-        static_cast<const S<T>*>(step), static_cast<const S<T>*>(partials), max_norm,
-        static_cast<T*>(out_params), static_cast<S<T>*>(out_exp_avg),
-        static_cast<S<T>*>(out_exp_avg_sq), n, hp);
+        static_cast<const S<T>*>(exp_avg), static_cast<const S<T>*>(exp_avg_sq), step, step_dtype,
+        static_cast<const S<T>*>(partials), max_norm, static_cast<T*>(out_params),
+        static_cast<S<T>*>(out_exp_avg), static_cast<S<T>*>(out_exp_avg_sq), n, hp);
     return last_error();
   });
 }
@@ -270,7 +279,7 @@ extern "C" int sophon_fast_flat_adam_forward_cuda(int dtype, const void* params,
 extern "C" int sophon_fast_flat_adam_backward_cuda(
     int dtype, const void* grad_new_params, const void* grad_new_exp_avg,
     const void* grad_new_exp_avg_sq, const void* params, const void* grad, const void* exp_avg,
-    const void* exp_avg_sq, const void* step, void* grad_params, void* grad_grad,
+    const void* exp_avg_sq, const void* step, int step_dtype, void* grad_params, void* grad_grad,
     void* grad_exp_avg, void* grad_exp_avg_sq, int64_t n, SfAdamHp hp, cudaStream_t stream) {
   if (n == 0) return 0;
   return by_dtype(dtype, [&](auto tag) {
@@ -279,8 +288,8 @@ extern "C" int sophon_fast_flat_adam_backward_cuda(
         static_cast<const T*>(grad_new_params), static_cast<const S<T>*>(grad_new_exp_avg),
         static_cast<const S<T>*>(grad_new_exp_avg_sq), static_cast<const T*>(params),
         static_cast<const T*>(grad), static_cast<const S<T>*>(exp_avg),
-        static_cast<const S<T>*>(exp_avg_sq), static_cast<const S<T>*>(step),
-        static_cast<T*>(grad_params), static_cast<T*>(grad_grad), static_cast<S<T>*>(grad_exp_avg),
+        static_cast<const S<T>*>(exp_avg_sq), step, step_dtype, static_cast<T*>(grad_params),
+        static_cast<T*>(grad_grad), static_cast<S<T>*>(grad_exp_avg),
         static_cast<S<T>*>(grad_exp_avg_sq), n, hp);
     return last_error();
   });

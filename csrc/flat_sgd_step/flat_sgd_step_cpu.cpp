@@ -32,9 +32,12 @@ void flat_sgd_step_forward_cpu(const at::Tensor& params, const at::Tensor& grad,
         using C = compute_t<scalar_t>;
         const C lr = static_cast<C>(lr_d);
         const C weight_decay = static_cast<C>(weight_decay_d);
-        const scalar_t* __restrict__ p = params.const_data_ptr<scalar_t>();
-        const scalar_t* __restrict__ g = grad.const_data_ptr<scalar_t>();
-        scalar_t* __restrict__ o = out.mutable_data_ptr<scalar_t>();
+        // No __restrict__: out may be params itself (an in-place step) or
+        // grad. GCC versions the loop on a run-time overlap check; out ==
+        // params passes it (distance 0) and still runs the vector loop.
+        const scalar_t* p = params.const_data_ptr<scalar_t>();
+        const scalar_t* g = grad.const_data_ptr<scalar_t>();
+        scalar_t* o = out.mutable_data_ptr<scalar_t>();
         at::parallel_for(0, params.numel(), kGrain, [&](int64_t begin, int64_t end) {
           for (int64_t i = begin; i < end; ++i) {
             const C pi = static_cast<C>(p[i]);

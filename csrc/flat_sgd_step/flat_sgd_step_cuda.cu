@@ -31,10 +31,11 @@ using sophon_fast::cuda::store_as;
 
 // Grid-stride loops: one launch covers any n, and a capped grid keeps the
 // launch cheap for ResNet-18-sized buffers (11.2 M params) without idle blocks.
+// The forward takes no __restrict__: out may be params itself (an in-place
+// step). The backward writes fresh buffers only.
 template <typename T>
-__global__ void flat_sgd_step_forward_kernel(const T* __restrict__ params,
-                                             const T* __restrict__ grad, T* __restrict__ out,
-                                             int64_t n, typename Compute<T>::type lr,
+__global__ void flat_sgd_step_forward_kernel(const T* params, const T* grad, T* out, int64_t n,
+                                             typename Compute<T>::type lr,
                                              typename Compute<T>::type weight_decay) {
   const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
