@@ -23,6 +23,7 @@ import gzip
 import importlib
 import os
 import pickle
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Union
@@ -193,6 +194,8 @@ def _check_split(split: str, allowed: Sequence[str] = _SPLITS) -> None:
 def _existing_dir(root: PathLike, nested: Sequence[str] = ()) -> Path:
     """``root`` itself, or ``root/<name>`` for the first ``nested`` folder that exists."""
     root = Path(root).expanduser()
+    if root.exists() and not root.is_dir():
+        raise NotADirectoryError(f"{root}: is a file; expected a folder")
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: no such directory")
     for name in nested:
@@ -767,11 +770,21 @@ def load_npz(
             ``N`` non-negative integers below ``num_classes``.
     """
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise IsADirectoryError(f"{path}: is a folder; expected a .npz archive")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file; expected a .npz archive")
+    if not zipfile.is_zipfile(path):  # np.load would try it as a pickle or a truncated zip
+        with open(path, "rb") as handle:
+            if handle.read(6) == b"\x93NUMPY":
+                raise ValueError(f"{path}: holds a single array (.npy); expected a .npz archive")
+        raise ValueError(
+            f"{path}: not a readable .npz archive (not a zip file: empty, truncated or another "
+            "format)"
+        )
     try:
         archive = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as error:
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
         raise ValueError(f"{path}: not a readable .npz archive ({error})") from error
     with archive:
         if not hasattr(archive, "files"):
@@ -782,8 +795,14 @@ def load_npz(
                     f"{path}: no array {key!r}; expected keys {images_key!r} and {labels_key!r}, "
                     f"found {archive.files}"
                 )
-        images = archive[images_key]
-        labels = archive[labels_key]
+        try:
+            images = archive[images_key]
+            labels = archive[labels_key]
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
+            # object arrays (never unpickled here), a truncated member, a bad CRC
+            raise ValueError(
+                f"{path}: arrays {images_key!r}/{labels_key!r} unreadable ({error})"
+            ) from error
 
     if images.dtype.kind == "u":
         if images.size and images.max() > 255:

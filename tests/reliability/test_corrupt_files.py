@@ -289,3 +289,51 @@ def test_evaluate_reruns_a_corrupt_cell(tmp_path, content):
     assert _load_done(tmp_path, spec) is None
     (tmp_path / "c0.json").write_text(json.dumps({**spec, "loss": 1.0}))
     assert _load_done(tmp_path, spec)["loss"] == 1.0
+
+
+# ---------------------------------------------------------------- data files
+
+
+def _npz_variants(folder):
+    import numpy as np
+
+    good = folder / "good.npz"
+    np.savez(good, x=np.random.rand(6, 1, 4, 4).astype("float32"), y=np.arange(6) % 3)
+    data = good.read_bytes()
+    cases = {}
+    for name, write, what in [
+        ("truncated", lambda p: p.write_bytes(data[: len(data) // 2]), "not a readable .npz"),
+        ("empty", lambda p: p.write_bytes(b""), "not a readable .npz"),
+        ("objects", None, "unreadable"),
+        ("folder", lambda p: p.mkdir(), "is a folder"),
+        ("npy", lambda p: np.save(open(p, "wb"), np.zeros(3)), "holds a single array"),
+    ]:
+        path = folder / f"{name}.npz"
+        if name == "objects":
+            np.savez(path, x=np.array([{"a": 1}], dtype=object), y=np.zeros(1))
+        else:
+            write(path)
+        cases[name] = (path, what)
+    return cases
+
+
+def test_corrupt_npz_data_is_one_line_naming_it(saved, tmp_path, capsys):
+    for name, (path, what) in _npz_variants(tmp_path).items():
+        toml = tmp_path / f"{name}.toml"
+        toml.write_text(
+            f'[model]\nweights = "{saved}"\n[data]\n'
+            f'original = {{ format = "npz", path = "{path}" }}\n'
+            'restricted = "builtin:sklearn_digits"\n'
+        )
+        argv = ["protect", "--config", str(toml), "--out", str(tmp_path / f"o_{name}")]
+        _one_line_error(capsys, argv, path, what)
+
+
+def test_data_root_that_is_a_file(tmp_path):
+    from sophon_fast.data import load_spec
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for fmt in ("cifar", "mnist_idx", "stl10", "image_folder"):
+        with pytest.raises(NotADirectoryError, match=f"{afile}: is a file; expected a folder"):
+            load_spec({"format": fmt, "root": str(afile)})
