@@ -140,8 +140,11 @@ class ProtectConfig:
             Percent in ``"absolute"`` mode, a fraction in (0, 1] of the starting accuracy in
             ``"relative"`` mode; None = no guard. Default 80.0.
         guard_mode: ``"absolute"`` or ``"relative"``. Default "absolute".
-        guard_action: ``"stop"`` (official: restore the outer step's backup and stop) or
-            ``"continue"`` (restore and go on; Adam moments are kept). Default "stop".
+        guard_action: ``"stop"`` (official: restore the last evaluated-good state, i.e. the
+            previous step's with ``eval_every=1``, and stop) or ``"continue"`` (restore and go
+            on; Adam moments are kept). The same action follows a NaN or infinite loss,
+            meta-gradient or weight (``stopped_by="nonfinite"``; in continue mode the Adam
+            states are restored too): :mod:`sophon_fast.engine.outer`. Default "stop".
         eval_every: measure original accuracy every this many outer steps (after the NTR steps;
             official: every step). 0 or None = never, which disables the guard (warning).
             Default 1.
