@@ -26,7 +26,6 @@ PNG grids of the samples are written per arm and epoch (a dependency-free PNG wr
 from __future__ import annotations
 
 import copy
-import json
 import math
 import struct
 import time
@@ -318,11 +317,12 @@ class GenerationReport:
         return "\n".join(lines)
 
     def write(self, directory: str | Path) -> None:
+        from .._json import strict_json
         from ..engine.checkpoint import atomic_write_text
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(directory / "report.json", json.dumps(self.data, indent=1))
+        atomic_write_text(directory / "report.json", strict_json(self.data, indent=1))
         atomic_write_text(directory / "report.md", self.markdown() + "\n")
 
 

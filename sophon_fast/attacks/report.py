@@ -43,6 +43,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from .._json import strict_json
 from ..engine.checkpoint import atomic_write_text
 
 __all__ = ["Report", "build_report", "mean_ci95"]
@@ -273,7 +274,8 @@ class Report:
         return self.data["summary"]
 
     def to_json(self) -> str:
-        return json.dumps(self.data, indent=1)
+        """report.json's text: standard JSON, a NaN (a diverged attack's loss) written as null."""
+        return strict_json(self.data, indent=1)
 
     @classmethod
     def load(cls, directory: str | Path) -> Report:

@@ -337,3 +337,21 @@ def test_data_root_that_is_a_file(tmp_path):
     for fmt in ("cifar", "mnist_idx", "stl10", "image_folder"):
         with pytest.raises(NotADirectoryError, match=f"{afile}: is a file; expected a folder"):
             load_spec({"format": fmt, "root": str(afile)})
+
+
+def test_evaluate_reports_are_standard_json(tmp_path):
+    from sophon_fast.attacks.generation import GenerationReport
+    from sophon_fast.attacks.report import Report
+
+    def refuse(constant):
+        raise AssertionError(f"non-standard JSON constant {constant}")
+
+    data = {"summary": {"worst": float("nan")}, "cells": [{"loss": float("inf"), "acc": 1.5}]}
+    meta = json.loads(Report(data).to_json(), parse_constant=refuse)
+    assert meta["summary"]["worst"] is None and meta["cells"][0] == {"loss": None, "acc": 1.5}
+    assert math.isnan(data["summary"]["worst"])  # the report in memory keeps its NaN
+    report = GenerationReport(data)
+    report.markdown = lambda: ""  # the table needs a full summary; only the JSON is checked
+    report.write(tmp_path)
+    meta = json.loads((tmp_path / "report.json").read_text(), parse_constant=refuse)
+    assert meta["cells"][0]["loss"] is None
