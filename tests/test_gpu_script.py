@@ -80,7 +80,9 @@ def test_every_step_ran_under_its_limit_and_is_archived(dry_run):
     for step in steps:
         assert step["verdict"] == "passed", step
         assert 0 < step["seconds"] <= step["limit_s"]
-    assert sum(s["limit_s"] for s in steps) <= summary["budget_s"]
+    # A step's limit includes the time earlier steps left unused, never more than is left.
+    assert sum(s["seconds"] for s in steps) <= summary["budget_s"]
+    assert all(s["limit_s"] <= summary["budget_s"] for s in steps)
     with tarfile.open(out / "logs.tar.gz") as archive:
         names = {Path(n).name for n in archive.getnames()}
     assert {f"{s}.log" for s in STEPS} | {"steps.tsv", "environment.json", "tests.xml"} <= names
@@ -172,6 +174,26 @@ def test_compare_reports_where_and_by_how_much():
     got[3] = torch.nextafter(want[3], torch.tensor(2.0))  # one ulp: a zero tolerance means equal
     assert not smoke.compare("y", got, want, 0.0, 0.0)["ok"]
     assert smoke.compare("y", want.clone(), want, 0.0, 0.0)["ok"]
+
+
+def test_engine_check_fails_when_graph_capture_falls_back_to_eager(monkeypatch):
+    """Capture cannot work on the CPU: the engine warns and runs eagerly, which gives the same
+    numbers; the check must still fail, naming the capture error."""
+    import sophon_fast.engine.options as options
+
+    monkeypatch.setattr(options, "check_device", lambda *args, **kwargs: None)
+    entry = smoke.ENGINE_CHECKS["cuda_graphs_inner"]
+    monkeypatch.setitem(smoke.ENGINE_CHECKS, "cuda_graphs_inner", (False, *entry[1:]))
+    spec = {
+        "name": "engine/small_cnn/cuda_graphs_inner",
+        "group": "engine",
+        "check": "cuda_graphs_inner",
+    }
+    result = smoke.run_engine_check(spec, torch.device("cpu"), "tiny")
+    assert result["verdict"] == "failed"
+    assert "capture failed, the engine ran eagerly" in result["error"]
+    assert result["metrics"]["graphs_captured"] == "0/1"
+    assert all(s["meta_grad_rel_l2"] == 0.0 for s in result["metrics"]["per_step"])  # eager twice
 
 
 def _steps_tsv(logs, rows):

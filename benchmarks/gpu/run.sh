@@ -3,9 +3,10 @@
 # triton 3.6, nvcc 13.0, ninja, pytest, pytest-xdist, pytest-timeout preinstalled; nothing
 # installable). Steps, each under its own time limit, none able to stop the ones after it:
 #
-#   environment  nvidia-smi, versions, CUDA headers            (environment.py)        10 s
+#   environment  nvidia-smi, versions, CUDA headers (environment.py; room for a
+#                first, cold import of torch)                                          20 s
 #   build        pip install --no-build-isolation --no-deps -e . (MAX_JOBS=16,
-#                TORCH_CUDA_ARCH_LIST=9.0)                                            130 s
+#                TORCH_CUDA_ARCH_LIST=9.0)                                            120 s
 #   smoke        every CUDA / Triton op against the reference at small and
 #                ResNet-18 sizes (fp32, bf16, one fp64 case); CUDA graphs (inner,
 #                simulation) and bf16 autocast on SmallCNN against eager, with
@@ -86,7 +87,7 @@ else
   mode=gpu
   budget=330
   unset TRITON_INTERPRET
-  nominal_environment=10 nominal_build=130 nominal_smoke=75 nominal_tests=60 nominal_e2e=45
+  nominal_environment=20 nominal_build=120 nominal_smoke=75 nominal_tests=60 nominal_e2e=45
 fi
 reserve=10 # seconds kept for the summaries and the archive
 deadline=$((SECONDS + budget - reserve))
