@@ -527,6 +527,10 @@ def evaluate(
             "benign": None
             if benign is None
             else [len(data["benign_train"][1]), len(data["benign_test"][1])],
+            "fingerprints": {
+                **fingerprints["data"],
+                **(trainability_parts if benign is not None else {}),
+            },
         },
         "workers": workers,
         "device": str(device),

@@ -103,4 +103,8 @@ def test_evaluate_resume_refuses_a_flipped_restricted_set(tmp_path):
     fresh = evaluate(model, (_flipped(train), test), attacks=grid, epochs=1,
                      report_dir=tmp_path / "other", scratch=False)  # fmt: skip
     assert again.data["arms"]["protected"]["cells"][0]["curve"]
+    recorded = again.data["config"]["data"]["fingerprints"]
+    assert (
+        recorded["restricted_train"] == data_fingerprint(*train) and recorded["original"] == "none"
+    )
     assert fresh.data["arms"]["protected"]["cells"][0]["curve"]
