@@ -1,6 +1,7 @@
 """Fused training-mode BatchNorm2d against torch.nn.BatchNorm2d: outputs, running statistics,
 first and second derivatives, layouts; convert_batchnorm keeps every parameter and buffer."""
 
+import contextlib
 import copy
 import inspect
 
@@ -317,3 +318,18 @@ def test_chunk_plan_fills_an_h100_at_resnet18_sizes():
         assert plan.n_chunks * plan.tiles >= plan.n_tiles > (plan.n_chunks - 1) * plan.tiles
         values = 128 * side * side / plan.n_chunks
         assert values >= 4096 or plan.n_chunks == 1, (c, plan)
+
+
+def test_triton_launch_context_is_the_tensors_device(monkeypatch):
+    """Compiled Triton launches run under torch.cuda.device(x.device) (Triton launches on the
+    current device otherwise: the wrong GPU on a multi-GPU machine); interpreted ones under
+    nothing."""
+
+    class OnSecondGpu:
+        device = torch.device("cuda", 1)
+
+    monkeypatch.setattr(ops._triton, "INTERPRETED", False)
+    context = ops._on_device(OnSecondGpu())
+    assert isinstance(context, torch.cuda.device) and context.idx == 1
+    monkeypatch.setattr(ops._triton, "INTERPRETED", True)
+    assert isinstance(ops._on_device(OnSecondGpu()), contextlib.nullcontext)
