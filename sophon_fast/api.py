@@ -77,7 +77,9 @@ def _int(
         )
     if not minimum <= value <= maximum:
         top = "2**62" if maximum == _INT_MAX else maximum
-        raise ValueError(f"ProtectConfig.{name}: expected an int in [{minimum}, {top}], got {value}")
+        raise ValueError(
+            f"ProtectConfig.{name}: expected an int in [{minimum}, {top}], got {value}"
+        )
 
 
 def _float(
@@ -674,7 +676,9 @@ class ProtectResult:
         """
         directory = Path(directory)
         if not directory.exists():
-            raise FileNotFoundError(f"{directory}: no such folder (expected a ProtectResult.save folder)")
+            raise FileNotFoundError(
+                f"{directory}: no such folder (expected a ProtectResult.save folder)"
+            )
         if not directory.is_dir():
             raise NotADirectoryError(
                 f"{directory}: is a file; expected a folder holding {cls.META} and {cls.WEIGHTS}"
@@ -742,7 +746,9 @@ def _read_result_json(path: Path) -> dict[str, Any]:
         and isinstance(spec.get("name"), str)
         and isinstance(spec.get("kwargs", {}), (dict, type(None)))
     ):
-        raise ValueError(f"{path}: 'model_spec' should be {{\"name\": str, \"kwargs\": {{...}}}}, got {spec!r}")
+        raise ValueError(
+            f'{path}: \'model_spec\' should be {{"name": str, "kwargs": {{...}}}}, got {spec!r}'
+        )
     return meta
 
 
@@ -751,7 +757,9 @@ def _weight_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     from safetensors import SafetensorError, safe_open
 
     if path.is_dir():
-        raise ValueError(f"{path}: is a folder; expected the safetensors file ProtectResult.save writes")
+        raise ValueError(
+            f"{path}: is a folder; expected the safetensors file ProtectResult.save writes"
+        )
     if not path.exists():
         raise FileNotFoundError(f"{path}: missing (ProtectResult.save writes it)")
     try:

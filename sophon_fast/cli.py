@@ -113,7 +113,11 @@ def _device(value: str | None, flag: str = "--device"):
         ) from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            why = "torch was built without CUDA" if torch.version.cuda is None else "no GPU is visible"
+            why = (
+                "torch was built without CUDA"
+                if torch.version.cuda is None
+                else "no GPU is visible"
+            )
             raise SystemExit(f"sophon-fast: {flag} {value}: CUDA is not available ({why})")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise SystemExit(
@@ -324,9 +328,13 @@ def _demo_pair(checkpoint: Path) -> dict[str, str]:
     report = checkpoint.parent / "report.json"
     try:
         pair = json.loads(report.read_text(encoding="utf-8")).get("pair", {})
-    except (OSError, ValueError):
+    except (OSError, ValueError, AttributeError):  # absent, unreadable, or not a JSON object
         return {}
-    return {k: f"builtin:{pair[k]}" for k in ("original", "restricted") if k in pair}
+    if not isinstance(pair, dict):
+        return {}
+    return {
+        k: f"builtin:{pair[k]}" for k in ("original", "restricted") if isinstance(pair.get(k), str)
+    }
 
 
 def cmd_evaluate(args) -> int:

@@ -11,12 +11,12 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from sophon_fast.api import ProtectConfig, ProtectResult, protect
-from sophon_fast.engine.flat import FlatParams
 from sophon_fast.data import ImageDataset
+from sophon_fast.engine.flat import FlatParams
 from sophon_fast.models import SmallCNN
 
-WEIGHTS_ATOL = 1e-12  # fast vs reference after 3 outer steps, float64: 7.5e-15 measured, 133x margin
-LOSS_RTOL = 1e-13  # the same runs' losses: 4.8e-16 measured, 200x margin
+WEIGHTS_ATOL = 1e-12  # fast vs reference, 3 outer steps, float64: 7.5e-15 measured (133x)
+LOSS_RTOL = 1e-13  # the same runs' losses: 4.8e-16 measured (200x)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -597,7 +597,9 @@ def test_resume_reads_the_checkpoint(tmp_path):
     straight = protect(tiny_cnn(seed=1), original, restricted, config, progress=False)
     fresh = protect(tiny_cnn(seed=0), original, restricted, config, progress=False)
     halfway = ProtectConfig.from_dict({**config.to_dict(), "outer_steps": 2})
-    protect(tiny_cnn(seed=1), original, restricted, halfway, checkpoint_dir=tmp_path, progress=False)
+    protect(
+        tiny_cnn(seed=1), original, restricted, halfway, checkpoint_dir=tmp_path, progress=False
+    )
     ran = []
     resumed = protect(
         tiny_cnn(seed=0), original, restricted, config, checkpoint_dir=tmp_path, resume=True,

@@ -283,6 +283,8 @@ def load_grid(source: str | dict | None = None, *, quick: bool = False) -> GridC
         import tomli as tomllib
 
     path = Path(source)
+    if path.is_dir():
+        raise IsADirectoryError(f"grid config {path} is a folder; expected a TOML file")
     if not path.is_file():
         raise FileNotFoundError(f"grid config {path} does not exist")
     try:

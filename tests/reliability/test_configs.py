@@ -71,7 +71,9 @@ def test_unknown_tables_and_keys_are_named(tmp_path, body, named):
 
 def test_unknown_model_key_is_named(tmp_path):
     path = tmp_path / "protect.toml"
-    path.write_text('[model]\nweights = "w"\nwieghts = "v"\n[data]\noriginal = "a"\nrestricted = "b"\n')
+    path.write_text(
+        '[model]\nweights = "w"\nwieghts = "v"\n[data]\noriginal = "a"\nrestricted = "b"\n'
+    )
     with pytest.raises(SystemExit, match=r"wieghts.*\[model\]"):
         cli.main(["protect", "--config", str(path), "--no-progress"])
 

@@ -263,7 +263,13 @@ def test_weights_that_are_a_file(tmp_path, capsys):
     weights.write_bytes(b"\0" * 16)
     _one_line_error(
         capsys,
-        ["protect", "--config", str(_protect_toml(tmp_path, weights)), "--out", str(tmp_path / "o")],
+        [
+            "protect",
+            "--config",
+            str(_protect_toml(tmp_path, weights)),
+            "--out",
+            str(tmp_path / "o"),
+        ],
         weights,
         "is a file",
     )
@@ -355,3 +361,18 @@ def test_evaluate_reports_are_standard_json(tmp_path):
     report.write(tmp_path)
     meta = json.loads((tmp_path / "report.json").read_text(), parse_constant=refuse)
     assert meta["cells"][0]["loss"] is None
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", '{"pair": 5}', '{"pair": {"original": 3}}'])
+def test_a_mis_shaped_demo_report_beside_the_model_is_ignored(saved, content):
+    (saved.parent / "report.json").write_text(content)
+    try:
+        assert cli._demo_pair(saved) == {}
+    finally:
+        (saved.parent / "report.json").unlink()
+
+
+def test_grid_config_that_is_a_folder(saved, tmp_path, capsys):
+    argv = ["evaluate", "--model", str(saved), "--config", str(tmp_path)]
+    argv += ["--out", str(tmp_path / "o")]
+    _one_line_error(capsys, argv, tmp_path, "is a folder")
