@@ -15,8 +15,8 @@
 #include "../checks.h"
 
 #ifdef SOPHON_FAST_WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
 
 #include "../cuda_launch.h"
@@ -91,7 +91,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(
                    dtype_code(x.scalar_type()), x.const_data_ptr(), cptr(w), cptr(b),
                    y.mutable_data_ptr(), mean.mutable_data_ptr(), invstd.mutable_data_ptr(),
                    running.mean(), running.var(), work.mutable_data_ptr(), x.size(0), x.size(1),
-                   x.size(2), x.size(3), momentum, eps, at::cuda::getCurrentCUDAStream().stream()),
+                   x.size(2), x.size(3), momentum, eps, c10::cuda::getCurrentCUDAStream().stream()),
                "bn_relu_pool forward kernel");
   running.copy_back();
   return {like_input(y, cl), mean, invstd};
@@ -115,7 +115,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
           dtype_code(x.scalar_type()), x.const_data_ptr(), cptr(w), cptr(b),
           grad_y.const_data_ptr(), mu.const_data_ptr(), is.const_data_ptr(), dx.mutable_data_ptr(),
           dw.mutable_data_ptr(), db.mutable_data_ptr(), work.mutable_data_ptr(), x.size(0),
-          x.size(1), x.size(2), x.size(3), at::cuda::getCurrentCUDAStream().stream()),
+          x.size(1), x.size(2), x.size(3), c10::cuda::getCurrentCUDAStream().stream()),
       "bn_relu_pool backward kernel");
   const auto param =
       weight.has_value() && weight->defined() ? weight->scalar_type() : x.scalar_type();

@@ -16,8 +16,8 @@
 #include "../checks.h"
 
 #ifdef SOPHON_FAST_WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
 
 #include "../cuda_launch.h"
@@ -99,7 +99,7 @@ bool resident(const std::vector<at::Tensor>& result,
 }
 
 #ifdef SOPHON_FAST_WITH_CUDA
-cudaStream_t stream() { return at::cuda::getCurrentCUDAStream().stream(); }
+cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 const void* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; }
 void* mut_or_null(const at::Tensor& t) { return t.defined() ? t.mutable_data_ptr() : nullptr; }
 #endif

@@ -7,8 +7,8 @@
 #include "../checks.h"
 
 #ifdef SOPHON_FAST_WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
 
 #include "../cuda_launch.h"
@@ -39,7 +39,7 @@ at::Tensor flat_sgd_step_forward(const at::Tensor& params, const at::Tensor& gra
     check_launch(sophon_fast_flat_sgd_step_forward_cuda(
                      dtype_code(params.scalar_type()), params.const_data_ptr(),
                      grad.const_data_ptr(), out.mutable_data_ptr(), params.numel(), lr,
-                     weight_decay, at::cuda::getCurrentCUDAStream().stream()),
+                     weight_decay, c10::cuda::getCurrentCUDAStream().stream()),
                  "flat_sgd_step forward kernel");
     return out;
   }
@@ -71,7 +71,7 @@ std::tuple<at::Tensor, at::Tensor> flat_sgd_step_backward(const at::Tensor& grad
         sophon_fast_flat_sgd_step_backward_cuda(
             dtype_code(grad_out.scalar_type()), grad_out.const_data_ptr(),
             identity ? nullptr : grad_params.mutable_data_ptr(), grad_grad.mutable_data_ptr(),
-            grad_out.numel(), lr, weight_decay, at::cuda::getCurrentCUDAStream().stream()),
+            grad_out.numel(), lr, weight_decay, c10::cuda::getCurrentCUDAStream().stream()),
         "flat_sgd_step backward kernel");
     return {identity ? grad_out : grad_params, grad_grad};
   }

@@ -11,8 +11,8 @@
 #include "../checks.h"
 
 #ifdef SOPHON_FAST_WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
 
 #include "../cuda_launch.h"
@@ -86,7 +86,7 @@ std::tuple<at::Tensor, at::Tensor> classification_loss_forward(const at::Tensor&
         sophon_fast_classification_loss_cuda(
             dtype_code(logits.scalar_type()), logits.const_data_ptr(), logits.stride(0),
             labels.const_data_ptr<int64_t>(), grad.mutable_data_ptr(), row_loss.mutable_data_ptr(),
-            batch, classes, static_cast<int>(kind), at::cuda::getCurrentCUDAStream().stream()),
+            batch, classes, static_cast<int>(kind), c10::cuda::getCurrentCUDAStream().stream()),
         "classification loss kernel");
     return {row_loss.sum().div_(static_cast<double>(batch)).to(logits.scalar_type()), grad};
   }
@@ -132,7 +132,7 @@ std::tuple<at::Tensor, at::Tensor> mean_square_loss_forward(
         sophon_fast_mean_square_loss_cuda(
             dtype_code(prediction.scalar_type()), prediction.const_data_ptr(),
             target.defined() ? target.const_data_ptr() : nullptr, grad.mutable_data_ptr(),
-            partial.mutable_data_ptr(), n, grad_scale, at::cuda::getCurrentCUDAStream().stream()),
+            partial.mutable_data_ptr(), n, grad_scale, c10::cuda::getCurrentCUDAStream().stream()),
         "mean square loss kernel");
     return {partial.sum().mul_(sign / static_cast<double>(n)).to(prediction.scalar_type()), grad};
   }
