@@ -130,6 +130,7 @@ def run_demo(
         device=device,
         progress=progress,
         checkpoint_dir=out / "protect_checkpoints",
+        overwrite=True,  # the demo rebuilds its folder: an earlier run's checkpoint is stale
     )
     result.save(out / "protected")
     seconds["protect"] = time.perf_counter() - tick

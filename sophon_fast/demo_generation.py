@@ -156,6 +156,7 @@ def run_generation_demo(
         device=device,
         progress=progress,
         checkpoint_dir=out / "checkpoints",
+        overwrite=True,  # the demo rebuilds its folder: an earlier run's checkpoint is stale
     )
     result.save(out / "protected")
     timings["protect"] = time.perf_counter() - tick
