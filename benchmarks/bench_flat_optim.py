@@ -129,7 +129,7 @@ def _forward_records(update, case, shapes, device, repeats, env, copy_gbps):
     n = sum(p.numel() for p in params)
     flat_p, flat_g = _flat(params), _flat(grads)
     flat_states = [_flat(s) for s in states]
-    step = torch.tensor(float(STEP))
+    step = torch.tensor(float(STEP), device=device)  # on the device: the kernels read it there
     out = tuple(torch.empty_like(t) for t in (flat_p, *flat_states))
     fns = {
         "eager": lambda: _eager(update, params, grads, states),
@@ -191,7 +191,7 @@ def _backward_records(update, case, shapes, device, repeats, env, copy_gbps):
     eager_outputs = [t for group in _eager(update, params, grads, states) for t in group]
     eager_grad_outputs = [torch.randn_like(t) for t in eager_outputs]
     flat_inputs = [_flat(t, True) for t in (params, grads, *states)]
-    step = torch.tensor(float(STEP))
+    step = torch.tensor(float(STEP), device=device)  # on the device: the kernels read it there
 
     fns = {
         "eager": lambda: torch.autograd.grad(
@@ -242,7 +242,7 @@ def _in_place_records(case, shapes, device, repeats, env, copy_gbps):
         n = sum(p.numel() for p in params)
         flat_p, flat_g = _flat(params), _flat(grads)
         states = [torch.zeros_like(flat_p) for _ in range(1 if kind == "momentum" else 2)]
-        step = torch.tensor(float(STEP))
+        step = torch.tensor(float(STEP), device=device)  # on the device: the kernels read it there
         fns = {}
         for impl in ("foreach", "fused"):
             tensors = [p.detach().clone().requires_grad_(True) for p in params]

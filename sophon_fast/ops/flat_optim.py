@@ -2,8 +2,10 @@
 
 One kernel per update and one per backward, on a (n_params,) parameter buffer (float32, float64,
 float16 or bfloat16) with float32 state (float64 for float64 parameters); maths in the state
-dtype. ``step`` is a 0-d tensor holding the number of updates taken before this one, read by the
-kernel (t = step + 1), so nothing synchronises with the host. With d = grad + wd * params:
+dtype. ``step`` is a 0-d tensor on the params' device holding the number of updates taken before
+this one, read by the kernel (t = step + 1), so nothing synchronises with the host (a step on
+another device is refused; the in-place ``*_`` forms move it there once). With
+d = grad + wd * params:
 
     momentum   b' = d if step == 0 else mu b + (1 - dampening) d;  p' = p - lr (nesterov ? d + mu b' : b')
     adam       m' = b1 m + (1-b1) d,  v' = b2 v + (1-b2) d^2
@@ -43,6 +45,7 @@ and one update pass, no host synchronisation) and :func:`flat_accumulate_` (acc 
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -52,9 +55,14 @@ from ..reference import flat_optim as _reference
 from . import _triton
 from ._checks import check_flat_buffer, check_like, check_real
 
-# 4096 elements per program: large blocks keep the interpreter fast on the CPU and give each
-# program 80-176 KiB of traffic on a GPU.
-BLOCK_SIZE = 4096
+# Elements per program under the interpreter: each program is one Python iteration over numpy
+# arrays, so large blocks keep the tests fast on the CPU.
+INTERPRETER_BLOCK = 4096
+# Compiled: 1024 elements over 8 warps (4 per thread). ptxas -v of all 69 kernel variants the
+# launchers make (dtypes x flags), sm_80 and sm_90: no spills, at most 110 registers (float64
+# Adam backward). 1024 over 4 warps: 187 registers there and a 4 B spill (bfloat16 Adam backward,
+# sm_80); 2048 over 4 warps: 240-396 B spills; the interpreter's 4096: up to 16 KiB per thread.
+GPU_BLOCK, GPU_WARPS = 1024, 8
 # Partial sums of the clip norm: a fixed number of programs so the update kernel can reduce them
 # itself (1024 floats per program, L2-resident) instead of the host reading the norm.
 NORM_PARTIALS = 1024
@@ -68,18 +76,49 @@ def state_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 # ---------------------------------------------------------------------------------------- kernels
+#
+# Float hyper-parameters are declared ``tl.float64``: compiled Triton passes an undeclared Python
+# float as float32, which puts a 1e-8 relative error into every float64 step (lr = 0.1 becomes
+# 0.10000000149). _hp rounds each once to the compute dtype, as the C++/CUDA kernels do.
+
+
+@_triton.jit
+def _hp(value, ctype: tl.constexpr):
+    # A Python float under the interpreter, a float64 scalar when compiled: either rounds once.
+    return tl.full((), value, ctype)
+
+
+@_triton.jit
+def _safe_root(x, COMPUTE_F64: tl.constexpr):
+    """(root, positive, divisor): root = sqrt(max(x, 0)) rounded as IEEE sqrt; positive = root > 0;
+    divisor = root where positive, else 1 (the zero-safe root of the reference and C++ kernels).
+
+    float32 tl.sqrt compiles to sqrt.approx.ftz.f32, which flushes a denormal x to a 0 root while
+    x > 0 still holds: 0.5 / root was inf in the backward. sqrt_rn (sqrt.rn.f32) keeps denormals
+    (float64 tl.sqrt is sqrt.rn.f64 already), and the mask comes from the root itself, so a root
+    that is 0 for any reason is masked, never divided by.
+    """
+    x = tl.where(x > 0, x, 0.0)
+    if COMPUTE_F64:
+        root = tl.sqrt(x)
+    else:
+        root = tl.sqrt_rn(x)
+    positive = root > 0
+    return root, positive, tl.where(positive, root, 1.0)
 
 
 @_triton.jit
 def _momentum_forward_kernel(
     params_ptr, grad_ptr, buf_ptr, step_ptr, out_params_ptr, out_buf_ptr, n_elements,
-    lr, momentum, dampening, weight_decay,
+    lr: tl.float64, momentum: tl.float64, dampening: tl.float64, weight_decay: tl.float64,
     NESTEROV: tl.constexpr, COMPUTE_F64: tl.constexpr, BLOCK_SIZE: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     offsets = pid.to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     mask = offsets < n_elements
     ctype = tl.float64 if COMPUTE_F64 else tl.float32
+    lr, momentum = _hp(lr, ctype), _hp(momentum, ctype)
+    dampening, weight_decay = _hp(dampening, ctype), _hp(weight_decay, ctype)
     p = tl.load(params_ptr + offsets, mask=mask).to(ctype)
     d = tl.load(grad_ptr + offsets, mask=mask).to(ctype) + weight_decay * p
     b = tl.load(buf_ptr + offsets, mask=mask).to(ctype)
@@ -100,7 +139,8 @@ def _momentum_forward_kernel(
 @_triton.jit
 def _momentum_backward_kernel(
     grad_new_params_ptr, grad_new_buf_ptr, step_ptr, grad_params_ptr, grad_grad_ptr,
-    grad_buf_ptr, n_elements, lr, momentum, dampening, weight_decay,
+    grad_buf_ptr, n_elements, lr: tl.float64, momentum: tl.float64, dampening: tl.float64,
+    weight_decay: tl.float64,
     NESTEROV: tl.constexpr, WRITE_PARAMS: tl.constexpr, COMPUTE_F64: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
 ):  # fmt: skip
@@ -108,6 +148,8 @@ def _momentum_backward_kernel(
     offsets = pid.to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     mask = offsets < n_elements
     ctype = tl.float64 if COMPUTE_F64 else tl.float32
+    lr, momentum = _hp(lr, ctype), _hp(momentum, ctype)
+    dampening, weight_decay = _hp(dampening, ctype), _hp(weight_decay, ctype)
     a = tl.load(grad_new_params_ptr + offsets, mask=mask).to(ctype)
     c = tl.load(grad_new_buf_ptr + offsets, mask=mask).to(ctype)
     first = tl.load(step_ptr) == 0
@@ -130,10 +172,21 @@ def _momentum_backward_kernel(
 
 
 @_triton.jit
+def _adam_corrections(step_ptr, lr, log_beta1, log_beta2, ctype: tl.constexpr):
+    # (lr / (1 - b1^t), sqrt(1 - b2^t)) in float64, rounded once (as torch.optim on the host).
+    t = tl.load(step_ptr).to(tl.float64) + 1.0
+    lr64 = _hp(lr, tl.float64)
+    step_size = (lr64 / (1.0 - tl.exp(t * _hp(log_beta1, tl.float64)))).to(ctype)
+    sqrt_bc2 = tl.sqrt(1.0 - tl.exp(t * _hp(log_beta2, tl.float64))).to(ctype)
+    return step_size, sqrt_bc2
+
+
+@_triton.jit
 def _adam_forward_kernel(
     params_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, step_ptr, partials_ptr,
     out_params_ptr, out_exp_avg_ptr, out_exp_avg_sq_ptr, n_elements,
-    lr, beta1, beta2, log_beta1, log_beta2, eps, weight_decay, max_norm,
+    lr: tl.float64, beta1: tl.float64, beta2: tl.float64, log_beta1: tl.float64,
+    log_beta2: tl.float64, eps: tl.float64, weight_decay: tl.float64, max_norm: tl.float64,
     DECOUPLED: tl.constexpr, CLIP: tl.constexpr, N_PARTIALS: tl.constexpr,
     COMPUTE_F64: tl.constexpr, BLOCK_SIZE: tl.constexpr,
 ):  # fmt: skip
@@ -141,12 +194,15 @@ def _adam_forward_kernel(
     offsets = pid.to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     mask = offsets < n_elements
     ctype = tl.float64 if COMPUTE_F64 else tl.float32
+    step_size, sqrt_bc2 = _adam_corrections(step_ptr, lr, log_beta1, log_beta2, ctype)
+    lr, beta1, beta2 = _hp(lr, ctype), _hp(beta1, ctype), _hp(beta2, ctype)
+    eps, weight_decay = _hp(eps, ctype), _hp(weight_decay, ctype)
     p = tl.load(params_ptr + offsets, mask=mask).to(ctype)
     g = tl.load(grad_ptr + offsets, mask=mask).to(ctype)
     if CLIP:
         partials = tl.load(partials_ptr + tl.arange(0, N_PARTIALS))
-        total_norm = tl.sqrt(tl.sum(partials, axis=0))
-        g = g * tl.minimum(max_norm / (total_norm + 1e-6), 1.0)
+        total_norm, _, _ = _safe_root(tl.sum(partials, axis=0), COMPUTE_F64)
+        g = g * tl.minimum(_hp(max_norm, ctype) / (total_norm + 1e-6), 1.0)
     if DECOUPLED:
         p = p * (1.0 - lr * weight_decay)
         d = g
@@ -154,11 +210,8 @@ def _adam_forward_kernel(
         d = g + weight_decay * p
     m = beta1 * tl.load(exp_avg_ptr + offsets, mask=mask).to(ctype) + (1.0 - beta1) * d
     v = beta2 * tl.load(exp_avg_sq_ptr + offsets, mask=mask).to(ctype) + (1.0 - beta2) * d * d
-    # Bias corrections in float64, rounded once (as torch.optim on the host; see reference).
-    t = tl.load(step_ptr).to(tl.float64) + 1.0
-    step_size = (lr / (1.0 - tl.exp(t * log_beta1))).to(ctype)
-    sqrt_bc2 = tl.sqrt(1.0 - tl.exp(t * log_beta2)).to(ctype)
-    denom = tl.sqrt(tl.maximum(v, 0.0)) / sqrt_bc2 + eps
+    root, positive, divisor = _safe_root(v, COMPUTE_F64)
+    denom = root / sqrt_bc2 + eps
     new_p = p - step_size * m / denom
     tl.store(out_params_ptr + offsets, new_p.to(out_params_ptr.dtype.element_ty), mask=mask)
     tl.store(out_exp_avg_ptr + offsets, m, mask=mask)
@@ -169,7 +222,8 @@ def _adam_forward_kernel(
 def _adam_backward_kernel(
     grad_new_params_ptr, grad_new_exp_avg_ptr, grad_new_exp_avg_sq_ptr, params_ptr, grad_ptr,
     exp_avg_ptr, exp_avg_sq_ptr, step_ptr, grad_params_ptr, grad_grad_ptr, grad_exp_avg_ptr,
-    grad_exp_avg_sq_ptr, n_elements, lr, beta1, beta2, log_beta1, log_beta2, eps, weight_decay,
+    grad_exp_avg_sq_ptr, n_elements, lr: tl.float64, beta1: tl.float64, beta2: tl.float64,
+    log_beta1: tl.float64, log_beta2: tl.float64, eps: tl.float64, weight_decay: tl.float64,
     DECOUPLED: tl.constexpr, NEEDS_PARAMS: tl.constexpr, COMPUTE_F64: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
 ):  # fmt: skip
@@ -177,6 +231,9 @@ def _adam_backward_kernel(
     offsets = pid.to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     mask = offsets < n_elements
     ctype = tl.float64 if COMPUTE_F64 else tl.float32
+    step_size, sqrt_bc2 = _adam_corrections(step_ptr, lr, log_beta1, log_beta2, ctype)
+    lr, beta1, beta2 = _hp(lr, ctype), _hp(beta1, ctype), _hp(beta2, ctype)
+    eps, weight_decay = _hp(eps, ctype), _hp(weight_decay, ctype)
     a = tl.load(grad_new_params_ptr + offsets, mask=mask).to(ctype)
     c_m = tl.load(grad_new_exp_avg_ptr + offsets, mask=mask).to(ctype)
     c_v = tl.load(grad_new_exp_avg_sq_ptr + offsets, mask=mask).to(ctype)
@@ -185,15 +242,12 @@ def _adam_backward_kernel(
         d = d + weight_decay * tl.load(params_ptr + offsets, mask=mask).to(ctype)
     m = beta1 * tl.load(exp_avg_ptr + offsets, mask=mask).to(ctype) + (1.0 - beta1) * d
     v = beta2 * tl.load(exp_avg_sq_ptr + offsets, mask=mask).to(ctype) + (1.0 - beta2) * d * d
-    t = tl.load(step_ptr).to(tl.float64) + 1.0
-    step_size = (lr / (1.0 - tl.exp(t * log_beta1))).to(ctype)
-    sqrt_bc2 = tl.sqrt(1.0 - tl.exp(t * log_beta2)).to(ctype)
-    positive = v > 0
-    root = tl.sqrt(tl.where(positive, v, 1.0))
-    denom = tl.where(positive, root, 0.0) / sqrt_bc2 + eps
+    root, positive, divisor = _safe_root(v, COMPUTE_F64)
+    denom = root / sqrt_bc2 + eps
     g_m = c_m - a * step_size / denom
     # d root / d v = 1 / (2 root) for v > 0 and 0 at v = 0 (the zero-safe square root).
-    g_v = c_v + tl.where(positive, a * step_size * m / (denom * denom) / sqrt_bc2 * 0.5 / root, 0.0)
+    through_root = a * step_size * m / (denom * denom) / sqrt_bc2 * 0.5 / divisor
+    g_v = c_v + tl.where(positive, through_root, 0.0)
     g_d = (1.0 - beta1) * g_m + (1.0 - beta2) * 2.0 * d * g_v
     if DECOUPLED:
         g_p = a * (1.0 - lr * weight_decay)
@@ -208,13 +262,16 @@ def _adam_backward_kernel(
 @_triton.jit
 def _rmsprop_forward_kernel(
     params_ptr, grad_ptr, square_avg_ptr, grad_avg_ptr, out_params_ptr, out_square_avg_ptr,
-    out_grad_avg_ptr, n_elements, lr, alpha, eps, weight_decay,
+    out_grad_avg_ptr, n_elements, lr: tl.float64, alpha: tl.float64, eps: tl.float64,
+    weight_decay: tl.float64,
     CENTERED: tl.constexpr, COMPUTE_F64: tl.constexpr, BLOCK_SIZE: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     offsets = pid.to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     mask = offsets < n_elements
     ctype = tl.float64 if COMPUTE_F64 else tl.float32
+    lr, alpha = _hp(lr, ctype), _hp(alpha, ctype)
+    eps, weight_decay = _hp(eps, ctype), _hp(weight_decay, ctype)
     p = tl.load(params_ptr + offsets, mask=mask).to(ctype)
     d = tl.load(grad_ptr + offsets, mask=mask).to(ctype) + weight_decay * p
     v = alpha * tl.load(square_avg_ptr + offsets, mask=mask).to(ctype) + (1.0 - alpha) * d * d
@@ -223,7 +280,8 @@ def _rmsprop_forward_kernel(
         ga = alpha * tl.load(grad_avg_ptr + offsets, mask=mask).to(ctype) + (1.0 - alpha) * d
         q = v - ga * ga
         tl.store(out_grad_avg_ptr + offsets, ga, mask=mask)
-    new_p = p - lr * d / (tl.sqrt(tl.maximum(q, 0.0)) + eps)
+    root, positive, divisor = _safe_root(q, COMPUTE_F64)
+    new_p = p - lr * d / (root + eps)
     tl.store(out_params_ptr + offsets, new_p.to(out_params_ptr.dtype.element_ty), mask=mask)
     tl.store(out_square_avg_ptr + offsets, v, mask=mask)
 
@@ -232,7 +290,8 @@ def _rmsprop_forward_kernel(
 def _rmsprop_backward_kernel(
     grad_new_params_ptr, grad_new_square_avg_ptr, grad_new_grad_avg_ptr, params_ptr, grad_ptr,
     square_avg_ptr, grad_avg_ptr, grad_params_ptr, grad_grad_ptr, grad_square_avg_ptr,
-    grad_grad_avg_ptr, n_elements, lr, alpha, eps, weight_decay,
+    grad_grad_avg_ptr, n_elements, lr: tl.float64, alpha: tl.float64, eps: tl.float64,
+    weight_decay: tl.float64,
     CENTERED: tl.constexpr, NEEDS_PARAMS: tl.constexpr, COMPUTE_F64: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
 ):  # fmt: skip
@@ -240,6 +299,8 @@ def _rmsprop_backward_kernel(
     offsets = pid.to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     mask = offsets < n_elements
     ctype = tl.float64 if COMPUTE_F64 else tl.float32
+    lr, alpha = _hp(lr, ctype), _hp(alpha, ctype)
+    eps, weight_decay = _hp(eps, ctype), _hp(weight_decay, ctype)
     a = tl.load(grad_new_params_ptr + offsets, mask=mask).to(ctype)
     c_v = tl.load(grad_new_square_avg_ptr + offsets, mask=mask).to(ctype)
     d = tl.load(grad_ptr + offsets, mask=mask).to(ctype)
@@ -250,10 +311,9 @@ def _rmsprop_backward_kernel(
     if CENTERED:
         ga = alpha * tl.load(grad_avg_ptr + offsets, mask=mask).to(ctype) + (1.0 - alpha) * d
         q = v - ga * ga
-    positive = q > 0
-    root = tl.sqrt(tl.where(positive, q, 1.0))
-    denom = tl.where(positive, root, 0.0) + eps
-    g_q = tl.where(positive, a * lr * d / (denom * denom) * 0.5 / root, 0.0)
+    root, positive, divisor = _safe_root(q, COMPUTE_F64)
+    denom = root + eps
+    g_q = tl.where(positive, a * lr * d / (denom * denom) * 0.5 / divisor, 0.0)
     g_v = c_v + g_q
     g_d = -lr * a / denom + (1.0 - alpha) * 2.0 * d * g_v
     if CENTERED:
@@ -271,44 +331,61 @@ def _sum_of_squares_kernel(
     x_ptr, partials_ptr, n_elements, COMPUTE_F64: tl.constexpr, BLOCK_SIZE: tl.constexpr
 ):
     # Program i sums blocks i, i + N, i + 2N, ...: a fixed grid of N partials for any size.
-    pid = tl.program_id(0)
-    n_programs = tl.num_programs(0)
+    # A while loop: range() with tensor bounds fails under triton 3.6's interpreter ("only
+    # 0-dimensional arrays can be converted to Python scalars"). 64-bit offsets past 2^31.
+    pid = tl.program_id(0).to(tl.int64)
+    stride = tl.num_programs(0).to(tl.int64) * BLOCK_SIZE
     ctype = tl.float64 if COMPUTE_F64 else tl.float32
     acc = tl.zeros((BLOCK_SIZE,), dtype=ctype)
-    for start in range(pid * BLOCK_SIZE, n_elements, n_programs * BLOCK_SIZE):
+    start = pid * BLOCK_SIZE
+    while start < n_elements:
         offsets = start + tl.arange(0, BLOCK_SIZE)
         x = tl.load(x_ptr + offsets, mask=offsets < n_elements, other=0.0).to(ctype)
         acc += x * x
+        start += stride
     tl.store(partials_ptr + pid, tl.sum(acc, axis=0))
 
 
 @_triton.jit
 def _accumulate_kernel(
-    acc_ptr, grad_ptr, n_elements, weight, COMPUTE_F64: tl.constexpr, BLOCK_SIZE: tl.constexpr
-):
+    acc_ptr, grad_ptr, n_elements, weight: tl.float64, COMPUTE_F64: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):  # fmt: skip
     pid = tl.program_id(0)
     offsets = pid.to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     mask = offsets < n_elements
     ctype = tl.float64 if COMPUTE_F64 else tl.float32
     acc = tl.load(acc_ptr + offsets, mask=mask).to(ctype)
     g = tl.load(grad_ptr + offsets, mask=mask).to(ctype)
-    tl.store(acc_ptr + offsets, acc + weight * g, mask=mask)
+    tl.store(acc_ptr + offsets, acc + _hp(weight, ctype) * g, mask=mask)
 
 
 # -------------------------------------------------------------------------------------- launchers
 
 
-def _grid(n: int):
-    return (max(1, -(-n // BLOCK_SIZE)),)
+def launch_device(t: torch.Tensor):
+    """The context a launch on ``t`` runs in: compiled Triton launches on the current CUDA device,
+    not the tensor's, so on a multi-GPU machine the launch moves to ``t.device``; nothing to do
+    under the interpreter."""
+    if _triton.INTERPRETED or t.device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.cuda.device(t.device)
+
+
+def geometry() -> tuple[int, int]:
+    """(elements per program, num_warps) of the element-wise kernels in this Triton mode."""
+    return (INTERPRETER_BLOCK, 4) if _triton.INTERPRETED else (GPU_BLOCK, GPU_WARPS)
+
+
+def _launch(kernel, n, args, **constexprs):
+    """``kernel`` over n elements, one program per block, on args[0]'s device."""
+    block, warps = geometry()
+    with launch_device(args[0]):
+        kernel[(-(-n // block),)](*args, **constexprs, BLOCK_SIZE=block, num_warps=warps)
 
 
 def _f64(t: torch.Tensor) -> bool:
     return t.dtype == torch.float64
-
-
-def _step_for_kernel(step: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
-    # A device-side cast (no host read): the kernels read the count in the state dtype.
-    return step.to(device=params.device, dtype=state_dtype(params.dtype)).reshape(1)
 
 
 def _log(beta: float) -> float:
@@ -325,10 +402,11 @@ def _triton_momentum_forward(
     out = _empty_outputs(params, buf) if out is None else out
     n = params.numel()
     if n:
-        _momentum_forward_kernel[_grid(n)](
-            params, grad, buf, _step_for_kernel(step, params), out[0], out[1], n,
-            lr, momentum, 0.0 if nesterov else dampening, weight_decay,
-            NESTEROV=nesterov, COMPUTE_F64=_f64(params), BLOCK_SIZE=BLOCK_SIZE,
+        _launch(
+            _momentum_forward_kernel, n,
+            (params, grad, buf, step, out[0], out[1], n,
+             lr, momentum, 0.0 if nesterov else dampening, weight_decay),
+            NESTEROV=nesterov, COMPUTE_F64=_f64(params),
         )  # fmt: skip
     return out
 
@@ -342,11 +420,11 @@ def _triton_momentum_backward(
     grad_buf = torch.empty_like(grad_new_buf)
     n = grad_new_params.numel()
     if n:
-        _momentum_backward_kernel[_grid(n)](
-            grad_new_params, grad_new_buf, _step_for_kernel(step, grad_new_params), grad_params,
-            grad_grad, grad_buf, n, lr, momentum, 0.0 if nesterov else dampening, weight_decay,
+        _launch(
+            _momentum_backward_kernel, n,
+            (grad_new_params, grad_new_buf, step, grad_params, grad_grad, grad_buf, n, lr,
+             momentum, 0.0 if nesterov else dampening, weight_decay),
             NESTEROV=nesterov, WRITE_PARAMS=write_params, COMPUTE_F64=_f64(grad_new_params),
-            BLOCK_SIZE=BLOCK_SIZE,
         )  # fmt: skip
     return grad_params, grad_grad, grad_buf
 
@@ -360,17 +438,20 @@ def _triton_adam_forward(
     partials = None
     if max_norm is not None:
         partials = torch.empty(NORM_PARTIALS, dtype=state_dtype(params.dtype), device=params.device)
-        _sum_of_squares_kernel[(NORM_PARTIALS,)](
-            grad, partials, n, COMPUTE_F64=_f64(params), BLOCK_SIZE=BLOCK_SIZE
-        )
+        block, warps = geometry()
+        with launch_device(grad):
+            _sum_of_squares_kernel[(NORM_PARTIALS,)](
+                grad, partials, n, COMPUTE_F64=_f64(params), BLOCK_SIZE=block, num_warps=warps
+            )
     if n:
-        _adam_forward_kernel[_grid(n)](
-            params, grad, exp_avg, exp_avg_sq, _step_for_kernel(step, params),
-            partials if partials is not None else exp_avg, out[0], out[1], out[2], n,
-            lr, beta1, beta2, _log(beta1), _log(beta2), eps, weight_decay,
-            0.0 if max_norm is None else max_norm,
+        _launch(
+            _adam_forward_kernel, n,
+            (params, grad, exp_avg, exp_avg_sq, step,
+             partials if partials is not None else exp_avg, out[0], out[1], out[2], n,
+             lr, beta1, beta2, _log(beta1), _log(beta2), eps, weight_decay,
+             0.0 if max_norm is None else max_norm),
             DECOUPLED=decoupled, CLIP=max_norm is not None, N_PARTIALS=NORM_PARTIALS,
-            COMPUTE_F64=_f64(params), BLOCK_SIZE=BLOCK_SIZE,
+            COMPUTE_F64=_f64(params),
         )  # fmt: skip
     return out, partials
 
@@ -384,13 +465,13 @@ def _triton_adam_backward(
     n = grad.numel()
     needs_params = params is not None
     if n:
-        _adam_backward_kernel[_grid(n)](
-            grad_new_params, grad_new_exp_avg, grad_new_exp_avg_sq,
-            params if needs_params else grad, grad, exp_avg, exp_avg_sq,
-            _step_for_kernel(step, grad), grad_params, grad_grad, grad_exp_avg, grad_exp_avg_sq,
-            n, lr, beta1, beta2, _log(beta1), _log(beta2), eps, weight_decay,
+        _launch(
+            _adam_backward_kernel, n,
+            (grad_new_params, grad_new_exp_avg, grad_new_exp_avg_sq,
+             params if needs_params else grad, grad, exp_avg, exp_avg_sq, step, grad_params,
+             grad_grad, grad_exp_avg, grad_exp_avg_sq, n, lr, beta1, beta2, _log(beta1),
+             _log(beta2), eps, weight_decay),
             DECOUPLED=decoupled, NEEDS_PARAMS=needs_params, COMPUTE_F64=_f64(grad),
-            BLOCK_SIZE=BLOCK_SIZE,
         )  # fmt: skip
     return grad_params, grad_grad, grad_exp_avg, grad_exp_avg_sq
 
@@ -403,10 +484,11 @@ def _triton_rmsprop_forward(
         out = _empty_outputs(params, square_avg, *((grad_avg,) if centered else ()))
     n = params.numel()
     if n:
-        _rmsprop_forward_kernel[_grid(n)](
-            params, grad, square_avg, grad_avg if centered else square_avg, out[0], out[1],
-            out[2] if centered else out[1], n, lr, alpha, eps, weight_decay,
-            CENTERED=centered, COMPUTE_F64=_f64(params), BLOCK_SIZE=BLOCK_SIZE,
+        _launch(
+            _rmsprop_forward_kernel, n,
+            (params, grad, square_avg, grad_avg if centered else square_avg, out[0], out[1],
+             out[2] if centered else out[1], n, lr, alpha, eps, weight_decay),
+            CENTERED=centered, COMPUTE_F64=_f64(params),
         )  # fmt: skip
     return tuple(out)
 
@@ -421,13 +503,13 @@ def _triton_rmsprop_backward(
     needs_params = params is not None
     n = grad.numel()
     if n:
-        _rmsprop_backward_kernel[_grid(n)](
-            grad_outputs[0], grad_outputs[1], grad_outputs[2] if centered else grad_outputs[1],
-            params if needs_params else grad, grad, square_avg,
-            grad_avg if centered else square_avg, grad_params, grad_grad, grad_square_avg,
-            grad_grad_avg, n, lr, alpha, eps, weight_decay,
+        _launch(
+            _rmsprop_backward_kernel, n,
+            (grad_outputs[0], grad_outputs[1], grad_outputs[2] if centered else grad_outputs[1],
+             params if needs_params else grad, grad, square_avg,
+             grad_avg if centered else square_avg, grad_params, grad_grad, grad_square_avg,
+             grad_grad_avg, n, lr, alpha, eps, weight_decay),
             CENTERED=centered, NEEDS_PARAMS=needs_params, COMPUTE_F64=_f64(grad),
-            BLOCK_SIZE=BLOCK_SIZE,
         )  # fmt: skip
     result = (grad_params, grad_grad, grad_square_avg)
     return result + ((grad_grad_avg,) if centered else ())
@@ -449,9 +531,10 @@ def _triton_clip_adam_step_(
 def _triton_accumulate_(acc, grad, weight):
     n = grad.numel()
     if n:
-        _accumulate_kernel[_grid(n)](
-            acc, grad, n, weight, COMPUTE_F64=_f64(acc), BLOCK_SIZE=BLOCK_SIZE
-        )
+        _launch(
+            _accumulate_kernel, n, (acc, grad, n, weight),
+            COMPUTE_F64=_f64(acc),
+        )  # fmt: skip
     return acc
 
 
@@ -658,8 +741,27 @@ def _check_step(params, step):
         raise TypeError(
             f"step must be a floating tensor (as torch.optim keeps it), got {step.dtype}"
         )
-    if step.device != params.device and step.device.type != "cpu":
-        raise ValueError(f"step is on {step.device} but params is on {params.device}")
+    if step.device != params.device:
+        raise ValueError(
+            f"step is on {step.device} but params is on {params.device}; keep the count on the "
+            "params' device (the kernels read it there: a step elsewhere would be copied, with a "
+            "host synchronisation, on every call, and could not be captured in a CUDA graph)"
+        )
+
+
+def _adopt_step(params, step):
+    """Move ``step`` to the params' device in place, once (the in-place ops own their state, as
+    ``Module.to`` owns its parameters): torch.optim keeps the count on the CPU unless fused or
+    capturable, and every later call then finds it on the device."""
+    tensors = isinstance(step, torch.Tensor) and isinstance(params, torch.Tensor)
+    if tensors and step.device != params.device:
+        try:
+            step.data = step.detach().to(params.device)
+        except RuntimeError as error:  # e.g. meta: not a dense tensor a CPU one can become
+            raise ValueError(
+                f"step is on {step.device} but params is on {params.device}, and it cannot be "
+                f"moved there in place ({error}); create it on {params.device}"
+            ) from None
 
 
 def _check_fraction(value, name):
@@ -706,8 +808,8 @@ def flat_momentum_step(
         params: (n_params,) contiguous float32, float64, float16 or bfloat16 buffer.
         grad: (n_params,) same dtype, size and device as ``params``.
         momentum_buffer: (n_params,) float32 state (float64 for float64 params).
-        step: 0-d floating tensor, the number of steps taken before this one (read on the
-            device; the caller increments it).
+        step: 0-d floating tensor on ``params.device``, the number of steps taken before this
+            one (read by the kernel: no host copy; the caller increments it).
         lr: learning rate (finite). momentum: mu in [0, 1]. dampening: in [0, 1].
         weight_decay: L2 coefficient >= 0. nesterov: Nesterov momentum. Defaults 0.9, 0, 0, False.
         out: optional (params_out, buffer_out) to write into (may be the inputs: in place). Not
@@ -798,7 +900,8 @@ def flat_adam_step(
         params: (n_params,) contiguous float32, float64, float16 or bfloat16 buffer.
         grad: (n_params,) same dtype, size and device as ``params``.
         exp_avg, exp_avg_sq: (n_params,) float32 moments (float64 for float64 params).
-        step: 0-d floating tensor, steps taken before this one (the caller increments it).
+        step: 0-d floating tensor on ``params.device``, steps taken before this one (the
+            caller increments it).
         lr: learning rate. betas: (beta1, beta2), each in [0, 1). eps: > 0 added to the
             bias-corrected root. weight_decay: L2 coefficient >= 0. Defaults (0.9, 0.999), 1e-8, 0.
         out: optional (params_out, exp_avg_out, exp_avg_sq_out), possibly the inputs (in place).
@@ -909,9 +1012,12 @@ def flat_momentum_step_(
 ) -> torch.Tensor:
     """In-place, non-differentiable :func:`flat_momentum_step`; then ``step += 1`` on its device.
 
+    A ``step`` on another device than ``params`` is moved there in place, once.
+
     Returns:
         ``params`` (updated; momentum_buffer updated too).
     """
+    _adopt_step(params, step)
     flat_momentum_step(params, grad, momentum_buffer, step, lr, momentum, dampening,
                        weight_decay, nesterov, out=(params, momentum_buffer))  # fmt: skip
     step.add_(1)
@@ -933,11 +1039,14 @@ def flat_adam_step_(
 ) -> torch.Tensor:
     """In-place, non-differentiable Adam (AdamW when ``decoupled``); then ``step += 1``.
 
+    A ``step`` on another device than ``params`` is moved there in place, once.
+
     Returns:
         ``params`` (updated; exp_avg and exp_avg_sq updated too).
     """
     out = (params, exp_avg, exp_avg_sq)
     fn = flat_adamw_step if decoupled else flat_adam_step
+    _adopt_step(params, step)
     fn(params, grad, exp_avg, exp_avg_sq, step, lr, betas, eps, weight_decay, out=out)
     step.add_(1)
     return params
@@ -987,7 +1096,8 @@ def flat_clip_adam_step_(
         params: (n_params,) parameters, updated in place (float32/float64/float16/bfloat16).
         grad: (n_params,) gradient, same dtype as ``params``.
         exp_avg, exp_avg_sq: (n_params,) state-dtype moments, updated in place.
-        step: 0-d floating tensor, incremented in place.
+        step: 0-d floating tensor, incremented in place; moved to ``params.device`` in place
+            the first time it is elsewhere (torch.optim.Adam keeps it on the CPU).
         lr, betas, eps, weight_decay: as :func:`flat_adam_step`.
         max_norm: clip threshold > 0, or None for no clipping.
 
@@ -1001,6 +1111,7 @@ def flat_clip_adam_step_(
     check_like(params, "params", grad, "grad")
     _check_state(params, exp_avg, "exp_avg")
     _check_state(params, exp_avg_sq, "exp_avg_sq")
+    _adopt_step(params, step)
     _check_step(params, step)
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
