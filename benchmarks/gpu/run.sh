@@ -193,8 +193,9 @@ build=("$PY" -m pip install --no-build-isolation --no-deps --no-index -v -e .)
 [ "$dry_run" = 1 ] && build+=(--dry-run) # metadata only: the dry run uses the installed build
 include_dirs="$("$PY" -c 'import json, sys; print(":".join(json.load(open(sys.argv[1]))["info"].get("cuda_include_dirs", [])))' \
   "$logs/environment.json" 2>/dev/null)"
+[ -n "$include_dirs" ] && build=(env CPATH="${include_dirs}${CPATH:+:$CPATH}" "${build[@]}")
 if plan_step build "$nominal_build"; then
-  run_step build env CPATH="${include_dirs}${CPATH:+:$CPATH}" "${build[@]}"
+  run_step build "${build[@]}"
 fi
 
 # 3. Smoke: its own budget ends 8 s before the step's limit, so it writes every verdict itself.
