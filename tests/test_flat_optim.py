@@ -1,13 +1,14 @@
 """flat_optim: every update x backend against the reference, fused backwards, float64 gradcheck,
 N-step trajectories against torch.optim, saved tensors, in-place forms and input validation."""
 
+import contextlib
 import inspect
 import math
 
 import numpy as np
 import pytest
 import torch
-from _backends import backend_params
+from _backends import backend_params, device_for
 from _shapes import FLAT_SIZES
 from _tolerances import elementwise
 
@@ -824,3 +825,50 @@ def test_float64_clip_adam_and_accumulate_keep_float64_arguments_when_compiled(m
     torch.testing.assert_close(acc, 1.0 + 0.37 * grad, rtol=rtol, atol=atol)
     assert {k for k, _, _ in launched} == {"_adam_forward_kernel", "_accumulate_kernel"}
     assert all(ty == "fp64" for _, _, ty in launched), sorted(set(launched))
+
+
+def test_triton_launch_context_is_the_tensors_device(monkeypatch):
+    # Compiled Triton launches on the current CUDA device, not the tensor's: the wrong GPU on a
+    # multi-GPU machine. Compiled launches run under torch.cuda.device(t.device), interpreted
+    # ones under nothing.
+    class OnSecondGpu:
+        device = torch.device("cuda", 1)
+
+    monkeypatch.setattr(_triton, "INTERPRETED", False)
+    context = ops.launch_device(OnSecondGpu())
+    assert isinstance(context, torch.cuda.device) and context.idx == 1
+    monkeypatch.setattr(_triton, "INTERPRETED", True)
+    assert isinstance(ops.launch_device(OnSecondGpu()), contextlib.nullcontext)
+
+
+@pytest.mark.triton
+@pytest.mark.skipif(_triton.mode() is None, reason="triton is not installed")
+def test_every_triton_launch_goes_through_launch_device(monkeypatch):
+    from sophon_fast.ops import flat_sgd_step as sgd_ops
+
+    devices = []
+
+    def recording(t):
+        devices.append(t.device)
+        return contextlib.nullcontext()
+
+    monkeypatch.setattr(ops, "launch_device", recording)
+    monkeypatch.setattr(sgd_ops, "launch_device", recording)
+    launched = compiled_float_typing(monkeypatch, ops, sgd_ops)
+    device = device_for("triton")
+    with _backend.use_backend("triton"):
+        for update in UPDATES:
+            params, grad, states = _inputs(update, 33, torch.float32, device)
+            inputs = [t.requires_grad_(True) for t in (params, grad, *states)]
+            outputs = _call(ops, update, *inputs[:2], inputs[2:], _step(2, torch.float32, device))
+            torch.autograd.grad(outputs, inputs, [torch.ones_like(o) for o in outputs])
+        p, g, (m, v) = _inputs("adam", 33, torch.float32, device)
+        ops.flat_clip_adam_step_(p, g, m, v, _step(0, torch.float32, device), 0.1, max_norm=1.0)
+        ops.flat_accumulate_(torch.zeros_like(g), g, 0.5)
+        p.requires_grad_(True)
+        out = sgd_ops.flat_sgd_step(p, g, 0.1, 0.1)
+        torch.autograd.grad(out, p, torch.ones_like(out))
+    # 17 launches: 6 updates x (forward, backward), norm pass + Adam, accumulate, SGD x 2; the
+    # float-typing wrapper saw the 9 kernels with float arguments (the norm pass has none).
+    assert len({kernel for kernel, _, _ in launched}) == 9
+    assert len(devices) == 17 and set(devices) == {torch.device(device)}
