@@ -3,11 +3,20 @@
 Kernels are defined with :func:`jit` instead of ``triton.jit`` so a machine without a CUDA device
 runs them under Triton's interpreter on CPU tensors (the way tests check every kernel here), even
 when ``TRITON_INTERPRET`` was not set before import. With a CUDA device they compile as usual.
+
+Every function :func:`jit` wraps is listed in :data:`KERNELS`, and under the interpreter every
+launch ``kernel[grid](*args, **kwargs)`` is passed to the hooks of :func:`launch_hook` before it
+runs: ``tools/triton_check.py`` records the launches the real launchers make on CPU tensors and
+compiles each one ahead of time for sm_80 and sm_90 with Triton's own specialisation rules.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import inspect
 import os
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -35,12 +44,68 @@ def mode() -> str | None:
     return "interpreted" if INTERPRETED else "compiled"
 
 
+# Every object jit() returned, in definition order (interpreted or compiled; ``.fn`` is the source).
+KERNELS: list = []
+_launch_hooks: list[Callable] = []
+
+
+@contextlib.contextmanager
+def launch_hook(hook: Callable) -> Iterator[None]:
+    """Call ``hook(kernel, grid, args, kwargs)`` before each interpreted launch inside the block.
+
+    ``kernel`` is the object :func:`jit` returned; the launch then runs as usual, so the op
+    completes and later launches see real data, unless a hook returns False: the launch is then
+    skipped and its outputs stay unwritten (for a recorder that needs only the arguments of a
+    launch too slow to interpret).
+    """
+    _launch_hooks.append(hook)
+    try:
+        yield
+    finally:
+        _launch_hooks.remove(hook)
+
+
+def _fix_interpreter_loop_bounds(interpreter) -> None:
+    """Let triton 3.6's interpreter loop to a runtime bound (``range(0, n, BLOCK)``).
+
+    It converts a scalar argument with ``int()`` of its 1-element array, which numpy 2 refuses
+    ("only 0-dimensional arrays can be converted"); triton 3.8 squeezes the array first. Same
+    conversion here, installed once, only where the installed interpreter lacks it.
+    """
+    original = interpreter._patch_lang_tensor
+    if "squeeze" in inspect.getsource(original):
+        return
+
+    def patch_lang_tensor(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    interpreter._patch_lang_tensor = patch_lang_tensor
+
+
+@functools.cache
+def _interpreted_kernel_class():
+    from triton.runtime import interpreter
+    from triton.runtime.interpreter import InterpretedFunction
+
+    _fix_interpreter_loop_bounds(interpreter)
+
+    class InterpretedKernel(InterpretedFunction):
+        """The interpreter's wrapper, reporting each launch to the :func:`launch_hook` hooks."""
+
+        def run(self, *args, grid, warmup, **kwargs):
+            run = True
+            for hook in tuple(_launch_hooks):
+                run = hook(self, grid, args, kwargs) is not False and run
+            return super().run(*args, grid=grid, warmup=warmup, **kwargs) if run else None
+
+    return InterpretedKernel
+
+
 def jit(fn):
     """``triton.jit``, or the interpreter's wrapper when no CUDA device exists; None without Triton."""
     if triton is None:
         return None
-    if INTERPRETED:
-        from triton.runtime.interpreter import InterpretedFunction
-
-        return InterpretedFunction(fn)
-    return triton.jit(fn)
+    kernel = _interpreted_kernel_class()(fn) if INTERPRETED else triton.jit(fn)
+    KERNELS.append(kernel)
+    return kernel
