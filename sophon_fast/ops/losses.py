@@ -9,8 +9,10 @@ and their stability in :mod:`sophon_fast.reference.losses`, the pure-torch twin)
     klu        lse(z) - mean(z) - log C      grad (p - 1/C) / B
 
 Each row is one logsumexp problem (two for ice_paper, with separate maxima so a gap of 100 stays
-finite). The forward reads the logits once and writes the per-row loss and the gradient: 8 B per
-logit at fp32 against 5-23 kernels and ~24-40 B per logit for the eager formulas. The backward is
+finite). The forward writes the per-row loss and the gradient: 8 B per logit at fp32 against 5-23
+kernels and ~24-40 B per logit for the eager formulas (the Triton kernel walks a row in chunks of
+at most 1024 classes, an online logsumexp then the gradient, so it reads the row twice: the
+second time from cache for rows that fit in it). The backward is
 ``grad * grad_out`` (or the saved gradient itself when grad_out is 1 on the CPU: no pass at all).
 
 Generation (``prediction``, ``target``: (batch, channels, height, width), mean over all elements):
@@ -42,12 +44,35 @@ OP_NAME = "losses"
 KINDS = ("ce", "ice", "ice_paper", "klu")
 KIND_CODES = {name: code for code, name in enumerate(KINDS)}
 GENERATION_KINDS = ("mse_ascent", "dos")
-# One program per row holds the whole row: the interpreter and a GPU SM both handle 64 K fp32.
-MAX_TRITON_CLASSES = 1 << 16
-# Elements per program of the generation reduction: 16 KiB of fp32 per program.
-MSE_BLOCK_SIZE = 4096
+# Classes per step of a row's program: it walks the row in chunks (an online logsumexp, then a
+# gradient pass), so any class count runs in ~9 live registers per thread per 128 lanes. A whole
+# 65,536-class row in one block at 4 warps (the interpreter's preference) held 512 values per
+# thread and spilled on a GPU.
+MAX_CLASS_BLOCK = 1024
+# Elements per program of the generation reduction, at MSE_WARPS warps: 8 per thread.
+MSE_BLOCK_SIZE = 2048
+MSE_WARPS = 8
 
 tl = _triton.tl
+
+
+@_triton.jit
+def _online_logsumexp(m, s, w):
+    """Per-lane running (max, sum of exp(w - max)) after one more chunk w; -inf = absent lane.
+
+    A lane with nothing yet (max -inf) keeps sum 0 instead of exp(-inf - -inf) = NaN.
+    """
+    m_new = tl.maximum(m, w)
+    safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    return m_new, s * tl.exp(m - safe) + tl.exp(w - safe)
+
+
+@_triton.jit
+def _lanes_logsumexp(m, s):
+    """logsumexp of a row from its per-lane (max, sum) pairs."""
+    row_max = tl.max(m, axis=0)
+    safe = tl.where(row_max == float("-inf"), 0.0, row_max)
+    return row_max + tl.log(tl.sum(s * tl.exp(m - safe), axis=0))
 
 
 @_triton.jit
@@ -63,60 +88,77 @@ def _classification_loss_forward_kernel(
     KIND: tl.constexpr,
     COMPUTE_F64: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
+    N_CHUNKS: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK_SIZE)
-    mask = cols < n_cols
-    z = tl.load(logits_ptr + row * logits_stride_row + cols, mask=mask, other=0.0)
-    # Sizes enter as integers and are converted here: a float kernel argument is float32 when
-    # compiled, which would cost float64 inputs 1e-8 of relative accuracy.
-    if COMPUTE_F64:
-        z = z.to(tl.float64)
-        rows = n_rows.to(tl.float64)
-        classes = n_cols.to(tl.float64)
-    else:
-        z = z.to(tl.float32)
-        rows = n_rows.to(tl.float32)
-        classes = n_cols.to(tl.float32)
+    acc_ty = tl.float64 if COMPUTE_F64 else tl.float32
+    # Sizes enter as integers (a float kernel argument is float32 when compiled, which would cost
+    # float64 inputs 1e-8 of relative accuracy) and are converted with tl.cast: a size equal to 1
+    # arrives as a compile-time constant, a Python int without .to().
+    rows = tl.cast(n_rows, acc_ty)
+    classes = tl.cast(n_cols, acc_ty)
     label = tl.load(labels_ptr + row)
     valid = (label >= 0) & (label < n_cols)
-    is_label = (cols == label) & mask
-    true_logit = tl.sum(tl.where(is_label, z, 0.0), axis=0)
+    logits_row = logits_ptr + row * logits_stride_row
+    grad_row = grad_ptr + row * grad_stride_row
     neg_inf = float("-inf")
-    if KIND == 1:  # ice: logsumexp over -z
-        w = tl.where(mask, -z, neg_inf)
-    else:
-        w = tl.where(mask, z, neg_inf)
-    w_max = tl.max(w, axis=0)
-    e = tl.exp(w - w_max)
-    e_sum = tl.sum(e, axis=0)
-    lse = w_max + tl.log(e_sum)
-    soft = e / e_sum
-    one = tl.where(is_label, 1.0, 0.0)
+    lanes = tl.arange(0, BLOCK_SIZE)
+    # Pass 1: per-lane online logsumexp of w (z, or -z for ice), of z over j != y (ice_paper),
+    # the true logit and the sum of z (klu).
+    m = tl.full([BLOCK_SIZE], neg_inf, acc_ty)
+    s = tl.zeros([BLOCK_SIZE], acc_ty)
+    m_other = tl.full([BLOCK_SIZE], neg_inf, acc_ty)
+    s_other = tl.zeros([BLOCK_SIZE], acc_ty)
+    true_logit = tl.zeros([BLOCK_SIZE], acc_ty)
+    z_sum = tl.zeros([BLOCK_SIZE], acc_ty)
+    for chunk in range(N_CHUNKS):
+        cols = chunk * BLOCK_SIZE + lanes
+        mask = cols < n_cols
+        z = tl.load(logits_row + cols, mask=mask, other=0.0).to(acc_ty)
+        if KIND == 1:  # ice: logsumexp over -z
+            m, s = _online_logsumexp(m, s, tl.where(mask, -z, neg_inf))
+        else:
+            m, s = _online_logsumexp(m, s, tl.where(mask, z, neg_inf))
+        true_logit += tl.where((cols == label) & mask, z, 0.0)
+        if KIND == 2:  # ice_paper: a second logsumexp with its own max, over j != y
+            other = tl.where(mask & (cols != label), z, neg_inf)
+            m_other, s_other = _online_logsumexp(m_other, s_other, other)
+        if KIND == 3:
+            z_sum += tl.where(mask, z, 0.0)
+    lse = _lanes_logsumexp(m, s)
+    z_y = tl.sum(true_logit, axis=0)
     if KIND == 0:  # ce
-        loss = lse - true_logit
-        grad = soft - one
+        loss = lse - z_y
     elif KIND == 1:  # ice
-        loss = true_logit + lse
-        grad = one - soft
-    elif KIND == 2:  # ice_paper: a second logsumexp with its own max, over j != y
-        o = tl.where(mask & (cols != label), z, neg_inf)
-        o_max = tl.max(o, axis=0)
-        eo = tl.exp(o - o_max)
-        eo_sum = tl.sum(eo, axis=0)
-        loss = lse - (o_max + tl.log(eo_sum))
-        grad = soft - eo / eo_sum
+        loss = z_y + lse
+    elif KIND == 2:  # ice_paper
+        lse_other = _lanes_logsumexp(m_other, s_other)
+        loss = lse - lse_other
     else:  # klu
-        loss = lse - tl.sum(tl.where(mask, z, 0.0), axis=0) / classes - tl.log(classes)
-        grad = soft - 1.0 / classes
+        loss = lse - tl.sum(z_sum, axis=0) / classes - tl.log(classes)
     if KIND != 3:
         loss = tl.where(valid, loss, float("nan"))
-    tl.store(
-        grad_ptr + row * grad_stride_row + cols,
-        (grad / rows).to(grad_ptr.dtype.element_ty),
-        mask=mask,
-    )
     tl.store(row_loss_ptr + row, loss)
+    # Pass 2: the gradient, from the logits again (the row is cache-resident when it fits).
+    for chunk in range(N_CHUNKS):
+        cols = chunk * BLOCK_SIZE + lanes
+        mask = cols < n_cols
+        z = tl.load(logits_row + cols, mask=mask, other=0.0).to(acc_ty)
+        one = tl.where(cols == label, 1.0, 0.0)
+        # Absent lanes (and the label, for r) enter exp as -inf: 0, never an overflow.
+        if KIND == 1:
+            soft = tl.exp(tl.where(mask, -z, neg_inf) - lse)
+        else:
+            soft = tl.exp(tl.where(mask, z, neg_inf) - lse)
+        if KIND == 0:
+            grad = soft - one
+        elif KIND == 1:
+            grad = one - soft
+        elif KIND == 2:
+            grad = soft - tl.exp(tl.where(mask & (cols != label), z, neg_inf) - lse_other)
+        else:
+            grad = soft - 1.0 / classes
+        tl.store(grad_row + cols, (grad / rows).to(grad_ptr.dtype.element_ty), mask=mask)
 
 
 @_triton.jit
@@ -132,23 +174,15 @@ def _mean_square_forward_kernel(
     BLOCK_SIZE: tl.constexpr,
 ):
     pid = tl.program_id(0)
+    acc_ty = tl.float64 if COMPUTE_F64 else tl.float32
     offsets = pid.to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     mask = offsets < n_elements
-    d = tl.load(prediction_ptr + offsets, mask=mask, other=0.0)
-    if COMPUTE_F64:
-        d = d.to(tl.float64)
-    else:
-        d = d.to(tl.float32)
+    d = tl.load(prediction_ptr + offsets, mask=mask, other=0.0).to(acc_ty)
     if HAS_TARGET:
-        t = tl.load(target_ptr + offsets, mask=mask, other=0.0)
-        if COMPUTE_F64:
-            d = d - t.to(tl.float64)
-        else:
-            d = d - t.to(tl.float32)
-    if COMPUTE_F64:
-        grad_scale = 2.0 * sign / n_elements.to(tl.float64)
-    else:
-        grad_scale = 2.0 * sign / n_elements.to(tl.float32)
+        d = d - tl.load(target_ptr + offsets, mask=mask, other=0.0).to(acc_ty)
+    # tl.cast, not .to(): one element makes n_elements a compile-time constant (a Python int),
+    # and dos's sign of 1 likewise.
+    grad_scale = 2.0 * tl.cast(sign, acc_ty) / tl.cast(n_elements, acc_ty)
     tl.store(grad_ptr + offsets, (grad_scale * d).to(grad_ptr.dtype.element_ty), mask=mask)
     tl.store(partial_ptr + pid, tl.sum(d * d, axis=0))
 
@@ -159,14 +193,10 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _triton_classification(logits, labels, kind_code):
     batch, classes = logits.shape
-    if classes > MAX_TRITON_CLASSES:
-        raise _backend.BackendUnavailableError(
-            f"the triton losses kernel holds one row per program: at most {MAX_TRITON_CLASSES} "
-            f"classes, got {classes}"
-        )
     logits = logits if logits.stride(1) == 1 else logits.contiguous()
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
     row_loss = torch.empty(batch, dtype=_compute_dtype(logits.dtype), device=logits.device)
+    block = min(triton_block(classes), MAX_CLASS_BLOCK)
     _classification_loss_forward_kernel[(batch,)](
         logits,
         labels,
@@ -178,9 +208,21 @@ def _triton_classification(logits, labels, kind_code):
         classes,
         KIND=kind_code,
         COMPUTE_F64=logits.dtype == torch.float64,
-        BLOCK_SIZE=triton_block(classes),
+        BLOCK_SIZE=block,
+        # A constant trip count: one compilation per class count already (BLOCK_SIZE), and
+        # triton 3.6's interpreter cannot loop to a runtime bound (int() of a 1-element array).
+        N_CHUNKS=-(-classes // block),
+        num_warps=class_block_warps(block),
     )
     return (row_loss.sum() / batch).to(logits.dtype), grad
+
+
+def class_block_warps(block: int) -> int:
+    """Warps of a classification program: block / 128 in [1, 8], so <= 8 classes per thread.
+
+    One warp up to 256 classes: a (150, 10) batch would leave 3 of 4 default warps idle.
+    """
+    return min(8, max(1, block // 128))
 
 
 def triton_block(n: int) -> int:
@@ -207,6 +249,7 @@ def _triton_mean_square(prediction, target, sign):
         HAS_TARGET=target is not None,
         COMPUTE_F64=prediction.dtype == torch.float64,
         BLOCK_SIZE=MSE_BLOCK_SIZE,
+        num_warps=MSE_WARPS,
     )
     return (partial.sum() * (sign / n)).to(prediction.dtype), grad
 
