@@ -209,10 +209,15 @@ def save_checkpoint(
 
 
 def _header(tensor_path: Path) -> dict[str, str]:
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(tensor_path), framework="pt") as handle:
-        return dict(handle.metadata() or {})
+    try:
+        with safe_open(str(tensor_path), framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except (SafetensorError, OSError) as error:  # truncated, empty, a folder: name the file
+        raise ValueError(
+            f"{tensor_path}: not a readable safetensors checkpoint ({error})"
+        ) from None
 
 
 def _read_meta(directory: Path) -> tuple[Path, dict[str, Any]]:
@@ -270,9 +275,15 @@ def load_checkpoint(directory: str | os.PathLike) -> tuple[dict[str, torch.Tenso
             different steps.
     """
     tensor_path, meta = _read_meta(Path(directory))
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    return load_file(str(tensor_path)), meta
+    try:
+        return load_file(str(tensor_path)), meta
+    except (SafetensorError, OSError) as error:  # a header intact over a cut-off body
+        raise ValueError(
+            f"{tensor_path}: not a readable safetensors checkpoint ({error})"
+        ) from None
 
 
 def prepare_checkpoint_dir(
