@@ -58,8 +58,10 @@ if os.environ.get(_WORKER_FLAG) == "1":
     os.environ.pop("TRITON_INTERPRET", None)
 else:
     # Recording: the package's kernels must be interpreter wrappers (they run on CPU tensors)
-    # whatever device this machine has; set before sophon_fast defines them.
+    # whatever device this machine has, while the launchers size their launches for a GPU (what
+    # the GPU compiles); both set before sophon_fast is imported.
     os.environ["TRITON_INTERPRET"] = "1"
+    os.environ["SOPHON_FAST_TRITON_PLAN"] = "gpu"
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
@@ -480,12 +482,25 @@ def record(cases: dict[str, Callable[[], None]] | None = None, archs=ARCHS):
     """Run ``cases`` under the forced triton backend; returns (twins, recorder)."""
     twins = Twins()
     recorder = Recorder(twins, archs)
-    with _triton.launch_hook(recorder), sf.use_backend("triton"), warnings.catch_warnings():
-        # Values are beside the point here (and skipped launches leave outputs unset).
-        warnings.simplefilter("ignore", RuntimeWarning)
-        for name, case in (CASES if cases is None else cases).items():
-            recorder.case = name
-            case()
+    original_device = torch.cuda.device
+
+    def cuda_device(device):
+        # A launcher planning for a GPU enters torch.cuda.device(tensor.device); the tensors
+        # here are on the CPU, where there is no device to enter.
+        if isinstance(device, torch.device) and device.type == "cpu":
+            return contextlib.nullcontext()
+        return original_device(device)
+
+    torch.cuda.device = cuda_device
+    try:
+        with _triton.launch_hook(recorder), sf.use_backend("triton"), warnings.catch_warnings():
+            # Values are beside the point here (and skipped launches leave outputs unset).
+            warnings.simplefilter("ignore", RuntimeWarning)
+            for name, case in (CASES if cases is None else cases).items():
+                recorder.case = name
+                case()
+    finally:
+        torch.cuda.device = original_device
     return twins, recorder
 
 
@@ -610,6 +625,9 @@ def main(argv: list[str] | None = None) -> int:
     recorded = time.perf_counter() - start
     launched, helpers, uncovered = coverage(twins, recorder)
     compilations = list(recorder.compilations.values())
+    if _triton.INTERPRETED:
+        print("triton-check: the launchers planned for the interpreter, not a GPU", file=sys.stderr)
+        return 1
     print(
         f"triton {triton.__version__}, torch {torch.__version__}: recorded "
         f"{sum(recorder.launches.values())} launches of {len(launched)} kernels in "

@@ -34,14 +34,21 @@ except ImportError:  # Triton is optional: the reference and C++ backends do not
 
     tl = _AbsentLanguage()
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "") == "1" or not torch.cuda.is_available()
+# Whether kernels run under the interpreter (CPU tensors) or compiled (CUDA tensors).
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "") == "1" or not torch.cuda.is_available()
+# Whether launchers plan for the interpreter: it pays per program and per lane, so they take large
+# blocks there and GPU-sized ones (registers) when compiled. SOPHON_FAST_TRITON_PLAN=gpu plans
+# for a GPU while still interpreting: tools/triton_check.py records the launches a GPU would
+# compile, on CPU tensors.
+PLAN_ENV = "SOPHON_FAST_TRITON_PLAN"
+INTERPRETED = _INTERPRET and os.environ.get(PLAN_ENV, "") != "gpu"
 
 
 def mode() -> str | None:
-    """'compiled', 'interpreted', or None when Triton is not installed."""
+    """'compiled', 'interpreted' (kernels run on CPU tensors), or None without Triton."""
     if triton is None:
         return None
-    return "interpreted" if INTERPRETED else "compiled"
+    return "interpreted" if _INTERPRET else "compiled"
 
 
 # Every object jit() returned, in definition order (interpreted or compiled; ``.fn`` is the source).
@@ -106,6 +113,6 @@ def jit(fn):
     """``triton.jit``, or the interpreter's wrapper when no CUDA device exists; None without Triton."""
     if triton is None:
         return None
-    kernel = _interpreted_kernel_class()(fn) if INTERPRETED else triton.jit(fn)
+    kernel = _interpreted_kernel_class()(fn) if _INTERPRET else triton.jit(fn)
     KERNELS.append(kernel)
     return kernel
