@@ -1,5 +1,4 @@
-"""GPU smoke check: every fused op (CUDA and Triton kernels) against the reference backend, and the
-fast engine's CUDA graphs and bf16 autocast on SmallCNN against eager.
+"""GPU smoke check: every CUDA and Triton op against the reference, graphs and autocast vs eager.
 
     python benchmarks/gpu/smoke.py --out ops.json [--dry-run] [--sizes tiny|full] [--budget S]
 
@@ -14,27 +13,28 @@ What it checks (one verdict per check, every check independent):
   flat parameters; BatchNorm at a ResNet-18 layer, 32x64x56x56) in float32 and bfloat16, plus
   one float64 case at the small size. relu_pool (no Triton or CUDA kernel: CUDA tensors run the
   eager composition) is checked for exact equality with the eager pair.
-- engine: SmallCNN (28x28x1, batch 150 = 130 adapt + 20 evaluate, SGD 1e-4) through
-  ProtectionRun.outer_step as protect() builds it: the fused backends against the reference
-  backend; on CUDA also ``cuda_graphs="inner"`` (order 1) and ``"simulation"`` (order 2) against
-  the same engine with graphs off, and ``autocast="bf16"`` against float32. The meta-gradient of
-  every outer step and the suppression loss are compared (max relative errors recorded); a graph
-  capture that fell back to eager is a failure.
+- engine: SmallCNN (28x28x1, batch 150 = 130 adapt + 20 evaluate; 40 = 32 + 8 in a dry run; SGD
+  1e-4 adversary) through ProtectionRun.outer_step as protect() builds it: the fused backends
+  against the reference backend (float64, see ENGINE_CHECKS); on CUDA also
+  ``cuda_graphs="inner"`` (order 1) and ``"simulation"`` (order 2) against the same engine with
+  graphs off, and ``autocast="bf16"`` against float32. The meta-gradient of every outer step and
+  the suppression loss are compared (relative errors recorded); a graph capture that fell back
+  to eager is a failure.
 
 Tolerances come from tests/_tolerances.py, scaled per op as the op's own test file scales them
 (the factor and its reason sit next to each op below). Comparisons are allclose-style:
 ``|got - want| <= atol + rtol * |want|`` element-wise, NaN where the reference has none fails;
-for ops with reductions (losses, BatchNorm) atol is in units of the magnitude the rounding
-errors scale with (the largest reference value, the logits, 1 / batch), since their outputs are
-sums of cancelling terms. Each check records max |got - want|, that
-over max |want|, the relative L2 error and the worst ratio to the tolerance (<= 1 passes).
+for ops with reductions (losses, BatchNorm) atol is in units of the magnitude the rounding errors
+scale with (the largest reference value, the logits, 1 / batch), since their outputs are sums of
+cancelling terms. Each check records max |got - want|, that over max |want|, the relative L2
+error and the worst ratio to the tolerance (<= 1 passes).
 
 Robustness (the GPU run gets one try): the checks run in worker processes (``--workers``, 4 on
-the GPU: Triton compiles ~130 kernel specialisations on first use, so each worker takes whole op
-families); the parent watches each worker's progress file, kills a check that runs past its
-limit (timed_out), restarts a worker after a crash or a lost CUDA context (the check that was
-running is failed with the worker's last output) and stops at ``--budget`` seconds (checks not
-reached are skipped, with the reason). A
+the GPU, each taking whole op families: Triton compiles every kernel specialisation on first use,
+kernels x dtypes x constexpr flags, one CPU core per process); the parent watches each worker's
+progress file, kills a check that runs past its limit (timed_out), restarts a worker after a
+crash or a lost CUDA context (the check that was running is failed with the worker's last
+output) and stops at ``--budget`` seconds (checks not reached are skipped, with the reason). A
 CUDA graph check that fails under CUDA_LAUNCH_BLOCKING=1 is run again without it, as an extra
 check named ``<name> [launch_blocking=0]``. ``--out`` is rewritten (atomically) as results come
 in, so a kill from outside still leaves every finished verdict.
@@ -42,7 +42,8 @@ in, so a kill from outside still leaves every finished verdict.
 ``--filter REGEX`` runs only the checks whose names match (e.g. ``'ops/batch_norm/.*/cuda/'``).
 ``--dry-run`` runs the same plan on the CPU (cpu + interpreted Triton backends, tiny sizes; the
 CUDA-only engine checks are skipped with the reason "no CUDA"); ``--sizes full`` runs the GPU
-sizes on the CPU instead (slow: for calibrating tolerances without a GPU).
+sizes on the CPU instead (slow, minutes per BatchNorm check under the interpreter: for
+calibrating tolerances without a GPU).
 """
 
 from __future__ import annotations
@@ -1177,8 +1178,8 @@ def main(argv=None) -> int:
     if not args.out:
         parser.error("--out is required")
     if args.workers is None:
-        # Triton compiles each kernel specialisation on first use (~130 in the GPU plan, 0.3-1 s
-        # each, one CPU core per process): four workers, one op family each, share that out.
+        # Triton compiles each kernel specialisation on first use, one CPU core per process:
+        # four workers, whole op families each, share that out (the GPU machine has 16 cores).
         args.workers = 2 if args.dry_run else 4
     if args.check_limit is None:
         # The first check of a kernel compiles it (Triton: ~1 s per specialisation on a GPU host);
