@@ -13,6 +13,8 @@
 Environment:
     SOPHON_FAST_NO_EXT=1     install pure Python (Triton + reference backends only).
     SOPHON_FAST_NO_CUDA=1    build the CPU extension only, even with a CUDA torch and nvcc.
+    SOPHON_FAST_BREAK_CUDA=1 hand nvcc an unknown option, so that the CUDA part really fails to
+                             compile (make gpu-stack-check: the CPU extension must survive it).
     CUDA_HOME / CUDA_PATH    the CUDA toolkit to use (else found from nvcc, see _find_cuda_home).
     TORCH_CUDA_ARCH_LIST     CUDA architectures (default "8.0;9.0": A100 and H100).
     MAX_JOBS                 parallel compile jobs (read by torch's ninja build).
@@ -243,6 +245,10 @@ def _extensions():
             f"sophon_fast: building the CPU extension and, optionally, {CUDA_MODULE} "
             f"(CUDA_HOME={cuda_home}, arch {os.environ['TORCH_CUDA_ARCH_LIST']})"
         )
+        nvcc_flags = ["-O3"]
+        if _flag("SOPHON_FAST_BREAK_CUDA"):
+            # A changed command line: ninja reruns nvcc even where the objects are up to date.
+            nvcc_flags.append("--sophon-fast-break-cuda")
         shared = [p for p in cpp_sources if not _sees_cuda_macro(p)]
         cuda_ext = CUDAExtension(
             CUDA_MODULE,
@@ -250,7 +256,7 @@ def _extensions():
             depends=headers,
             include_dirs=include_dirs,
             define_macros=[("SOPHON_FAST_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
+            extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
             extra_link_args=["-fopenmp"],
         )
         cuda_ext.shared_sources = shared
