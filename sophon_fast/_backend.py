@@ -271,12 +271,12 @@ def _probe_on_device(backend: str, device: torch.device) -> str | None:
 def _probe(backend: str) -> str | None:
     """Run a tiny op on ``backend``; None on success, else why it failed."""
     device = _probe_device(backend)
-    if backend in ("cuda",) or device.type == "cuda":
-        if not torch.cuda.is_available():
-            return "no CUDA device is visible"
+    # The extension's reason first: a failed CUDA build is worth saying on a machine without GPU.
     reason = why_unavailable(backend, device)
     if reason is not None:
         return reason
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return "no CUDA device is visible"
     if backend == "cuda":
         return _probe_on_device(backend, _device_key(device))
     return _probe_op(backend, device)
