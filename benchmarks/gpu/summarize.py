@@ -312,7 +312,8 @@ def main(argv=None) -> int:
         (args.logs / "verdict").write_text(doc["verdict"] + "\n")  # run.sh's exit status
         print(f"summary: {doc['verdict']} {doc['counts']} in {doc['seconds']:.0f} s -> {target}")
         for failure in doc["failures"][:40]:
-            print(f"  {failure['verdict']}: {failure['name']}: {(failure['error'] or '')[:300]}")
+            # The end of an error is its most telling part (a traceback's last line).
+            print(f"  {failure['verdict']}: {failure['name']}: {_short(failure['error'], 300)}")
         if len(doc["failures"]) > 40:
             print(f"  ... and {len(doc['failures']) - 40} more (summary.json lists all)")
     return 0
