@@ -6,9 +6,12 @@ and therefore a compile-time constant) passes every CPU test. This tool closes t
 
 1. record: every public op that has a Triton path runs on CPU tensors under the forced ``triton``
    backend (:data:`CASES`: fp16/bf16/fp32/fp64, one element, one row, one class, odd sizes,
-   16-divisible sizes, unaligned buffers, the largest class count); the hook of
-   :func:`sophon_fast.ops._triton.launch_hook` sees each launch ``kernel[grid](*args, **kwargs)``
-   exactly as the launcher made it, then the interpreter runs it so the op completes;
+   16-divisible sizes, unaligned buffers, 70,000 classes); ``SOPHON_FAST_TRITON_PLAN=gpu`` makes
+   the launchers size their launches for a GPU (blocks, warps) although the kernels run under
+   the interpreter; the hook of :func:`sophon_fast.ops._triton.launch_hook` sees each launch
+   ``kernel[grid](*args, **kwargs)`` exactly as the launcher made it, then the interpreter runs
+   it so the op completes (a launch of more than 64 programs is recorded but not run: ~4 ms a
+   program interpreted);
 2. specialise: each launch goes through Triton's own binder for the nvidia backend (the code
    ``JITFunction.run`` uses: a Python float is fp32, an int equal to 1 becomes a constant,
    16-divisible ints and 16-byte-aligned pointers get ``tt.divisibility``), so the signature,
@@ -18,12 +21,12 @@ and therefore a compile-time constant) passes every CPU test. This tool closes t
    gives each kernel's registers and spills.
 
 It exits 1 on any compile error (kernel, launch arguments and the error are printed) and on any
-register spill (a spilled kernel runs from local memory: every kernel here is memory-bound and a
-spill adds traffic on top of the bytes the op is designed around), and 2 when a ``@jit`` function
-of the package was neither launched nor called from a launched kernel. Everything it writes (the
+register spill unless ``--allow-spills`` (a spilled kernel works from local memory: every kernel
+here is memory-bound and a spill adds traffic on top of the bytes the op is designed around), and
+2 when a ``@jit`` function of the package was neither launched nor called from a launched kernel. Everything it writes (the
 Triton cache, ptxas temporaries) stays under ``build/triton-check``.
 
-    python tools/triton_check.py [--jobs 2] [--arch 80 90] [--list]
+    python tools/triton_check.py [--jobs 2] [--arch 80 90] [--list] [--allow-spills]
 
 Works with triton 3.6 and 3.8 (both expose the binder, ``_pack_args`` and ``ASTSource`` used here).
 """
