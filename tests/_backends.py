@@ -17,15 +17,24 @@ def device_for(backend: str) -> str:
     return "cpu"
 
 
+def unavailable_reason(name: str) -> str | None:
+    """Why a test cannot force backend `name` here: None when it can, and None on a machine with
+    a CUDA device whatever the reason (there a forced backend that cannot run is a failure, never
+    a skip)."""
+    if torch.cuda.is_available():
+        return None
+    if device_for(name) == "cuda":
+        return "no CUDA device is visible"
+    return _backend.why_unavailable(name, torch.device("cpu"))
+
+
 def backend_params():
-    """pytest params of (backend, device); those that cannot run here skip with the reason."""
+    """pytest params of (backend, device); without a CUDA device those that cannot run here skip
+    with the reason. Tests build every input on `device`."""
     params = []
     for name in _backend.BACKENDS:
         device = device_for(name)
-        if device == "cuda" and not torch.cuda.is_available():
-            reason = "no CUDA device is visible"
-        else:
-            reason = _backend.why_unavailable(name, torch.device(device))
+        reason = unavailable_reason(name)
         marks = [pytest.mark.skip(reason=f"{name} backend unavailable: {reason}")] if reason else []
         if name in ("cpu", "cuda"):
             marks.append(pytest.mark.ext)

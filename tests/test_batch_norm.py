@@ -320,16 +320,23 @@ def test_chunk_plan_fills_an_h100_at_resnet18_sizes():
         assert values >= 4096 or plan.n_chunks == 1, (c, plan)
 
 
-def test_triton_launch_context_is_the_tensors_device(monkeypatch):
-    """Compiled Triton launches run under torch.cuda.device(x.device) (Triton launches on the
-    current device otherwise: the wrong GPU on a multi-GPU machine); interpreted ones under
-    nothing."""
+@pytest.mark.parametrize(("backend", "device"), TRITON)
+def test_every_triton_launch_enters_the_tensors_device(backend, device, monkeypatch):
+    """Compiled Triton launches on the current CUDA device, not the tensor's (the wrong GPU on a
+    multi-GPU machine): forward, backward and double backward each launch inside
+    _triton.launch_device(x)."""
+    devices = []
 
-    class OnSecondGpu:
-        device = torch.device("cuda", 1)
+    def recording(t):
+        devices.append(t.device)
+        return contextlib.nullcontext()
 
-    monkeypatch.setattr(ops._triton, "INTERPRETED", False)
-    context = ops._on_device(OnSecondGpu())
-    assert isinstance(context, torch.cuda.device) and context.idx == 1
-    monkeypatch.setattr(ops._triton, "INTERPRETED", True)
-    assert isinstance(ops._on_device(OnSecondGpu()), contextlib.nullcontext)
+    monkeypatch.setattr(ops._triton, "launch_device", recording)
+    x, weight, bias = _inputs((3, 2, 5, 4), torch.float64, device=device)
+    running = (
+        torch.zeros(2, dtype=torch.float64, device=device),
+        torch.ones(2, dtype=torch.float64, device=device),
+    )
+    with _backend.use_backend(backend):
+        _chunked_derivatives(batch_norm2d, x, weight, bias, torch.randn_like(x), running)
+    assert len(devices) == 3 and set(devices) == {x.device}, devices

@@ -827,18 +827,16 @@ def test_float64_clip_adam_and_accumulate_keep_float64_arguments_when_compiled(m
     assert all(ty == "fp64" for _, _, ty in launched), sorted(set(launched))
 
 
-def test_triton_launch_context_is_the_tensors_device(monkeypatch):
+def test_triton_launch_context_is_the_tensors_device():
     # Compiled Triton launches on the current CUDA device, not the tensor's: the wrong GPU on a
-    # multi-GPU machine. Compiled launches run under torch.cuda.device(t.device), interpreted
-    # ones under nothing.
+    # multi-GPU machine. Every launcher enters _triton.launch_device(t): torch.cuda.device of a
+    # CUDA tensor, nothing for a CPU tensor (the interpreter).
     class OnSecondGpu:
         device = torch.device("cuda", 1)
 
-    monkeypatch.setattr(_triton, "INTERPRETED", False)
-    context = ops.launch_device(OnSecondGpu())
+    context = _triton.launch_device(OnSecondGpu())
     assert isinstance(context, torch.cuda.device) and context.idx == 1
-    monkeypatch.setattr(_triton, "INTERPRETED", True)
-    assert isinstance(ops.launch_device(OnSecondGpu()), contextlib.nullcontext)
+    assert isinstance(_triton.launch_device(torch.zeros(1)), contextlib.nullcontext)
 
 
 @pytest.mark.triton
@@ -852,8 +850,7 @@ def test_every_triton_launch_goes_through_launch_device(monkeypatch):
         devices.append(t.device)
         return contextlib.nullcontext()
 
-    monkeypatch.setattr(ops, "launch_device", recording)
-    monkeypatch.setattr(sgd_ops, "launch_device", recording)
+    monkeypatch.setattr(_triton, "launch_device", recording)
     launched = compiled_float_typing(monkeypatch, ops, sgd_ops)
     device = device_for("triton")
     with _backend.use_backend("triton"):

@@ -1,5 +1,6 @@
 """Fused losses (sophon_fast.ops.losses) on every backend against the pure-torch twin."""
 
+import contextlib
 import inspect
 import math
 
@@ -316,3 +317,25 @@ def test_signature_parity_with_reference():
         assert [p.default for p in public.parameters.values()] == [
             p.default for p in twin.parameters.values()
         ], name
+
+
+@pytest.mark.triton
+@pytest.mark.skipif(_backend.triton_mode() is None, reason="triton is not installed")
+def test_every_triton_launch_enters_the_tensors_device(monkeypatch):
+    # Compiled Triton launches on the current CUDA device, not the tensor's (the wrong GPU on a
+    # multi-GPU machine): both loss kernels launch inside _triton.launch_device(input).
+    from sophon_fast.ops import _triton
+
+    devices = []
+
+    def recording(t):
+        devices.append(t.device)
+        return contextlib.nullcontext()
+
+    monkeypatch.setattr(_triton, "launch_device", recording)
+    device = "cuda" if _backend.triton_mode() == "compiled" else "cpu"
+    logits = torch.randn(3, 5, device=device)
+    with _backend.use_backend("triton"):
+        ops.cross_entropy(logits, torch.tensor([0, 4, 2], device=device))
+        ops.mse_ascent(logits[None, None], torch.zeros_like(logits)[None, None])
+    assert devices == [torch.device(device)] * 2

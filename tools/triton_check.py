@@ -485,25 +485,12 @@ def record(cases: dict[str, Callable[[], None]] | None = None, archs=ARCHS):
     """Run ``cases`` under the forced triton backend; returns (twins, recorder)."""
     twins = Twins()
     recorder = Recorder(twins, archs)
-    original_device = torch.cuda.device
-
-    def cuda_device(device):
-        # A launcher planning for a GPU enters torch.cuda.device(tensor.device); the tensors
-        # here are on the CPU, where there is no device to enter.
-        if isinstance(device, torch.device) and device.type == "cpu":
-            return contextlib.nullcontext()
-        return original_device(device)
-
-    torch.cuda.device = cuda_device
-    try:
-        with _triton.launch_hook(recorder), sf.use_backend("triton"), warnings.catch_warnings():
-            # Values are beside the point here (and skipped launches leave outputs unset).
-            warnings.simplefilter("ignore", RuntimeWarning)
-            for name, case in (CASES if cases is None else cases).items():
-                recorder.case = name
-                case()
-    finally:
-        torch.cuda.device = original_device
+    with _triton.launch_hook(recorder), sf.use_backend("triton"), warnings.catch_warnings():
+        # Values are beside the point here (and skipped launches leave outputs unset).
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for name, case in (CASES if cases is None else cases).items():
+            recorder.case = name
+            case()
     return twins, recorder
 
 

@@ -79,9 +79,9 @@ def _fix_interpreter_loop_bounds(interpreter) -> None:
     ("only 0-dimensional arrays can be converted"); triton 3.8 squeezes the array first. Same
     conversion here, installed once, only where the installed interpreter lacks it.
     """
-    original = interpreter._patch_lang_tensor
-    if "squeeze" in inspect.getsource(original):
-        return
+    original = getattr(interpreter, "_patch_lang_tensor", None)
+    if original is None or "squeeze" in inspect.getsource(original):
+        return  # a version without this hook, or one that converts correctly already
 
     def patch_lang_tensor(tensor, scope):
         original(tensor, scope)
@@ -107,6 +107,15 @@ def _interpreted_kernel_class():
             return super().run(*args, grid=grid, warmup=warmup, **kwargs) if run else None
 
     return InterpretedKernel
+
+
+def launch_device(t: torch.Tensor):
+    """The context every launch on ``t`` runs in: compiled Triton launches on the *current* CUDA
+    device, not the tensor's, so on a multi-GPU machine a launch on ``cuda:1`` must enter that
+    device; CPU tensors (the interpreter) need nothing."""
+    if t.device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.cuda.device(t.device)
 
 
 def jit(fn):

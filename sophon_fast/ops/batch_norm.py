@@ -29,7 +29,6 @@ differentiable), which second-order simulation never needs.
 
 from __future__ import annotations
 
-import contextlib
 from typing import NamedTuple
 
 import torch
@@ -553,12 +552,6 @@ def target_programs(device: torch.device) -> int:
     return PROGRAMS_PER_SM * sms
 
 
-def _on_device(t: torch.Tensor):
-    """The launch context of kernels on t: its CUDA device when compiled (Triton launches on
-    the current device otherwise), nothing under the interpreter."""
-    return contextlib.nullcontext() if _triton.INTERPRETED else torch.cuda.device(t.device)
-
-
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -649,7 +642,7 @@ def _triton_forward(x, weight, bias, running_mean, running_var, momentum, eps):
     has_running = running_mean is not None and running_var is not None
     if x.shape[1] == 0:
         return y, stats[0], stats[1]
-    with _on_device(x):
+    with _triton.launch_device(x):
         partial = _channel_stats(x, geometry, plan)
         _batch_norm_forward_kernel[(x.shape[1], plan.n_chunks)](
             x,
@@ -709,7 +702,7 @@ def _triton_backward(x, weight, grad_y, mean, invstd):
     geometry, plan = _geometry(x)
     dx = torch.empty_like(x)
     sums = torch.empty((2, x.shape[1]), dtype=_compute_dtype(x.dtype), device=x.device)
-    with _on_device(x):
+    with _triton.launch_device(x):
         partial = _grad_sums(x, grad_y, None, mean, geometry, plan)
         _batch_norm_backward_kernel[(x.shape[1], plan.n_chunks)](
             x,
@@ -741,7 +734,7 @@ def _triton_double_backward(x, weight, grad_y, mean, invstd, grad_dx, grad_dweig
     gx = torch.empty_like(x)
     ggrad_y = torch.empty_like(x)
     gweight = torch.empty(x.shape[1], dtype=_compute_dtype(x.dtype), device=x.device)
-    with _on_device(x):
+    with _triton.launch_device(x):
         partial = _grad_sums(x, grad_y, grad_dx, mean, geometry, plan)
         _batch_norm_double_backward_kernel[(x.shape[1], plan.n_chunks)](
             x,

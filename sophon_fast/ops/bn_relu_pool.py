@@ -409,7 +409,7 @@ def _triton_forward(x, weight, bias, running_mean, running_var, momentum, eps):
         return y, stats[0], stats[1]
     geometry, stats_plan = bn._geometry(x)
     plan = _window_plan(x, oh, ow)
-    with bn._on_device(x):
+    with _triton.launch_device(x):
         partial = bn._channel_stats(x, geometry, stats_plan)
         _bn_relu_pool_forward_kernel[(c, plan.n_chunks)](
             x,
@@ -464,7 +464,7 @@ def _triton_backward(x, weight, bias, grad_y, mean, invstd):
         "num_warps": bn.NUM_WARPS,
     }
     operands = (x, x if weight is None else weight, x if bias is None else bias, grad_y)
-    with bn._on_device(x):
+    with _triton.launch_device(x):
         partial = bn._partials(2, x, plan)
         _bn_relu_pool_grad_sums_kernel[(c, plan.n_chunks)](
             *operands,

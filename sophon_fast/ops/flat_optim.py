@@ -45,7 +45,6 @@ and one update pass, no host synchronisation) and :func:`flat_accumulate_` (acc 
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
@@ -363,15 +362,6 @@ def _accumulate_kernel(
 # -------------------------------------------------------------------------------------- launchers
 
 
-def launch_device(t: torch.Tensor):
-    """The context a launch on ``t`` runs in: compiled Triton launches on the current CUDA device,
-    not the tensor's, so on a multi-GPU machine the launch moves to ``t.device``; nothing to do
-    under the interpreter."""
-    if _triton.INTERPRETED or t.device.type != "cuda":
-        return contextlib.nullcontext()
-    return torch.cuda.device(t.device)
-
-
 def geometry() -> tuple[int, int]:
     """(elements per program, num_warps) of the element-wise kernels in this Triton mode."""
     return (INTERPRETER_BLOCK, 4) if _triton.INTERPRETED else (GPU_BLOCK, GPU_WARPS)
@@ -380,7 +370,7 @@ def geometry() -> tuple[int, int]:
 def _launch(kernel, n, args, **constexprs):
     """``kernel`` over n elements, one program per block, on args[0]'s device."""
     block, warps = geometry()
-    with launch_device(args[0]):
+    with _triton.launch_device(args[0]):
         kernel[(-(-n // block),)](*args, **constexprs, BLOCK_SIZE=block, num_warps=warps)
 
 
@@ -439,7 +429,7 @@ def _triton_adam_forward(
     if max_norm is not None:
         partials = torch.empty(NORM_PARTIALS, dtype=state_dtype(params.dtype), device=params.device)
         block, warps = geometry()
-        with launch_device(grad):
+        with _triton.launch_device(grad):
             _sum_of_squares_kernel[(NORM_PARTIALS,)](
                 grad, partials, n, COMPUTE_F64=_f64(params), BLOCK_SIZE=block, num_warps=warps
             )

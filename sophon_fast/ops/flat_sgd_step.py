@@ -21,7 +21,7 @@ from .. import _backend
 from ..reference import flat_sgd_step as _reference
 from . import _triton
 from ._checks import check_flat_buffer, check_like, check_real
-from .flat_optim import geometry, launch_device
+from .flat_optim import geometry
 
 OP_NAME = "flat_sgd_step"
 # Launch geometry and device: flat_optim's (4096-element blocks under the interpreter; 1024 over 8
@@ -88,7 +88,7 @@ def _triton_forward(params, grad, lr, weight_decay, out=None):
     if n:
         f64 = params.dtype == torch.float64
         block, warps = geometry()
-        with launch_device(params):
+        with _triton.launch_device(params):
             _flat_sgd_step_forward_kernel[(-(-n // block),)](
                 params,
                 grad,
@@ -111,7 +111,7 @@ def _triton_backward(grad_out, lr, weight_decay):
     if n:
         f64 = grad_out.dtype == torch.float64
         block, warps = geometry()
-        with launch_device(grad_out):
+        with _triton.launch_device(grad_out):
             _flat_sgd_step_backward_kernel[(-(-n // block),)](
                 grad_out,
                 grad_params,

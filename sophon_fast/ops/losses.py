@@ -198,23 +198,24 @@ def _triton_classification(logits, labels, kind_code):
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
     row_loss = torch.empty(batch, dtype=_compute_dtype(logits.dtype), device=logits.device)
     block = min(triton_block(classes), MAX_CLASS_BLOCK)
-    _classification_loss_forward_kernel[(batch,)](
-        logits,
-        labels,
-        grad,
-        row_loss,
-        logits.stride(0),
-        grad.stride(0),
-        batch,
-        classes,
-        KIND=kind_code,
-        COMPUTE_F64=logits.dtype == torch.float64,
-        BLOCK_SIZE=block,
-        # A constant trip count: one compilation per class count already (BLOCK_SIZE), and
-        # triton 3.6's interpreter cannot loop to a runtime bound (int() of a 1-element array).
-        N_CHUNKS=-(-classes // block),
-        num_warps=class_block_warps(block),
-    )
+    with _triton.launch_device(logits):
+        _classification_loss_forward_kernel[(batch,)](
+            logits,
+            labels,
+            grad,
+            row_loss,
+            logits.stride(0),
+            grad.stride(0),
+            batch,
+            classes,
+            KIND=kind_code,
+            COMPUTE_F64=logits.dtype == torch.float64,
+            BLOCK_SIZE=block,
+            # A constant trip count: one compilation per class count already (BLOCK_SIZE), and
+            # triton 3.6's interpreter cannot loop to a runtime bound (int() of a 1-element array).
+            N_CHUNKS=-(-classes // block),
+            num_warps=class_block_warps(block),
+        )
     return (row_loss.sum() / batch).to(logits.dtype), grad
 
 
@@ -240,18 +241,19 @@ def _triton_mean_square(prediction, target, sign):
     partial = torch.empty(
         programs, dtype=_compute_dtype(prediction.dtype), device=prediction.device
     )
-    _mean_square_forward_kernel[(programs,)](
-        prediction,
-        prediction if target is None else target,
-        grad,
-        partial,
-        n,
-        int(sign),
-        HAS_TARGET=target is not None,
-        COMPUTE_F64=prediction.dtype == torch.float64,
-        BLOCK_SIZE=MSE_BLOCK_SIZE,
-        num_warps=MSE_WARPS,
-    )
+    with _triton.launch_device(prediction):
+        _mean_square_forward_kernel[(programs,)](
+            prediction,
+            prediction if target is None else target,
+            grad,
+            partial,
+            n,
+            int(sign),
+            HAS_TARGET=target is not None,
+            COMPUTE_F64=prediction.dtype == torch.float64,
+            BLOCK_SIZE=MSE_BLOCK_SIZE,
+            num_warps=MSE_WARPS,
+        )
     return (partial.sum() * (sign / n)).to(prediction.dtype), grad
 
 
