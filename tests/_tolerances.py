@@ -1,4 +1,4 @@
-"""Tolerances from one table, per dtype (STYLE.md rule 8).
+"""Tolerances from one table, per dtype (docs/STYLE.md rule 8).
 
 Element-wise ops that compute in float32 (float64 for float64) and round once to the storage dtype
 differ from the reference by at most one rounding of the storage dtype plus float32 reassociation.

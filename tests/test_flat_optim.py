@@ -349,7 +349,7 @@ def test_trajectory_matches_torch_optim(backend, device, dtype, update, in_place
                 ops.flat_rmsprop_step_(params, g, states[0], **hp, grad_avg=grad_avg)
                 step.add_(1)
     assert step.item() == steps
-    # Deltas from the start, tolerance scaled by the number of steps (DESIGN.md).
+    # Deltas from the start, tolerance scaled by the number of steps (docs/DESIGN.md, section 5).
     rtol, atol = elementwise(dtype).values()
     torch.testing.assert_close(
         params.cpu() - start, torch_param.detach() - start, rtol=steps * rtol, atol=steps * atol

@@ -32,8 +32,8 @@ What each backward saves, and why (everything else is recomputed in the backward
                and params only when L2 weight decay puts params into d. Saving the inputs rather
                than the outputs keeps nothing alive that the caller's graph does not already hold.
     rmsprop    grad, square_avg (and grad_avg when centered), params only with weight decay.
-A second-order meta-gradient passes through an inner update once (DESIGN.md), so the fused
-backward kernels are first-order. When the backward itself is differentiated (create_graph=True,
+A second-order meta-gradient passes through an inner update once (docs/DESIGN.md, section 1),
+so the fused backward kernels are first-order. When the backward itself is differentiated (create_graph=True,
 e.g. gradgradcheck or a third-order objective) the Functions switch to the reference twin's
 autograd VJP on the same saved tensors: correct to any order, at eager speed. (Parameters that
 were not saved enter that path as zeros: the VJPs do not depend on them.)
