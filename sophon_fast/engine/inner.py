@@ -256,7 +256,9 @@ class FastEngine:
             from sophon_fast.engine.graphs import AutocastModel
 
             self.fmodel = AutocastModel(self.fmodel)
-        self._graphs: dict = {}  # capture key -> GraphedInnerStep / GraphedSimulation / None
+        from sophon_fast.engine.graphs import GraphCache
+
+        self._graphs = GraphCache()  # key -> GraphedInnerStep / GraphedSimulation / None
         fused = True if self.flat.params.is_cuda else None  # one kernel per Adam step on GPUs
         self.meta_optimizer = torch.optim.Adam([self.flat.params], lr=meta_lr, fused=fused)
         self.ntr_optimizer = torch.optim.Adam([self.flat.params], lr=ntr_lr, fused=fused)
@@ -367,7 +369,7 @@ class FastEngine:
     def _simulate_graphed(self, batches, adapt_index, eval_index, head_values, adversary):
         """The simulation through a captured CUDA graph (:mod:`sophon_fast.engine.graphs`), or
         None when it cannot be captured (the caller runs it eagerly)."""
-        from sophon_fast.engine.graphs import GraphedInnerStep, GraphedSimulation, capture_or_warn
+        from sophon_fast.engine.graphs import GraphedInnerStep, GraphedSimulation
 
         mode = self.resolved["cuda_graphs"]
         shapes = tuple(tuple(x.shape) for x, _ in batches[:1])
@@ -406,7 +408,8 @@ class FastEngine:
                 )  # fmt: skip
             else:
                 build = lambda: None  # noqa: E731 - varying split sizes: not capturable
-            self._graphs[key] = capture_or_warn(build, f"{mode} step")
+            shape = (len(batches), shapes, sizes)  # a new one frees the graphs of others
+            self._graphs.capture(key, build, f"{mode} step", shape=shape)
             with torch.no_grad():  # warm-up runs must leave no trace in the statistics
                 self.flat.stats.copy_(saved[0])
                 self.flat.counters.copy_(saved[1])
