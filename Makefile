@@ -12,7 +12,7 @@ CUDA_ARCHS ?= 80 90
 PYTEST_ARGS ?=
 CSRC := $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: test test-noext demo build cuda-check bench bench-quick lint clean
+.PHONY: test test-noext sdist-check demo build cuda-check triton-check gpu-stack-check bench bench-quick lint clean
 
 $(VENV)/.deps: requirements/dev.txt requirements/data.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -47,6 +47,13 @@ test-noext: $(VENV)/.deps
 	cd build/noext && SOPHON_FAST_NO_EXT=1 OMP_WAIT_POLICY=PASSIVE PYTHONPATH=$(CURDIR)/build/noext/site \
 		$(CURDIR)/$(PY) -m pytest -p no:cacheprovider --rootdir=$(CURDIR) -c $(CURDIR)/pyproject.toml $(CURDIR)/tests $(PYTEST_ARGS)
 
+# The source distribution: build it (setuptools' PEP 517 backend), check it holds every csrc/
+# file, then in a fresh venv that links the installed torch (nothing downloaded) build the wheel
+# from it with --no-build-isolation, install that and run a 2-step protect()
+# (tests/reliability/_sdist_check.py).
+sdist-check: $(VENV)/.deps
+	OMP_WAIT_POLICY=PASSIVE $(PY) tests/reliability/_sdist_check.py build/sdist-check
+
 # Compile every .cu of csrc/sources.txt with plain nvcc (no torch) for sm_80 and sm_90; any
 # warning is an error.
 cuda-check:
@@ -60,6 +67,21 @@ cuda-check:
 		done; \
 	done; echo "cuda-check: every .cu compiled for sm_$(firstword $(CUDA_ARCHS)) and sm_$(lastword $(CUDA_ARCHS))"
 
+# Compile every Triton kernel for sm_80 and sm_90 with the specialisations its launchers really
+# produce (tools/triton_check.py: no GPU needed; fails on a compile error or a register spill).
+# Writes only under build/triton-check. `make triton-check PY=/other/python` checks another
+# environment (torch + triton) without building .venv.
+TRITON_CHECK_JOBS ?= 2
+TRITON_CHECK_ARGS ?=
+triton-check: $(if $(filter command line,$(origin PY)),,$(VENV)/.deps)
+	OMP_WAIT_POLICY=PASSIVE $(PY) tools/triton_check.py --jobs $(TRITON_CHECK_JOBS) $(TRITON_CHECK_ARGS)
+
+# The GPU machine's stack on this CPU machine: .venv-gpu with torch==2.11.0 (+cu130, triton 3.6),
+# the extension built there with its CUDA part (and once with it forced to fail: the CPU part must
+# survive), make triton-check and the CPU suite under it (tools/gpu_stack_check.sh).
+gpu-stack-check:
+	PYTHON=$(PYTHON) tools/gpu_stack_check.sh
+
 bench: $(VENV)/.built
 	OMP_WAIT_POLICY=PASSIVE $(PY) benchmarks/run.py ops
 
@@ -68,9 +90,9 @@ bench-quick: $(VENV)/.built
 
 lint: $(VENV)/.deps
 	$(PIP) install -q ruff clang-format
-	$(VENV)/bin/ruff check sophon_fast tests benchmarks setup.py
-	$(VENV)/bin/ruff format --check sophon_fast tests benchmarks setup.py
+	$(VENV)/bin/ruff check sophon_fast tests benchmarks tools setup.py
+	$(VENV)/bin/ruff format --check sophon_fast tests benchmarks tools setup.py
 	$(VENV)/bin/clang-format --dry-run --Werror $$(find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu')
 
 clean:
-	rm -rf build dist *.egg-info sophon_fast/_C*.so $(VENV)/.built
+	rm -rf build dist *.egg-info sophon_fast/_C*.so sophon_fast/_C_cuda_build_error.txt $(VENV)/.built
