@@ -18,14 +18,6 @@ from sophon_fast.engine.checkpoint import data_fingerprint
 from sophon_fast.models import SmallCNN, build_model
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _data(n, classes=3, side=6, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.rand(n, 1, side, side, generator=g), torch.randint(0, classes, (n,), generator=g)

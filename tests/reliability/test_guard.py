@@ -12,32 +12,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _problems import tiny_cnn
 
 from sophon_fast.api import ProtectConfig, protect
 from sophon_fast.engine.outer import ProtectionRun
-from sophon_fast.models import build_model
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def tiny():
-    torch.manual_seed(0)
-    model = build_model(
-        "small_cnn", {"num_classes": 3, "in_channels": 1, "image_size": 8, "widths": [3, 4]}
-    )
-    g = torch.Generator().manual_seed(0)
-    original = (torch.randn(40, 1, 8, 8, generator=g), torch.randint(0, 3, (40,), generator=g))
-    restricted = (
-        torch.randn(30, 1, 8, 8, generator=g) + 0.5,
-        torch.randint(0, 3, (30,), generator=g),
-    )
-    return model, original, restricted
 
 
 def config(**overrides):
@@ -59,7 +37,7 @@ def assert_same(a, b):
 
 
 def test_rollback_with_eval_every_2_lands_on_the_last_evaluated_good_state(monkeypatch):
-    model, original, restricted = tiny()
+    model, original, restricted = tiny_cnn()
     script_accuracy(monkeypatch, {0: 90.0, 2: 89.0, 4: 9.9})
     two_steps = protect(model, original, restricted, config(outer_steps=2), progress=False)
     three_steps = protect(model, original, restricted, config(outer_steps=3), progress=False)
@@ -72,7 +50,7 @@ def test_rollback_with_eval_every_2_lands_on_the_last_evaluated_good_state(monke
 
 
 def test_a_first_evaluation_failing_returns_the_starting_model(monkeypatch):
-    model, original, restricted = tiny()
+    model, original, restricted = tiny_cnn()
     script_accuracy(monkeypatch, {0: 90.0, 2: 5.0})
     result = protect(model, original, restricted, config(), progress=False)
     assert result.stopped_by == "guard" and len(result.history) == 2
@@ -80,7 +58,7 @@ def test_a_first_evaluation_failing_returns_the_starting_model(monkeypatch):
 
 
 def test_continue_rolling_back_every_step_does_not_report_completion(monkeypatch):
-    model, original, restricted = tiny()
+    model, original, restricted = tiny_cnn()
     script_accuracy(monkeypatch, {0: 90.0, 1: 5.0, 2: 5.0, 3: 5.0})
     with pytest.warns(RuntimeWarning, match="rolled back every one of the 3 checked steps"):
         result = protect(
@@ -95,7 +73,7 @@ def test_continue_rolling_back_every_step_does_not_report_completion(monkeypatch
 def test_resume_keeps_the_last_evaluated_good_state(monkeypatch, tmp_path):
     """The good state of step 2 is not the checkpoint's (step 3): it travels in the checkpoint,
     so a resumed run rolls back exactly where the uninterrupted run does."""
-    model, original, restricted = tiny()
+    model, original, restricted = tiny_cnn()
     script_accuracy(monkeypatch, {0: 90.0, 2: 89.0, 4: 9.9})
     straight = protect(model, original, restricted, config(), progress=False)
     protect(
@@ -110,7 +88,7 @@ def test_resume_keeps_the_last_evaluated_good_state(monkeypatch, tmp_path):
 
 
 def test_resume_in_continue_mode_rolls_back_like_the_uninterrupted_run(monkeypatch, tmp_path):
-    model, original, restricted = tiny()
+    model, original, restricted = tiny_cnn()
     script_accuracy(monkeypatch, {0: 90.0, 2: 89.0, 4: 9.9, 6: 70.0})
     cfg = config(outer_steps=7, guard_action="continue")
     straight = protect(model, original, restricted, cfg, progress=False)

@@ -14,34 +14,13 @@ import math
 
 import pytest
 import torch
+from _problems import tiny_cnn
 
 from sophon_fast import cli
 from sophon_fast.api import ProtectConfig, ProtectResult, protect
 from sophon_fast.engine.inner import FastEngine
 from sophon_fast.models import build_model
 from sophon_fast.reference.sophon import ReferenceEngine
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def tiny():
-    torch.manual_seed(0)
-    model = build_model(
-        "small_cnn", {"num_classes": 3, "in_channels": 1, "image_size": 8, "widths": [3, 4]}
-    )
-    g = torch.Generator().manual_seed(0)
-    original = (torch.randn(40, 1, 8, 8, generator=g), torch.randint(0, 3, (40,), generator=g))
-    restricted = (
-        torch.randn(30, 1, 8, 8, generator=g) + 0.5,
-        torch.randint(0, 3, (30,), generator=g),
-    )
-    return model, original, restricted
 
 
 def config(**overrides):
@@ -101,7 +80,7 @@ def assert_same(a, b):
     ],
 )
 def test_a_nan_rolls_back_and_stops_naming_step_and_quantity(monkeypatch, engine, what):
-    model, original, restricted = tiny()
+    model, original, restricted = tiny_cnn()
     one_step = protect(
         model, original, restricted, config(outer_steps=1, engine=engine), progress=False
     )
@@ -120,7 +99,7 @@ def test_continue_restores_the_adam_states_too(monkeypatch):
     """With guard_action="continue" the run goes on from the last good state; the NaN moments
     of the poisoned step are dropped, so later steps are finite (they rolled back forever at
     fdbb492's loop, had it detected anything)."""
-    model, original, restricted = tiny()
+    model, original, restricted = tiny_cnn()
     poison(monkeypatch, FastEngine, "meta-gradient", at_call=2)
     with pytest.warns(RuntimeWarning, match="outer step 2: non-finite meta-gradient"):
         result = protect(
@@ -136,7 +115,7 @@ def test_continue_restores_the_adam_states_too(monkeypatch):
 
 
 def test_save_refuses_nonfinite_weights_unless_told(tmp_path):
-    model, original, restricted = tiny()
+    model, original, restricted = tiny_cnn()
     result = protect(model, original, restricted, config(outer_steps=1), progress=False)
     with torch.no_grad():
         result.model.fc.weight[0, 0] = math.nan
@@ -148,7 +127,7 @@ def test_save_refuses_nonfinite_weights_unless_told(tmp_path):
 
 
 def test_show_warns_about_nonfinite_weights(tmp_path, capsys):
-    model, original, restricted = tiny()
+    model, original, restricted = tiny_cnn()
     result = protect(model, original, restricted, config(outer_steps=1), progress=False)
     with torch.no_grad():
         result.model.fc.bias[1] = math.inf
@@ -162,7 +141,7 @@ def test_resume_refuses_a_nonfinite_checkpoint(tmp_path):
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
-    model, original, restricted = tiny()
+    model, original, restricted = tiny_cnn()
     protect(
         model, original, restricted, config(outer_steps=2), checkpoint_dir=tmp_path, progress=False
     )
@@ -178,7 +157,7 @@ def test_resume_refuses_a_nonfinite_checkpoint(tmp_path):
 
 
 def test_a_nonfinite_stop_is_not_resumed_past(tmp_path, monkeypatch):
-    model, original, restricted = tiny()
+    model, original, restricted = tiny_cnn()
     poison(monkeypatch, FastEngine, "meta-gradient", at_call=2)
     with pytest.warns(RuntimeWarning, match="non-finite"):
         first = protect(

@@ -21,14 +21,6 @@ from sophon_fast.models import build_model
 MLP = {"in_features": 16, "hidden": [8], "num_classes": 3}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def tiny():
     torch.manual_seed(0)
     model = build_model("mlp", MLP)
