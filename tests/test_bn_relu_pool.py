@@ -367,3 +367,22 @@ def test_chunked_passes_match_eager(
         # one storage ulp at the largest magnitude: one rounding of the float32 result
         ulp = torch.finfo(dtype).eps * max(want.abs().max().item(), 1.0)
         assert error <= 2 * torch_error + ulp, (k, error, torch_error)
+
+
+@pytest.mark.parametrize(("backend", "device"), FUSED)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_nan_propagates_as_in_the_eager_ops(backend, device, channels_last):
+    """A NaN input makes its channel's batch statistics NaN, so eager BN -> ReLU -> MaxPool gives a
+    NaN channel; the fused kernels' relu once turned it into a finite 0 (max(NaN, 0) = 0), which
+    hid a diverged model from the non-finite checks."""
+    x = torch.randn(2, 3, 4, 6)
+    x[1, 1, 2, 3] = float("nan")
+    x = x.to(device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.ones(3, device=device), torch.zeros(3, device=device)
+    with _backend.use_backend(backend):
+        got = batch_norm_relu_maxpool2d(x, weight, bias, None, None, 0.1, 1e-5)
+    expected = F.max_pool2d(F.relu(F.batch_norm(x, None, None, weight, bias, True)), 2, 2)
+    assert torch.equal(torch.isnan(got), torch.isnan(expected))
+    assert torch.isnan(got[:, 1]).all() and not torch.isnan(got[:, [0, 2]]).any()

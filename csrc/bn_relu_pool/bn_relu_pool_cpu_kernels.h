@@ -12,6 +12,13 @@ inline C vmax(C a, C b) {
   return a > b ? a : b;
 }
 
+// relu that keeps NaN, as torch.relu does (vmax(NaN, 0) is 0: a NaN batch
+// statistic came out as a finite 0). One compare and a select: still vectorised.
+template <typename C>
+inline C relu_nan(C z) {
+  return z <= C(0) ? C(0) : z;
+}
+
 // A 2x2 window's choice in row-major order with strict >: torch's first
 // maximum. f_k = 1 when z_k beats every value before it (else 0), so the
 // chosen index is the last k with f_k = 1 (0 if none); best = max z. The
@@ -83,7 +90,7 @@ void forward_nchw(const at::Tensor& x, const double* weight, const double* bias,
           T* yr = out + i * ow;
 #pragma omp simd
           for (int64_t j = 0; j < ow; ++j)
-            yr[j] = static_cast<T>(vmax(vmax(pm[2 * j], pm[2 * j + 1]), C(0)));
+            yr[j] = static_cast<T>(relu_nan(vmax(pm[2 * j], pm[2 * j + 1])));
         }
       }
     }
@@ -260,7 +267,7 @@ void forward_nhwc(const at::Tensor& x, const double* weight, const double* bias,
           const C z1 = a[c] * static_cast<C>(p00[nc + c]) + b[c];
           const C z2 = a[c] * static_cast<C>(p10[c]) + b[c];
           const C z3 = a[c] * static_cast<C>(p10[nc + c]) + b[c];
-          out[c] = static_cast<T>(vmax(vmax(vmax(z0, z1), vmax(z2, z3)), C(0)));
+          out[c] = static_cast<T>(relu_nan(vmax(vmax(z0, z1), vmax(z2, z3))));
         }
       }
     }

@@ -115,7 +115,8 @@ __global__ void forward_kernel(const T* __restrict__ x,
     const C z2 = a * load_as(x, o + g.width) + b, z3 = a * load_as(x, o + g.width + 1) + b;
     C best;
     choose(z0, z1, z2, z3, best);
-    y[g.pooled(n, c, oh, ow)] = store_as<T>(best > C(0) ? best : C(0));
+    y[g.pooled(n, c, oh, ow)] =
+        store_as<T>(best <= C(0) ? C(0) : best);  // NaN stays NaN, as torch.relu
   });
 }
 

@@ -165,7 +165,9 @@ def _bn_relu_pool_forward_kernel(
             tl.maximum(x2 * scale + shift, x3 * scale + shift),
         )
         out = _pooled(n, oh, ow, y_stride_n, y_stride_h, y_stride_w)
-        tl.store(y_c + out, tl.maximum(z, 0.0).to(y_ptr.dtype.element_ty), mask=mask)
+        # relu keeping NaN as torch.relu does (tl.maximum(NaN, 0) may give 0)
+        relu = tl.where(z <= 0.0, 0.0, z)
+        tl.store(y_c + out, relu.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @_triton.jit

@@ -85,12 +85,17 @@ def test_a_nan_rolls_back_and_stops_naming_step_and_quantity(monkeypatch, engine
         model, original, restricted, config(outer_steps=1, engine=engine), progress=False
     )
     poison(monkeypatch, FastEngine if engine == "fast" else ReferenceEngine, what, at_call=2)
-    with pytest.warns(RuntimeWarning, match=f"outer step 2: non-finite {what}.*step 1"):
+    # Weights poisoned by the meta step reach the NTR loss computed from them, which is checked
+    # first; every backend's forward propagates the NaN (as eager ops do).
+    named = ["NTR loss", what] if what == "weights or statistics" else [what]
+    message = " \\(then ".join(named)
+    with pytest.warns(RuntimeWarning, match=f"outer step 2: non-finite {message}.*step 1"):
         result = protect(model, original, restricted, config(engine=engine), progress=False)
     assert result.stopped_by == "nonfinite"
     assert [h["guard"] for h in result.history] == [None, "nonfinite_stop"]
     (event,) = result.events
-    assert event["step"] == 2 and event["quantities"][0] == what and event["rolled_back_to"] == 1
+    assert event["step"] == 2 and event["quantities"][: len(named)] == named
+    assert event["rolled_back_to"] == 1
     assert_same(result.model, one_step.model)  # the state after step 1, bit for bit
     assert "completion" not in result.outcome and "non-finite" in result.outcome
 
