@@ -261,14 +261,10 @@ def _check_output(out: Path, *, resume: bool, overwrite: bool) -> None:
     """Before any step: ``out`` can be created and written, and holds no earlier result or
     checkpoint unless ``--resume`` or ``--overwrite`` (an unwritable folder failed after the
     whole run; a second run silently replaced the first one's checkpoint)."""
-    import os
-    import tempfile
+    from sophon_fast.engine.checkpoint import ensure_writable_dir
 
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        handle, probe = tempfile.mkstemp(prefix=".write-probe.", suffix=".tmp", dir=out)
-        os.close(handle)
-        os.unlink(probe)
+        ensure_writable_dir(out)
     except OSError as error:
         raise SystemExit(
             f"sophon-fast protect: cannot write to the output folder {out} ({error}); "

@@ -42,6 +42,7 @@ __all__ = [
     "atomic_save_tensors",
     "checkpoint_step",
     "data_fingerprint",
+    "ensure_writable_dir",
     "load_checkpoint",
     "load_optimizer_tensors",
     "nonfinite_tensors",
@@ -286,6 +287,15 @@ def load_checkpoint(directory: str | os.PathLike) -> tuple[dict[str, torch.Tenso
         ) from None
 
 
+def ensure_writable_dir(directory: Path) -> None:
+    """Create ``directory`` and prove a file can be written in it (OSError when not), so an
+    unwritable place fails before a run starts instead of after it."""
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, probe = tempfile.mkstemp(prefix=".write-probe.", suffix=".tmp", dir=directory)
+    os.close(fd)
+    os.unlink(probe)
+
+
 def prepare_checkpoint_dir(
     directory: str | os.PathLike, *, resume: bool, overwrite: bool, delete: bool = True
 ) -> None:
@@ -299,10 +309,7 @@ def prepare_checkpoint_dir(
     """
     directory = Path(directory)
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write-probe.", suffix=".tmp", dir=directory)
-        os.close(fd)
-        os.unlink(probe)
+        ensure_writable_dir(directory)
     except OSError as error:
         raise PermissionError(
             f"checkpoint directory {directory} cannot be created or written ({error}); "
