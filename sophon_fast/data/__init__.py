@@ -12,18 +12,13 @@ Images are ``(N, C, H, W)`` float32 in ``[0, 1]``; labels ``(N,)`` int64.
 
 from sophon_fast.data.builtin import list_builtin, load_builtin
 from sophon_fast.data.checks import check_classification_data, check_num_classes
-from sophon_fast.data.formats import (
-    ImageDataset,
-    load_cifar,
-    load_image_folder,
-    load_mnist_idx,
-    load_npz,
-    load_stl10,
-    read_idx,
-    resize_images,
-    set_channels,
-)
+from sophon_fast.data.cifar import load_cifar
+from sophon_fast.data.dataset import ImageDataset, resize_images, set_channels
+from sophon_fast.data.idx import load_mnist_idx, read_idx
+from sophon_fast.data.image_folder import load_image_folder
+from sophon_fast.data.npz import load_npz
 from sophon_fast.data.specs import FORMATS, load_spec
+from sophon_fast.data.stl10 import load_stl10
 
 __all__ = [
     "FORMATS",

@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sophon_fast.data.formats import ImageDataset, ImageSize, resize_images, set_channels
+from sophon_fast.data.dataset import ImageDataset, ImageSize, resize_images, set_channels
 
 __all__ = ["list_builtin", "load_builtin"]
 

@@ -16,15 +16,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from .builtin import list_builtin, load_builtin
-from .formats import (
-    ImageDataset,
-    load_cifar,
-    load_image_folder,
-    load_mnist_idx,
-    load_npz,
-    load_stl10,
-)
+from sophon_fast.data.builtin import list_builtin, load_builtin
+from sophon_fast.data.cifar import load_cifar
+from sophon_fast.data.dataset import ImageDataset
+from sophon_fast.data.idx import load_mnist_idx
+from sophon_fast.data.image_folder import load_image_folder
+from sophon_fast.data.npz import load_npz
+from sophon_fast.data.stl10 import load_stl10
 
 _SPLIT_LOADERS = {"cifar": load_cifar, "mnist_idx": load_mnist_idx, "stl10": load_stl10}
 FORMATS = ("builtin", *_SPLIT_LOADERS, "image_folder", "npz")
