@@ -22,16 +22,45 @@ backend that cannot run the op raises :class:`BackendUnavailableError` instead o
 (and a forced cuda backend is never probed: its kernels' own errors surface).
 ``SOPHON_FAST_NO_EXT=1`` at run time ignores a built extension (as if installed without it);
 ``SOPHON_FAST_NO_CUDA=1`` ignores only ``sophon_fast._C_cuda`` (CPU kernels from ``_C``).
+
+Implementation table. Each op module registers its implementations once, at import:
+
+    register_op("flat_sgd_step", reference=_reference.flat_sgd_step,
+                cpu="ext:flat_sgd_step_forward", cuda="ext:flat_sgd_step_forward",
+                triton=_triton_forward)
+
+An implementation is a callable, or ``"ext:<name>"``: the function ``<name>`` of the compiled
+extension, looked up when it is asked for (the extension may be absent, ``SOPHON_FAST_NO_EXT=1``,
+or a build that predates the function). ``None`` (the default) means the op has no kernel for that
+backend. Then:
+
+    resolve_backend(op, device) -> str        the backend name (auto choice or forced one)
+    implementation(op, backend) -> callable   that backend's function for op
+    resolve(op, device) -> callable           implementation(op, resolve_backend(op, device))
+
+A registered op's backend is available on a device when the backend is (:func:`why_unavailable`)
+and the op has an implementation there (an ``ext:`` one only when the extension has the
+function): ``auto`` skips the others, a forced backend raises :class:`BackendUnavailableError`
+naming what is missing. An op with several entry points (forward, backward, double backward)
+registers each under its own name (``"batch_norm"``, ``"batch_norm.backward"``, ...): the first
+entry resolves the backend once and hands the name to the later ones (an autograd Function keeps
+it in ``ctx``), so a backward always runs on its forward's backend, whatever is forced by then.
+A name not registered (yet) resolves as before: :func:`resolve` then returns the backend name, a
+transition for op modules that still pick their kernels themselves.
+
+The cuda probe runs the op given to :func:`register_probe` (flat_sgd_step's module registers
+itself) against its reference implementation: this module imports no op module.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import os
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -81,6 +110,9 @@ def _cuda_module_missing(exc: ImportError) -> str:
 def _load_extension():
     """Import the extension once: ``sophon_fast._C_cuda`` if it imports, else ``sophon_fast._C``.
 
+    Imported by name (the extension is optional, like a third-party package): a failed build
+    leaves the pure-PyTorch package working.
+
     Returns:
         (module or None, why there is none, why the cuda backend has no kernels ('' if it has)).
     """
@@ -92,16 +124,14 @@ def _load_extension():
         cuda_reason = "torch was built without CUDA"
     else:
         try:
-            from . import _C_cuda  # noqa: PLC0415
+            return importlib.import_module(f"{__package__}._C_cuda"), "", ""
         except ImportError as exc:
             cuda_reason = _cuda_module_missing(exc)
-        else:
-            return _C_cuda, "", ""
     try:
-        from . import _C  # noqa: PLC0415
+        module = importlib.import_module(f"{__package__}._C")
     except ImportError as exc:
         return None, f"the compiled extension sophon_fast._C is not importable ({exc})", cuda_reason
-    return _C, "", cuda_reason
+    return module, "", cuda_reason
 
 
 def extension():
@@ -109,11 +139,19 @@ def extension():
     return _load_extension()[0]
 
 
+# Whether Triton kernels run under the interpreter (CPU tensors) or compiled (CUDA tensors): fixed
+# at import, as Triton reads TRITON_INTERPRET once. ops/_triton.py defines its kernels by it.
+TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "") == "1" or not torch.cuda.is_available()
+
+
+@functools.cache
 def triton_mode() -> str | None:
     """'compiled' (CUDA device present), 'interpreted' (CPU via TRITON_INTERPRET), or None."""
-    from .ops import _triton  # noqa: PLC0415
-
-    return _triton.mode()
+    try:
+        import triton  # noqa: F401, PLC0415  (optional: the other backends do not need it)
+    except ImportError:
+        return None
+    return "interpreted" if TRITON_INTERPRET else "compiled"
 
 
 def _forced() -> str | None:
@@ -171,13 +209,109 @@ def why_unavailable(backend: str, device: torch.device) -> str | None:
     raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
 
 
-def resolve(op: str, device: torch.device | str) -> str:
+# An op's implementation on one backend: a callable, or "ext:<name>" (a function of the extension).
+Implementation = Callable | str
+EXT_PREFIX = "ext:"
+
+# op -> backend -> implementation; a backend missing from an op's entry has no kernel for it.
+_TABLE: dict[str, dict[str, Implementation]] = {}
+
+
+def register_op(
+    name: str,
+    *,
+    reference: Implementation,
+    cpu: Implementation | None = None,
+    triton: Implementation | None = None,
+    cuda: Implementation | None = None,
+) -> None:
+    """Register (or replace) the implementations of op ``name``, one per backend.
+
+    Args:
+        name: the op's name, as passed to :func:`resolve` (``"flat_sgd_step"``); a later entry
+            point of the same op gets its own name (``"flat_sgd_step.backward"``).
+        reference: the pure-PyTorch implementation (every op has one: the fallback).
+        cpu, triton, cuda: the backend's implementation, ``"ext:<name>"`` for a function of the
+            compiled extension (looked up when asked for), or None where there is no kernel.
+
+    Raises:
+        TypeError: an implementation that is neither callable nor an ``"ext:<name>"`` string.
+    """
+    entry = {"reference": reference, "cpu": cpu, "triton": triton, "cuda": cuda}
+    for backend, impl in entry.items():
+        if impl is None and backend != "reference":
+            continue
+        if not (callable(impl) or (isinstance(impl, str) and impl.startswith(EXT_PREFIX))):
+            raise TypeError(
+                f"register_op({name!r}): the {backend} implementation must be a callable or an "
+                f"'{EXT_PREFIX}<function>' string, got {impl!r}"
+            )
+    _TABLE[name] = {backend: impl for backend, impl in entry.items() if impl is not None}
+    for key in [key for key in _auto_choice if key[0] == name]:
+        del _auto_choice[key]
+
+
+def registered_ops() -> tuple[str, ...]:
+    """Names of every registered op (and op entry point), in registration order."""
+    return tuple(_TABLE)
+
+
+def _why_no_implementation(op: str, backend: str) -> str | None:
+    """None if registered ``op`` has a usable ``backend`` implementation, else why not."""
+    impl = _TABLE[op].get(backend)
+    if impl is None:
+        return f"{op} has no {backend} implementation"
+    if isinstance(impl, str):
+        function = impl[len(EXT_PREFIX) :]
+        if not hasattr(extension(), function):
+            return (
+                f"the compiled extension was built without {function} (rebuild it: pip install "
+                "--no-build-isolation -e .)"
+            )
+    return None
+
+
+def implementation(op: str, backend: str) -> Callable:
+    """The function that runs registered ``op`` on ``backend`` (an ``ext:`` one looked up now).
+
+    Raises:
+        KeyError: ``op`` is not registered.
+        BackendUnavailableError: ``op`` has no usable implementation on ``backend``.
+    """
+    try:
+        impl = _TABLE[op][backend]
+    except KeyError:
+        if op not in _TABLE:
+            raise KeyError(
+                f"op {op!r} is not registered; registered ops: {', '.join(_TABLE) or 'none'}"
+            ) from None
+        raise BackendUnavailableError(f"{op} has no {backend} implementation") from None
+    if isinstance(impl, str):
+        function = getattr(extension(), impl[len(EXT_PREFIX) :], None)
+        if function is None:
+            raise BackendUnavailableError(
+                f"cannot run {op} on {backend}: "
+                + (_why_no_implementation(op, backend) or "no compiled extension")
+            )
+        return function
+    return impl
+
+
+def _why_op_unavailable(op: str, backend: str, device: torch.device) -> str | None:
+    """:func:`why_unavailable`, then (for a registered op) whether the op has a kernel there."""
+    reason = why_unavailable(backend, device)
+    if reason is None and op in _TABLE:
+        reason = _why_no_implementation(op, backend)
+    return reason
+
+
+def resolve_backend(op: str, device: torch.device | str) -> str:
     """The backend that runs ``op`` on ``device`` now (forced one, or the first available)."""
     if not isinstance(device, torch.device):
         device = torch.device(device)
     forced = _forced()
     if forced is not None:
-        reason = why_unavailable(forced, device)
+        reason = _why_op_unavailable(op, forced, device)
         if reason is not None:
             raise BackendUnavailableError(
                 f"backend {forced!r} was forced (via {ENV_BACKEND} or use_backend) but cannot run "
@@ -185,6 +319,15 @@ def resolve(op: str, device: torch.device | str) -> str:
             )
         return forced
     return _resolve_auto(op, device)
+
+
+def resolve(op: str, device: torch.device | str) -> Callable:
+    """The function that runs registered ``op`` on ``device`` now: :func:`implementation` of
+    :func:`resolve_backend`. For a name not registered, the backend name (see the module doc)."""
+    backend = resolve_backend(op, device)
+    if op not in _TABLE:
+        return backend
+    return implementation(op, backend)
 
 
 # (op, device) -> backend, filled by _resolve_auto. Every input of the choice is fixed for the
@@ -203,7 +346,7 @@ def _resolve_auto(op: str, device: torch.device) -> str:
     final = True
     choice = "reference"
     for backend in order:
-        if why_unavailable(backend, device) is not None:
+        if _why_op_unavailable(op, backend, device) is not None:
             continue
         if backend == "cuda":
             if _capturing():
@@ -234,18 +377,28 @@ def _probe_device(backend: str) -> torch.device:
     return torch.device("cpu")
 
 
-def _probe_op(backend: str, device: torch.device) -> str | None:
-    """Run a tiny op with ``backend`` on ``device``; None if it matches the reference."""
-    from .ops.flat_sgd_step import flat_sgd_step  # noqa: PLC0415
-    from .reference.flat_sgd_step import flat_sgd_step as reference_step  # noqa: PLC0415
+# (op, make_args): the op the probe runs, and its positional arguments on a device.
+_probe_spec: list[tuple[str, Callable[[torch.device], tuple]]] = []
 
+
+def register_probe(op: str, make_args: Callable[[torch.device], tuple]) -> None:
+    """Make registered ``op`` the probe: ``make_args(device)`` gives a tiny call's positional
+    arguments, and a backend passes when its result matches the reference implementation's
+    (rtol = atol = 1e-6). The last registration wins."""
+    _probe_spec[:] = [(op, make_args)]
+
+
+def _probe_op(backend: str, device: torch.device) -> str | None:
+    """Run the probe op with ``backend`` on ``device``; None if it matches the reference."""
+    if not _probe_spec:
+        return "no probe op is registered (sophon_fast.ops.flat_sgd_step registers one)"
+    op, make_args = _probe_spec[0]
     try:
-        with torch.no_grad(), use_backend(backend):
-            params = torch.linspace(-1.0, 1.0, 7, device=device)
-            grad = torch.linspace(0.5, -0.5, 7, device=device)
-            got = flat_sgd_step(params, grad, lr=0.25, weight_decay=0.5)
+        with torch.no_grad():
+            args = make_args(device)
+            got = implementation(op, backend)(*args)
             close = torch.allclose(
-                got, reference_step(params, grad, 0.25, 0.5), rtol=1e-6, atol=1e-6
+                got, implementation(op, "reference")(*args), rtol=1e-6, atol=1e-6
             )
     except Exception as exc:  # a probe reports any failure instead of raising it
         return f"running a probe op failed: {type(exc).__name__}: {exc}"

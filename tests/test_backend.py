@@ -95,16 +95,16 @@ def test_auto_probes_the_cuda_backend_once_per_device_and_falls_back(monkeypatch
     monkeypatch.setitem(_backend.AUTO_ORDER, "cpu", ("cuda", "reference"))
     cpu = torch.device("cpu")
     with pytest.warns(RuntimeWarning, match=r"cuda backend does not run on cpu .*no kernel image"):
-        assert _backend.resolve("flat_sgd_step", cpu) == "reference"
+        assert _backend.resolve_backend("flat_sgd_step", cpu) == "reference"
     assert broken.calls == 1
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once per device: no second warning, no second probe
-        assert _backend.resolve("flat_adam_step", cpu) == "reference"
+        assert _backend.resolve_backend("flat_adam_step", cpu) == "reference"
         got = sophon_fast.flat_sgd_step(torch.ones(4), torch.ones(4), lr=0.5, weight_decay=0.0)
     assert torch.equal(got, torch.full((4,), 0.5))
     assert broken.calls == 1
     with _backend.use_backend("cuda"):
-        assert _backend.resolve("flat_sgd_step", cpu) == "cuda"
+        assert _backend.resolve_backend("flat_sgd_step", cpu) == "cuda"
         with pytest.raises(RuntimeError, match="no kernel image"):
             sophon_fast.flat_sgd_step(torch.ones(4), torch.ones(4), lr=0.5, weight_decay=0.0)
 
@@ -121,7 +121,7 @@ def test_auto_keeps_a_cuda_backend_that_passes_its_probe(monkeypatch, fresh_disp
     monkeypatch.setitem(_backend.AUTO_ORDER, "cpu", ("cuda", "reference"))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert _backend.resolve("flat_sgd_step", torch.device("cpu")) == "cuda"
+        assert _backend.resolve_backend("flat_sgd_step", torch.device("cpu")) == "cuda"
 
 
 def test_cpu_extension_works_without_the_cuda_module():
@@ -139,7 +139,7 @@ def test_cpu_extension_works_without_the_cuda_module():
         ext = _backend.extension()
         assert ext is not None and ext.__name__ == "sophon_fast._C", ext
         assert ext.with_cuda is False
-        assert _backend.resolve("flat_sgd_step", "cpu") == "cpu"
+        assert _backend.resolve_backend("flat_sgd_step", "cpu") == "cpu"
         got = sophon_fast.flat_sgd_step(torch.ones(5), torch.ones(5), lr=0.5, weight_decay=0.0)
         assert torch.equal(got, torch.full((5,), 0.5)), got
         reason = _backend.why_unavailable("cuda", torch.device("cuda"))

@@ -186,7 +186,7 @@ def test_unknown_forced_backend_raises(monkeypatch):
 
 def test_auto_prefers_compiled_kernels_on_cpu():
     expected = "cpu" if _backend.extension() is not None else "reference"
-    assert _backend.resolve("flat_sgd_step", "cpu") == expected
+    assert _backend.resolve_backend("flat_sgd_step", "cpu") == expected
 
 
 @pytest.mark.parametrize(("backend", "device"), backend_params())

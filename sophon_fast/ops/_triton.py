@@ -20,9 +20,19 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from .. import _backend
+
+# Whether kernels run under the interpreter (CPU tensors) or compiled (CUDA tensors): one verdict
+# for the package (sophon_fast._backend decides the triton backend's devices by it).
+_INTERPRET = _backend.TRITON_INTERPRET
+
 try:
     import triton
     import triton.language as tl
+
+    if _INTERPRET:
+        from triton.runtime import interpreter as _interpreter
+        from triton.runtime.interpreter import InterpretedFunction as _InterpretedFunction
 except ImportError:  # Triton is optional: the reference and C++ backends do not need it.
     triton = None
 
@@ -34,8 +44,6 @@ except ImportError:  # Triton is optional: the reference and C++ backends do not
 
     tl = _AbsentLanguage()
 
-# Whether kernels run under the interpreter (CPU tensors) or compiled (CUDA tensors).
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "") == "1" or not torch.cuda.is_available()
 # Whether launchers plan for the interpreter: it pays per program and per lane, so they take large
 # blocks there and GPU-sized ones (registers) when compiled. SOPHON_FAST_TRITON_PLAN=gpu plans
 # for a GPU while still interpreting: tools/triton_check.py records the launches a GPU would
@@ -46,9 +54,7 @@ INTERPRETED = _INTERPRET and os.environ.get(PLAN_ENV, "") != "gpu"
 
 def mode() -> str | None:
     """'compiled', 'interpreted' (kernels run on CPU tensors), or None without Triton."""
-    if triton is None:
-        return None
-    return "interpreted" if _INTERPRET else "compiled"
+    return None if triton is None else _backend.triton_mode()
 
 
 # Every object jit() returned, in definition order (interpreted or compiled; ``.fn`` is the source).
@@ -92,12 +98,9 @@ def _fix_interpreter_loop_bounds(interpreter) -> None:
 
 @functools.cache
 def _interpreted_kernel_class():
-    from triton.runtime import interpreter
-    from triton.runtime.interpreter import InterpretedFunction
+    _fix_interpreter_loop_bounds(_interpreter)
 
-    _fix_interpreter_loop_bounds(interpreter)
-
-    class InterpretedKernel(InterpretedFunction):
+    class InterpretedKernel(_InterpretedFunction):
         """The interpreter's wrapper, reporting each launch to the :func:`launch_hook` hooks."""
 
         def run(self, *args, grid, warmup, **kwargs):

@@ -127,20 +127,31 @@ def _triton_backward(grad_out, lr, weight_decay):
     return grad_params, grad_grad
 
 
-def _forward_impl(backend: str):
-    if backend == "triton":
-        return _triton_forward
-    if backend in ("cpu", "cuda"):
-        return _backend.extension().flat_sgd_step_forward
-    return _reference.flat_sgd_step
+BACKWARD_OP = OP_NAME + ".backward"
+_backend.register_op(
+    OP_NAME,
+    reference=_reference.flat_sgd_step,
+    cpu="ext:flat_sgd_step_forward",
+    cuda="ext:flat_sgd_step_forward",
+    triton=_triton_forward,
+)
+_backend.register_op(
+    BACKWARD_OP,
+    reference=_reference.flat_sgd_step_backward,
+    cpu="ext:flat_sgd_step_backward",
+    cuda="ext:flat_sgd_step_backward",
+    triton=_triton_backward,
+)
 
 
-def _backward_impl(backend: str):
-    if backend == "triton":
-        return _triton_backward
-    if backend in ("cpu", "cuda"):
-        return _backend.extension().flat_sgd_step_backward
-    return _reference.flat_sgd_step_backward
+def _probe_args(device: torch.device) -> tuple:
+    """The auto dispatch's probe (sophon_fast._backend): a 7-element step with weight decay."""
+    params = torch.linspace(-1.0, 1.0, 7, device=device)
+    grad = torch.linspace(0.5, -0.5, 7, device=device)
+    return params, grad, 0.25, 0.5
+
+
+_backend.register_probe(OP_NAME, _probe_args)
 
 
 class FlatSgdStepFunction(torch.autograd.Function):
@@ -149,7 +160,7 @@ class FlatSgdStepFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, params, grad, lr, weight_decay, backend):
         ctx.lr, ctx.weight_decay, ctx.backend = lr, weight_decay, backend
-        return _forward_impl(backend)(params, grad, lr, weight_decay)
+        return _backend.implementation(OP_NAME, backend)(params, grad, lr, weight_decay)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -169,7 +180,7 @@ class FlatSgdStepBackwardFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, grad_out, lr, weight_decay, backend):
         ctx.lr, ctx.weight_decay, ctx.backend = lr, weight_decay, backend
-        return _backward_impl(backend)(grad_out, lr, weight_decay)
+        return _backend.implementation(BACKWARD_OP, backend)(grad_out, lr, weight_decay)
 
     @staticmethod
     def backward(ctx, grad_grad_params, grad_grad_grad):
@@ -222,7 +233,7 @@ def flat_sgd_step(
     check_like(params, "params", grad, "grad")
     lr = check_real(lr, "lr")
     weight_decay = check_real(weight_decay, "weight_decay", minimum=0.0)
-    backend = _backend.resolve(OP_NAME, params.device)
+    backend = _backend.resolve_backend(OP_NAME, params.device)
     if out is not None:
         check_like(params, "params", out, "out")
         if torch.is_grad_enabled() and (params.requires_grad or grad.requires_grad):
@@ -230,11 +241,7 @@ def flat_sgd_step(
                 "out= is not differentiable: params or grad requires grad; call without out= "
                 "(or under torch.no_grad()) to get a differentiable step"
             )
-        if backend == "triton":
-            return _triton_forward(params, grad, lr, weight_decay, out)
-        if backend in ("cpu", "cuda"):
-            return _backend.extension().flat_sgd_step_forward(params, grad, lr, weight_decay, out)
-        return _reference.flat_sgd_step(params, grad, lr, weight_decay, out=out)
+        return _backend.implementation(OP_NAME, backend)(params, grad, lr, weight_decay, out=out)
     if backend == "reference":
         return _reference.flat_sgd_step(params, grad, lr, weight_decay)
     return FlatSgdStepFunction.apply(params, grad, lr, weight_decay, backend)
