@@ -2,6 +2,11 @@
 
 Defaults reproduce the official classification run; see :mod:`sophon_fast.api` for the algorithm
 and the official-code bugs this library fixes.
+
+Each field's check is declared once, in :data:`_RULES` (a bounded int, a finite number, a choice,
+a bool, or a function for the few that need more); ``__post_init__`` applies them in one loop and
+then runs the checks that tie several fields together. The generation-mode fields, their checks
+and :func:`resolve_timesteps` live here too, so that the config imports nothing from the engine.
 """
 
 from __future__ import annotations
@@ -9,21 +14,33 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from sophon_fast.diffusion import OFFICIAL_TIMESTEP
 from sophon_fast.engine.optimizers import Adversary, resolve_adversary
+from sophon_fast.engine_options import resolve_options
 from sophon_fast.losses import SUPPRESSION_LOSSES
+from sophon_fast.noise_schedule import NoiseSchedule
 
-__all__ = ["ProtectConfig"]
+__all__ = [
+    "GENERATION_LOSSES",
+    "OFFICIAL_TIMESTEP",
+    "ProtectConfig",
+    "resolve_timesteps",
+    "validate_generation_config",
+]
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 _LR_MAX = 1e30  # well inside float32 (3.4e38), so lr * gradient products stay finite too
 _RESUME_MAY_DIFFER = ("outer_steps", "checkpoint_every")
 _GENERATION_FIELDS = ("mode", "timesteps", "noise_schedule", "diffusion_steps")
+#: Suppression losses of generation mode (fused ops of :mod:`sophon_fast.ops.losses`).
+GENERATION_LOSSES = ("mse_ascent", "dos")
+_SCHEDULES = NoiseSchedule.KINDS
 
 
 # Counts beyond this are typos (a step or sample count of 2**40 never finishes); the bound keeps
@@ -31,41 +48,339 @@ _GENERATION_FIELDS = ("mode", "timesteps", "noise_schedule", "diffusion_steps")
 _INT_MAX = 2**62
 
 
-def _int(
-    name: str, value: Any, *, minimum: int, allow_none: bool = False, maximum: int = _INT_MAX
-) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(
-            f"ProtectConfig.{name}: expected an int, got {value!r} ({type(value).__name__})"
-        )
-    if not minimum <= value <= maximum:
-        top = "2**62" if maximum == _INT_MAX else maximum
-        raise ValueError(
-            f"ProtectConfig.{name}: expected an int in [{minimum}, {top}], got {value}"
-        )
-
-
-def _float(
-    name: str, value: Any, *, positive: bool = True, allow_none: bool = False
-) -> float | None:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(
-            f"ProtectConfig.{name}: expected a number, got {value!r} ({type(value).__name__})"
-        )
-    value = float(value)
-    if not math.isfinite(value) or (value <= 0 if positive else value < 0):
-        kind = "> 0" if positive else ">= 0"
-        raise ValueError(f"ProtectConfig.{name}: expected a finite number {kind}, got {value}")
-    return value
-
-
 def _choice(name: str, value: Any, options: Sequence[str]) -> None:
     if value not in options:
         raise ValueError(f"ProtectConfig.{name}: expected one of {list(options)}, got {value!r}")
+
+
+# --------------------------------------------------------------------------- rule kinds
+
+#: A field's check: (config, field name, value) -> the value to store (checked, normalised).
+#: It may read fields listed before it in :data:`_RULES`, which are checked already.
+Rule = Callable[[Any, str, Any], Any]
+
+
+@dataclass(frozen=True)
+class _Int:
+    """An int (not a bool) in [minimum, maximum]; None too when ``allow_none``."""
+
+    minimum: int
+    maximum: int = _INT_MAX
+    allow_none: bool = False
+
+    def __call__(self, config: Any, name: str, value: Any) -> int | None:
+        if value is None and self.allow_none:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(
+                f"ProtectConfig.{name}: expected an int, got {value!r} ({type(value).__name__})"
+            )
+        if not self.minimum <= value <= self.maximum:
+            top = "2**62" if self.maximum == _INT_MAX else self.maximum
+            raise ValueError(
+                f"ProtectConfig.{name}: expected an int in [{self.minimum}, {top}], got {value}"
+            )
+        return value
+
+
+@dataclass(frozen=True)
+class _Float:
+    """A finite number, > 0 (``positive``) or >= 0, stored as a float; None too when allowed."""
+
+    positive: bool = True
+    allow_none: bool = False
+
+    def __call__(self, config: Any, name: str, value: Any) -> float | None:
+        if value is None and self.allow_none:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(
+                f"ProtectConfig.{name}: expected a number, got {value!r} ({type(value).__name__})"
+            )
+        value = float(value)
+        if not math.isfinite(value) or (value <= 0 if self.positive else value < 0):
+            kind = "> 0" if self.positive else ">= 0"
+            raise ValueError(f"ProtectConfig.{name}: expected a finite number {kind}, got {value}")
+        return value
+
+
+@dataclass(frozen=True)
+class _Choice:
+    """One of ``options`` (``ValueError`` otherwise)."""
+
+    options: tuple[Any, ...]
+
+    def __call__(self, config: Any, name: str, value: Any) -> Any:
+        _choice(name, value, self.options)
+        return value
+
+
+@dataclass(frozen=True)
+class _Bool:
+    """True or False (not 1 or "yes": ``TypeError``); None too when ``allow_none``."""
+
+    allow_none: bool = False
+
+    def __call__(self, config: Any, name: str, value: Any) -> Any:
+        if isinstance(value, bool) or (value is None and self.allow_none):
+            return value
+        expected = "True, False or None" if self.allow_none else "a bool"
+        raise TypeError(f"ProtectConfig.{name}: expected {expected}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class _InGeneration:
+    """``rule`` in generation mode; classification ignores the field (and leaves it out of
+    :meth:`ProtectConfig.to_dict`)."""
+
+    rule: Rule
+
+    def __call__(self, config: Any, name: str, value: Any) -> Any:
+        return self.rule(config, name, value) if config.mode == "generation" else value
+
+
+# --------------------------------------------------------------------------- field rules
+
+
+def _loss(config: Any, name: str, value: Any) -> str:
+    if config.mode == "generation":
+        if value not in GENERATION_LOSSES:
+            raise ValueError(
+                f"ProtectConfig.loss: mode='generation' takes one of {list(GENERATION_LOSSES)}, got "
+                f"{value!r} ({value!r} is a classification loss; pass loss='mse_ascent' or 'dos')"
+            )
+    elif value not in SUPPRESSION_LOSSES:
+        extra = (
+            " ('ce' is the adaptation/NTR loss: minimising it on restricted data helps fine-tuning)"
+            if value == "ce"
+            else ""
+        )
+        raise ValueError(
+            f"ProtectConfig.loss: expected one of {list(SUPPRESSION_LOSSES)}, got {value!r}{extra}"
+        )
+    return value
+
+
+def _below_lr_max(name: str, lr: float) -> None:
+    # The optimizers hold their learning rates as float32 scalars on the device: a product
+    # above float32's 3.4e38 overflowed inside Adam after the set-up had run.
+    if not lr <= _LR_MAX:
+        raise ValueError(
+            f"ProtectConfig.{name}: expected a learning rate <= {_LR_MAX:g}, got {lr:g}"
+        )
+
+
+def _learning_rate(config: Any, name: str, value: Any) -> float:
+    value = _Float()(config, name, value)
+    _below_lr_max(name, value)
+    return value
+
+
+def _order(config: Any, name: str, value: Any) -> int:
+    if value not in (1, 2) or isinstance(value, bool):
+        raise ValueError(f"ProtectConfig.order: expected 1 or 2, got {value!r}")
+    return value
+
+
+def _adversaries(config: Any, name: str, value: Any) -> tuple[Adversary, ...]:
+    specs = value if value is not None else (("sgd", config.inner_lr),)
+    if isinstance(specs, (str, dict, Adversary)) or (
+        isinstance(specs, (tuple, list)) and specs and isinstance(specs[0], str)
+    ):
+        raise TypeError(
+            f"ProtectConfig.adversaries: expected a sequence of adversaries, e.g. (('sgd', 1e-4),), got {specs!r}"
+        )
+    if not isinstance(specs, (tuple, list)) or len(specs) == 0:
+        raise ValueError(
+            f"ProtectConfig.adversaries: expected a non-empty sequence of adversaries, got {specs!r}"
+        )
+    adversaries = tuple(resolve_adversary(spec) for spec in specs)
+    for adversary in adversaries:
+        if not adversary.lr <= _LR_MAX:
+            raise ValueError(
+                f"ProtectConfig.adversaries: {adversary.name} lr {adversary.lr:g} is above "
+                f"{_LR_MAX:g}; expected a usable learning rate"
+            )
+    return adversaries
+
+
+def _engine_options(config: Any, name: str, value: Any) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    if config.engine != "fast":
+        raise ValueError("ProtectConfig.engine_options: only the fast engine takes options")
+    return dataclasses.asdict(resolve_options(value, order=config.order))
+
+
+def _dtype(config: Any, name: str, value: Any) -> str:
+    if isinstance(value, torch.dtype):
+        value = str(value).removeprefix("torch.")
+    _choice(name, value, tuple(_DTYPES))
+    return value
+
+
+def _head(config: Any, name: str, value: Any) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise TypeError(f"ProtectConfig.head: expected a dotted module name or None, got {value!r}")
+    return value
+
+
+def _diffusion_steps(config: Any, name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 2:
+        raise ValueError(f"ProtectConfig.diffusion_steps: expected an int >= 2, got {value!r}")
+    return value
+
+
+def _timesteps(config: Any, name: str, value: Any) -> Any:
+    if config.mode != "generation":
+        if value is not None:
+            raise ValueError(
+                "ProtectConfig.timesteps: a generation-mode option; set mode='generation' or leave it None"
+            )
+        return value
+    resolve_timesteps(value, config.diffusion_steps)
+    return list(value) if isinstance(value, tuple) else value  # JSON round trip for resume
+
+
+def resolve_timesteps(spec: Any, diffusion_steps: int) -> list[int]:
+    """The timesteps a generation run draws from, as sorted 0-based schedule indices.
+
+    Args:
+        spec: None (the official ``t = 1``), an int, ``"a:b"`` (a to b inclusive), ``"all"``
+            (0 .. diffusion_steps - 1) or a non-empty list of ints.
+        diffusion_steps: T, the schedule's number of steps.
+
+    Returns:
+        Sorted distinct indices in [0, T).
+
+    Raises:
+        TypeError / ValueError: anything else, or an index outside [0, T).
+    """
+    where = "ProtectConfig.timesteps"
+    if spec is None:
+        values = [OFFICIAL_TIMESTEP]
+    elif isinstance(spec, bool):
+        raise TypeError(f"{where}: expected an int, 'a:b', 'all' or a list of ints, got {spec!r}")
+    elif isinstance(spec, int):
+        values = [spec]
+    elif isinstance(spec, str):
+        text = spec.strip().lower()
+        if text == "all":
+            values = list(range(diffusion_steps))
+        elif ":" in text:
+            first, _, last = text.partition(":")
+            try:
+                a, b = int(first), int(last)
+            except ValueError:
+                raise ValueError(
+                    f"{where}: a range is 'a:b' with integers a <= b (inclusive), got {spec!r}"
+                ) from None
+            if a > b:
+                raise ValueError(f"{where}: range {spec!r} is empty (expected a <= b)")
+            values = list(range(a, b + 1))
+        else:
+            raise ValueError(f"{where}: expected an int, 'a:b', 'all' or a list, got {spec!r}")
+    elif isinstance(spec, (list, tuple)):
+        if not spec or not all(isinstance(v, int) and not isinstance(v, bool) for v in spec):
+            raise ValueError(f"{where}: expected a non-empty list of ints, got {spec!r}")
+        values = sorted(set(spec))
+    else:
+        raise TypeError(
+            f"{where}: expected an int, 'a:b', 'all' or a list of ints, got {type(spec).__name__}"
+        )
+    bad = [v for v in values if not 0 <= v < diffusion_steps]
+    if bad:
+        raise ValueError(
+            f"{where}: timesteps are 0-based schedule indices in [0, {diffusion_steps - 1}] "
+            f"(diffusion_steps={diffusion_steps}); got {bad[:5]}"
+        )
+    return values
+
+
+#: Every field's rule, in the order they are checked: a rule may read the fields above it.
+_RULES: dict[str, Rule] = {
+    "loss": _loss,  # its options depend on mode, checked first
+    "inner_steps": _Int(1),
+    "inner_lr": _learning_rate,
+    "batch_size": _Int(1),
+    "adapt_size": _Int(1),
+    "alpha": _Float(),
+    "beta": _Float(),
+    "base_lr": _Float(),
+    "suppression_steps": _Int(1),
+    "ntr_steps": _Int(0),
+    "outer_steps": _Int(1),
+    "max_grad_norm": _Float(allow_none=True),
+    "reinit_head": _Bool(allow_none=True),
+    "restore_bn": _Bool(),
+    "order": _order,
+    "truncate": _Int(0, allow_none=True),
+    "adversaries": _adversaries,  # the default adversary takes inner_lr
+    "adversary_sampling": _Choice(("one", "all")),
+    "simulations": _Int(1),
+    "guard_threshold": _Float(positive=False, allow_none=True),
+    "guard_mode": _Choice(("absolute", "relative")),
+    "guard_action": _Choice(("stop", "continue")),
+    "eval_every": _Int(0, allow_none=True),
+    "eval_size": _Int(1, allow_none=True),
+    "eval_batch_size": _Int(1),
+    # torch.Generator.manual_seed takes a uint64 (2**70 overflowed at the first step) and
+    # generation draws its fixed noise from seed + 1: 2**62 leaves room for both
+    "seed": _Int(0),
+    "engine": _Choice(("fast", "reference")),
+    "engine_options": _engine_options,  # fast engine only, validated for the order
+    "dtype": _dtype,
+    "checkpoint_every": _Int(1, allow_none=True),
+    "head": _head,
+    # generation mode and the fields only it reads
+    "mode": _Choice(("classification", "generation")),
+    "noise_schedule": _InGeneration(_Choice(_SCHEDULES)),
+    "diffusion_steps": _InGeneration(_diffusion_steps),
+    "timesteps": _timesteps,  # a generation-mode option, in [0, diffusion_steps)
+}
+
+
+def _check(config: Any, name: str) -> None:
+    setattr(config, name, _RULES[name](config, name, getattr(config, name)))
+
+
+def _refuse_in_generation(config: Any) -> None:
+    """What a noise-prediction model has not: a classification head, an accuracy guard, and (not
+    yet) the fast engine's options. Checked before those fields' own rules, so these messages
+    name the mode."""
+    if config.reinit_head:
+        raise ValueError(
+            "ProtectConfig.reinit_head: a noise-prediction model has no classification head to "
+            "re-draw; mode='generation' takes reinit_head=None or False"
+        )
+    if config.head is not None:
+        raise ValueError(
+            f"ProtectConfig.head: mode='generation' has no classifier head, got head={config.head!r}"
+        )
+    if config.guard_threshold not in (None, 80.0) or config.guard_mode != "absolute":
+        raise ValueError(
+            "ProtectConfig.guard_threshold / guard_mode: the intactness guard reads a classification "
+            "accuracy; mode='generation' records the original-domain MSE and has no guard "
+            "(leave guard_threshold at its default or None)"
+        )
+    if getattr(config, "engine_options", None) is not None:
+        raise ValueError(
+            "ProtectConfig.engine_options: the fast engine's speed options are not wired into "
+            "mode='generation' yet; leave engine_options=None"
+        )
+
+
+def validate_generation_config(config) -> None:
+    """Generation-mode checks of a :class:`ProtectConfig` (construction runs the same ones).
+
+    Raises:
+        ValueError / TypeError: a classification loss, ``reinit_head=True``, a ``head`` name, an
+            intactness guard, or a bad ``timesteps`` / ``noise_schedule`` / ``diffusion_steps``.
+    """
+    _check(config, "loss")
+    _refuse_in_generation(config)
+    for name in ("noise_schedule", "diffusion_steps", "timesteps"):
+        _check(config, name)
 
 
 @dataclass
@@ -180,126 +495,43 @@ class ProtectConfig:
     dtype: Any = "float32"
     checkpoint_every: int | None = None
     head: str | None = None
+    # Generation mode and the fields only it reads (classification ignores noise_schedule and
+    # diffusion_steps, refuses timesteps, and to_dict leaves all four out of its dicts).
     mode: str = "classification"
     timesteps: Any = None
     noise_schedule: str = "linear"
     diffusion_steps: int = 1000
 
     def __post_init__(self) -> None:
-        _choice("mode", self.mode, ("classification", "generation"))
+        _check(self, "mode")  # first: the mode-aware rules read it
         if self.mode == "generation":
-            from sophon_fast.engine.generation import validate_generation_config
-
-            validate_generation_config(self)
-        elif self.timesteps is not None:
-            raise ValueError(
-                "ProtectConfig.timesteps: a generation-mode option; set mode='generation' or leave it None"
-            )
-        if self.mode == "classification" and self.loss not in SUPPRESSION_LOSSES:
-            extra = (
-                " ('ce' is the adaptation/NTR loss: minimising it on restricted data helps fine-tuning)"
-                if self.loss == "ce"
-                else ""
-            )
-            raise ValueError(
-                f"ProtectConfig.loss: expected one of {list(SUPPRESSION_LOSSES)}, got {self.loss!r}{extra}"
-            )
-        for name in (
-            "inner_steps",
-            "batch_size",
-            "suppression_steps",
-            "outer_steps",
-            "eval_batch_size",
-        ):
-            _int(name, getattr(self, name), minimum=1)
-        _int("adapt_size", self.adapt_size, minimum=1)
+            _refuse_in_generation(self)
+        for name in _RULES:
+            _check(self, name)
+        # the checks that tie fields together
         if self.adapt_size >= self.batch_size:
             raise ValueError(
                 f"ProtectConfig.adapt_size: expected 1 <= adapt_size < batch_size={self.batch_size} "
                 f"(the rest of each batch evaluates), got {self.adapt_size}"
             )
-        _int("ntr_steps", self.ntr_steps, minimum=0)
-        # torch.Generator.manual_seed takes a uint64 (2**70 overflowed at the first step) and
-        # generation draws its fixed noise from seed + 1: 2**62 leaves room for both
-        _int("seed", self.seed, minimum=0)
-        for name in ("inner_lr", "alpha", "beta", "base_lr"):
-            setattr(self, name, _float(name, getattr(self, name)))
-        # The optimizers hold their learning rates as float32 scalars on the device: a product
-        # above float32's 3.4e38 overflowed inside Adam after the set-up had run.
         for name, lr in (
             ("alpha * base_lr", self.alpha * self.base_lr),
             ("beta * base_lr", self.beta * self.base_lr),
-            ("inner_lr", self.inner_lr),
         ):
-            if not lr <= _LR_MAX:
-                raise ValueError(
-                    f"ProtectConfig.{name}: expected a learning rate <= {_LR_MAX:g}, got {lr:g}"
-                )
-        self.max_grad_norm = _float("max_grad_norm", self.max_grad_norm, allow_none=True)
-        for name in ("reinit_head",):
-            if self.reinit_head is not None and not isinstance(self.reinit_head, bool):
-                raise TypeError(
-                    f"ProtectConfig.{name}: expected True, False or None, got {self.reinit_head!r}"
-                )
-        if not isinstance(self.restore_bn, bool):
-            raise TypeError(f"ProtectConfig.restore_bn: expected a bool, got {self.restore_bn!r}")
-        if self.order not in (1, 2) or isinstance(self.order, bool):
-            raise ValueError(f"ProtectConfig.order: expected 1 or 2, got {self.order!r}")
-        _int("truncate", self.truncate, minimum=0, allow_none=True)
+            _below_lr_max(name, lr)
         if self.truncate is not None and self.order == 1:
             raise ValueError(
                 "ProtectConfig.truncate: only meaningful with order=2 (order 1 differentiates no inner step)"
             )
-        specs = self.adversaries if self.adversaries is not None else (("sgd", self.inner_lr),)
-        if isinstance(specs, (str, dict, Adversary)) or (
-            isinstance(specs, (tuple, list)) and specs and isinstance(specs[0], str)
-        ):
-            raise TypeError(
-                f"ProtectConfig.adversaries: expected a sequence of adversaries, e.g. (('sgd', 1e-4),), got {specs!r}"
-            )
-        if not isinstance(specs, (tuple, list)) or len(specs) == 0:
+        threshold = self.guard_threshold
+        if threshold is not None and self.guard_mode == "absolute" and threshold > 100.0:
             raise ValueError(
-                f"ProtectConfig.adversaries: expected a non-empty sequence of adversaries, got {specs!r}"
+                f"ProtectConfig.guard_threshold: absolute mode takes a percentage in [0, 100], got {threshold}"
             )
-        self.adversaries = tuple(resolve_adversary(spec) for spec in specs)
-        for adversary in self.adversaries:
-            if not adversary.lr <= _LR_MAX:
-                raise ValueError(
-                    f"ProtectConfig.adversaries: {adversary.name} lr {adversary.lr:g} is above "
-                    f"{_LR_MAX:g}; expected a usable learning rate"
-                )
-        _choice("adversary_sampling", self.adversary_sampling, ("one", "all"))
-        _int("simulations", self.simulations, minimum=1)
-        _choice("guard_mode", self.guard_mode, ("absolute", "relative"))
-        _choice("guard_action", self.guard_action, ("stop", "continue"))
-        if self.guard_threshold is not None:
-            self.guard_threshold = _float("guard_threshold", self.guard_threshold, positive=False)
-            if self.guard_mode == "absolute" and self.guard_threshold > 100.0:
-                raise ValueError(
-                    f"ProtectConfig.guard_threshold: absolute mode takes a percentage in [0, 100], got {self.guard_threshold}"
-                )
-            if self.guard_mode == "relative" and not 0.0 < self.guard_threshold <= 1.0:
-                raise ValueError(
-                    f"ProtectConfig.guard_threshold: relative mode takes a fraction of the starting accuracy in (0, 1], "
-                    f"got {self.guard_threshold}"
-                )
-        _int("eval_every", self.eval_every, minimum=0, allow_none=True)
-        _int("eval_size", self.eval_size, minimum=1, allow_none=True)
-        _int("checkpoint_every", self.checkpoint_every, minimum=1, allow_none=True)
-        _choice("engine", self.engine, ("fast", "reference"))
-        if self.engine_options is not None:
-            from sophon_fast.engine.options import resolve_options
-
-            if self.engine != "fast":
-                raise ValueError("ProtectConfig.engine_options: only the fast engine takes options")
-            options = resolve_options(self.engine_options, order=self.order)
-            self.engine_options = dataclasses.asdict(options)
-        if isinstance(self.dtype, torch.dtype):
-            self.dtype = str(self.dtype).removeprefix("torch.")
-        _choice("dtype", self.dtype, tuple(_DTYPES))
-        if self.head is not None and not isinstance(self.head, str):
-            raise TypeError(
-                f"ProtectConfig.head: expected a dotted module name or None, got {self.head!r}"
+        if threshold is not None and self.guard_mode == "relative" and not 0.0 < threshold <= 1.0:
+            raise ValueError(
+                f"ProtectConfig.guard_threshold: relative mode takes a fraction of the starting accuracy in (0, 1], "
+                f"got {threshold}"
             )
         if not self.eval_every and self.guard_threshold is not None:
             warnings.warn(
