@@ -305,19 +305,33 @@ def _why_op_unavailable(op: str, backend: str, device: torch.device) -> str | No
     return reason
 
 
-def resolve_backend(op: str, device: torch.device | str) -> str:
-    """The backend that runs ``op`` on ``device`` now (forced one, or the first available)."""
+# torch.compile calls this once while tracing and keeps the name as a constant of the graph (it
+# reads the environment, thread-local state and the extension: nothing dynamo should trace), so
+# a model runs the backend chosen when it was compiled; torch._dynamo.reset() chooses again.
+@torch.compiler.assume_constant_result
+def resolve_backend(op: str, device: torch.device | str, *, fallback: str | None = None) -> str:
+    """The backend that runs ``op`` on ``device`` now (forced one, or the first available).
+
+    A forced backend that cannot run ``op`` there raises :class:`BackendUnavailableError`;
+    with ``fallback`` named, a forced backend that runs on ``device`` but has no kernel for
+    registered ``op`` gives ``fallback`` instead (an op documented to run its reference
+    composition wherever it has no kernel).
+    """
     if not isinstance(device, torch.device):
         device = torch.device(device)
     forced = _forced()
     if forced is not None:
-        reason = _why_op_unavailable(op, forced, device)
-        if reason is not None:
-            raise BackendUnavailableError(
-                f"backend {forced!r} was forced (via {ENV_BACKEND} or use_backend) but cannot run "
-                f"{op} on {device}: {reason}"
-            )
-        return forced
+        reason = why_unavailable(forced, device)
+        if reason is None and op in _TABLE:
+            reason = _why_no_implementation(op, forced)
+            if reason is not None and fallback is not None:
+                return fallback
+        if reason is None:
+            return forced
+        raise BackendUnavailableError(
+            f"backend {forced!r} was forced (via {ENV_BACKEND} or use_backend) but cannot run "
+            f"{op} on {device}: {reason}"
+        )
     return _resolve_auto(op, device)
 
 

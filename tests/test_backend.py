@@ -152,3 +152,81 @@ def test_cpu_extension_works_without_the_cuda_module():
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "ok:" in done.stdout
+
+
+@pytest.fixture
+def scratch_table(monkeypatch, fresh_dispatch):
+    """A copy of the implementation table and probe, restored after the test."""
+    monkeypatch.setattr(_backend, "_TABLE", dict(_backend._TABLE))
+    monkeypatch.setattr(_backend, "_probe_spec", list(_backend._probe_spec))
+
+
+def _twice(t):
+    return 2 * t
+
+
+def test_resolve_returns_the_implementation_of_the_chosen_backend(scratch_table):
+    _backend.register_op("scratch_op", reference=_twice, triton=lambda t: 3 * t)
+    cpu = torch.device("cpu")
+    with _backend.use_backend("reference"):
+        assert _backend.resolve_backend("scratch_op", cpu) == "reference"
+        assert _backend.resolve("scratch_op", cpu) is _twice
+    assert _backend.implementation("scratch_op", "reference") is _twice
+    # auto on the CPU tries cpu first: scratch_op has no cpu kernel, so auto takes the reference
+    assert _backend.resolve_backend("scratch_op", cpu) == "reference"
+    with (
+        _backend.use_backend("cpu"),
+        pytest.raises(
+            _backend.BackendUnavailableError, match="scratch_op has no cpu implementation"
+        ),
+    ):
+        _backend.resolve_backend("scratch_op", cpu)
+    with _backend.use_backend("cpu"):
+        assert _backend.resolve_backend("scratch_op", cpu, fallback="reference") == "reference"
+    with pytest.raises(_backend.BackendUnavailableError, match="no cuda implementation"):
+        _backend.implementation("scratch_op", "cuda")
+    with pytest.raises(KeyError, match="not registered"):
+        _backend.implementation("no_such_op", "reference")
+
+
+def test_extension_entries_are_looked_up_when_asked_for(scratch_table):
+    """'ext:<name>' names a function of the compiled extension, fetched at call time: one the
+    extension lacks (an older build) makes the backend unavailable for that op, with a reason."""
+    if _backend.extension() is None:
+        pytest.skip("compiled extension unavailable")
+    _backend.register_op(
+        "scratch_step", reference=_twice, cpu="ext:flat_sgd_step_forward", cuda="ext:missing_fn"
+    )
+    cpu = torch.device("cpu")
+    assert _backend.resolve("scratch_step", cpu) is _backend.extension().flat_sgd_step_forward
+    _backend.register_op("scratch_old", reference=_twice, cpu="ext:missing_fn")
+    assert _backend.resolve_backend("scratch_old", cpu) == "reference"
+    with (
+        _backend.use_backend("cpu"),
+        pytest.raises(_backend.BackendUnavailableError, match="built without missing_fn"),
+    ):
+        _backend.resolve_backend("scratch_old", cpu)
+
+
+def test_register_op_rejects_what_is_not_an_implementation(scratch_table):
+    with pytest.raises(TypeError, match="callable or an 'ext:<function>' string"):
+        _backend.register_op("scratch_bad", reference=_twice, cpu="flat_sgd_step_forward")
+    with pytest.raises(TypeError, match="reference implementation"):
+        _backend.register_op("scratch_bad", reference=None)
+
+
+def test_every_fused_op_is_registered_with_a_reference():
+    for name in ("flat_sgd_step", "batch_norm", "bn_relu_pool", "relu_maxpool2d"):
+        assert name in _backend.registered_ops()
+    for name in _backend.registered_ops():
+        assert callable(_backend.implementation(name, "reference")), name
+
+
+def test_the_probe_runs_the_registered_probe_op(scratch_table, monkeypatch):
+    """The cuda probe compares the registered probe op with its reference: a wrong result is
+    reported, and without a registered probe op the backend is not trusted."""
+    _backend.register_op("scratch_probe", reference=_twice, cuda=lambda t: 3 * t)
+    _backend.register_probe("scratch_probe", lambda device: (torch.ones(3, device=device),))
+    assert "wrong result" in _backend._probe_op("cuda", torch.device("cpu"))
+    monkeypatch.setattr(_backend, "_probe_spec", [])
+    assert "no probe op" in _backend._probe_op("cuda", torch.device("cpu"))

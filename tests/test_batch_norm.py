@@ -13,7 +13,7 @@ from torch import nn
 
 from sophon_fast import _backend
 from sophon_fast.nn import FusedBatchNorm2d, convert_batchnorm
-from sophon_fast.ops import batch_norm as ops
+from sophon_fast.ops import _triton, channel_stats_triton
 from sophon_fast.ops.batch_norm import batch_norm2d
 from sophon_fast.reference import batch_norm as reference
 
@@ -249,8 +249,8 @@ TRITON = [p for p in FUSED if p.values[0] == "triton"]
 def _small_chunks(monkeypatch, min_chunk):
     """Triton tiles of 16 values and chunks of >= min_chunk values: several chunks a channel on
     the CHUNKED shapes (the defaults give one chunk a channel under the interpreter)."""
-    monkeypatch.setattr(ops, "BLOCK_SIZE", 16)
-    monkeypatch.setattr(ops, "MIN_CHUNK_VALUES", min_chunk)
+    monkeypatch.setattr(channel_stats_triton, "BLOCK_SIZE", 16)
+    monkeypatch.setattr(channel_stats_triton, "MIN_CHUNK_VALUES", min_chunk)
 
 
 def _chunked_derivatives(fn, x, weight, bias, grad_y, running):
@@ -275,7 +275,7 @@ def test_chunked_statistics_match_torch(
     second derivatives as torch. float16/bfloat16: error against float64 <= 2x torch's own."""
     _small_chunks(monkeypatch, min_chunk)
     n, c, h, w = shape
-    plan = ops.chunk_plan(n, h * w, c)
+    plan = channel_stats_triton.chunk_plan(n, h * w, c)
     assert plan.n_chunks > 1 and (n * h * w) % (plan.tiles * plan.block_r * plan.block_s) != 0
     assert plan.n_chunks * plan.tiles >= plan.n_tiles > (plan.n_chunks - 1) * plan.tiles
     x, weight, bias = _inputs(shape, torch.float64, channels_last, device=device)
@@ -311,7 +311,7 @@ def test_chunk_plan_fills_an_h100_at_resnet18_sizes():
     launches >= 2 programs per SM of a 132-SM H100 (one block per channel gave 64-512), chunks
     cover every tile once and hold >= the minimum chunk."""
     for c, side in ((64, 32), (128, 16), (256, 8), (512, 4)):
-        plan = ops.chunk_plan(
+        plan = channel_stats_triton.chunk_plan(
             128, side * side, c, block=1024, min_chunk=4096, target_programs=4 * 132
         )
         assert c * plan.n_chunks >= 2 * 132, (c, plan)
@@ -331,7 +331,7 @@ def test_every_triton_launch_enters_the_tensors_device(backend, device, monkeypa
         devices.append(t.device)
         return contextlib.nullcontext()
 
-    monkeypatch.setattr(ops._triton, "launch_device", recording)
+    monkeypatch.setattr(_triton, "launch_device", recording)
     x, weight, bias = _inputs((3, 2, 5, 4), torch.float64, device=device)
     running = (
         torch.zeros(2, dtype=torch.float64, device=device),
@@ -340,3 +340,29 @@ def test_every_triton_launch_enters_the_tensors_device(backend, device, monkeypa
     with _backend.use_backend(backend):
         _chunked_derivatives(batch_norm2d, x, weight, bias, torch.randn_like(x), running)
     assert len(devices) == 3 and set(devices) == {x.device}, devices
+
+
+@pytest.mark.parametrize(("backend", "device"), FUSED)
+def test_table_entries_match_the_reference_entries(backend, device):
+    """Each backend's three entries in the implementation table (forward with its batch
+    statistics, backward, double backward) give the reference entries' outputs, running
+    statistics included: one signature for every backend (sophon_fast._backend.register_op)."""
+    x, weight, bias = _inputs((3, 4, 5, 2), torch.float64, device=device)
+    grad_y, grad_dx = (torch.randn(x.shape, dtype=torch.float64).to(device) for _ in range(2))
+    grad_dweight, grad_dbias = (torch.randn(4, dtype=torch.float64).to(device) for _ in range(2))
+    outputs = {}
+    for name in (backend, "reference"):
+        running = [torch.zeros(4, dtype=torch.float64, device=device), torch.ones(4).to(x)]
+        y, mean, invstd = _backend.implementation("batch_norm", name)(
+            x, weight, bias, *running, 0.1, 1e-5
+        )
+        backward = _backend.implementation("batch_norm.backward", name)(
+            x, weight, grad_y, mean, invstd
+        )
+        double = _backend.implementation("batch_norm.double_backward", name)(
+            x, weight, grad_y, mean, invstd, grad_dx, grad_dweight, grad_dbias
+        )
+        outputs[name] = [y, mean, invstd, *running, *backward, *double]
+    rtol, atol = TOLERANCE[torch.float64]
+    for k, (got, want) in enumerate(zip(outputs[backend], outputs["reference"])):
+        torch.testing.assert_close(got, want, rtol=rtol, atol=atol, msg=f"output {k}")

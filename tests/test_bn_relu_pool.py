@@ -16,8 +16,7 @@ from torch.func import functional_call
 from sophon_fast import _backend
 from sophon_fast.models.classifiers import SmallCNN
 from sophon_fast.nn import FusedBatchNormReLUMaxPool2d, fuse_bn_relu_pool
-from sophon_fast.ops import batch_norm as bn_ops
-from sophon_fast.ops import bn_relu_pool as ops
+from sophon_fast.ops import channel_stats_triton
 from sophon_fast.ops.bn_relu_pool import batch_norm_relu_maxpool2d
 from sophon_fast.reference import bn_relu_pool as reference
 
@@ -36,7 +35,7 @@ def _params():
             name in ("cpu", "cuda")
             and not skipped
             and not torch.cuda.is_available()
-            and not ops._extension_has_op()
+            and not hasattr(_backend.extension(), "bn_relu_pool_forward")
         ):
             reason = "the compiled extension was built without bn_relu_pool"
             p = pytest.param(*p.values, id=p.id, marks=[pytest.mark.skip(reason=reason)])
@@ -341,11 +340,11 @@ def test_chunked_passes_match_eager(
 ):
     """Several chunks a channel in every pass: pooled output, running statistics and gradients
     as the eager modules (ties included). float16/bfloat16: error vs float64 <= 2x torch's own."""
-    monkeypatch.setattr(bn_ops, "BLOCK_SIZE", 16)
-    monkeypatch.setattr(bn_ops, "MIN_CHUNK_VALUES", min_chunk)
+    monkeypatch.setattr(channel_stats_triton, "BLOCK_SIZE", 16)
+    monkeypatch.setattr(channel_stats_triton, "MIN_CHUNK_VALUES", min_chunk)
     n, c, h, w = shape
     for rows, cols in ((n, h * w), (n * (h // 2), w // 2), (n * -(-h // 2), -(-w // 2))):
-        plan = bn_ops.chunk_plan(rows, cols, c, cell_values=1 if rows == n else 4)
+        plan = channel_stats_triton.chunk_plan(rows, cols, c, cell_values=1 if rows == n else 4)
         assert plan.n_chunks > 1, (rows, cols, plan)
         assert plan.n_chunks * plan.tiles >= plan.n_tiles > (plan.n_chunks - 1) * plan.tiles
     x, weight, bias = _inputs(shape, torch.float64, channels_last, ties=True, device=device)
@@ -386,3 +385,24 @@ def test_nan_propagates_as_in_the_eager_ops(backend, device, channels_last):
     expected = F.max_pool2d(F.relu(F.batch_norm(x, None, None, weight, bias, True)), 2, 2)
     assert torch.equal(torch.isnan(got), torch.isnan(expected))
     assert torch.isnan(got[:, 1]).all() and not torch.isnan(got[:, [0, 2]]).any()
+
+
+@pytest.mark.parametrize(("backend", "device"), FUSED)
+def test_table_entries_match_the_reference_entries(backend, device):
+    """Each backend's forward (with its batch statistics) and backward entries in the
+    implementation table give the reference entries' outputs and running statistics: one
+    signature for every backend (sophon_fast._backend.register_op)."""
+    x, weight, bias = _inputs((2, 3, 5, 7), torch.float64, device=device)
+    grad_y = torch.randn(2, 3, 2, 3, dtype=torch.float64).to(device)
+    outputs = {}
+    for name in (backend, "reference"):
+        running = [torch.zeros(3, dtype=torch.float64, device=device), torch.ones(3).to(x)]
+        y, mean, invstd = _backend.implementation("bn_relu_pool", name)(
+            x, weight, bias, *running, 0.1, 1e-5
+        )
+        backward = _backend.implementation("bn_relu_pool.backward", name)(
+            x, weight, bias, grad_y, mean, invstd
+        )
+        outputs[name] = [y, mean, invstd, *running, *backward]
+    for k, (got, want) in enumerate(zip(outputs[backend], outputs["reference"])):
+        torch.testing.assert_close(got, want, **_tolerance(torch.float64), msg=f"output {k}")

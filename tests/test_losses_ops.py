@@ -339,3 +339,24 @@ def test_every_triton_launch_enters_the_tensors_device(monkeypatch):
         ops.cross_entropy(logits, torch.tensor([0, 4, 2], device=device))
         ops.mse_ascent(logits[None, None], torch.zeros_like(logits)[None, None])
     assert devices == [torch.device(device)] * 2
+
+
+@pytest.mark.parametrize(("backend", "device"), FUSED)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_table_entries_match_the_reference_entries(backend, device, dtype):
+    """Each backend's loss entries in the implementation table (value and gradient in one call)
+    give the reference entries' outputs: one signature for every backend."""
+    rtol, atol = TOLERANCE[dtype]
+    logits, labels = _data(7, 13, dtype)
+    logits, labels = logits.to(device), labels.to(device)
+    for code in range(len(ops.KINDS)):
+        got = _backend.implementation(ops.CLASSIFICATION_OP, backend)(logits, labels, code)
+        want = _backend.implementation(ops.CLASSIFICATION_OP, "reference")(logits, labels, code)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=rtol, atol=atol, msg=ops.KINDS[code])
+    prediction, target = (torch.randn(2, 3, 4, 5, dtype=dtype).to(device) for _ in range(2))
+    for args in ((prediction, target, -1.0), (prediction, None, 1.0)):
+        got = _backend.implementation(ops.MEAN_SQUARE_OP, backend)(*args)
+        want = _backend.implementation(ops.MEAN_SQUARE_OP, "reference")(*args)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=rtol, atol=atol)

@@ -10,6 +10,7 @@ from torch import nn
 from sophon_fast import _backend
 from sophon_fast.nn import FusedReLUMaxPool2d, fuse_relu_pool
 from sophon_fast.ops.relu_pool import relu_maxpool2d
+from sophon_fast.reference import relu_pool as reference
 
 # Skipped without the kernel only on a machine without a CUDA device: on a GPU machine a missing
 # compiled backend is a failure, never a skip (tests/_backends.py).
@@ -135,3 +136,36 @@ def test_fuse_relu_pool_keeps_state_and_outputs():
     assert type(model[4]) is nn.ReLU and type(model[5]) is nn.MaxPool2d
     assert list(model.state_dict()) == keys
     torch.testing.assert_close(model(x), before, rtol=0, atol=0)
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", SHAPES)
+def test_reference_entries_equal_the_kernels(shape):
+    """The implementation table's reference entries (reference/relu_pool.py) are the kernels'
+    pure-torch forms: the same y, code, scatter and gather, exactly, NaN and ties included."""
+    ext = _backend.extension()
+    x = _input(shape, torch.float64, seed=3)
+    x.view(-1)[3] = float("nan")
+    y, code = ext.relu_maxpool2d_forward(x)
+    ref_y, ref_code = reference.relu_maxpool2d_forward(x)
+    assert torch.equal(code, ref_code)
+    torch.testing.assert_close(ref_y, y, rtol=0, atol=0, equal_nan=True)
+    g = torch.randn(y.shape, dtype=torch.float64)
+    v = torch.randn(shape, dtype=torch.float64)
+    assert torch.equal(
+        reference.relu_maxpool2d_scatter(g, code, *shape[2:]),
+        ext.relu_maxpool2d_scatter(g, code, *shape[2:]),
+    )
+    assert torch.equal(reference.relu_maxpool2d_gather(v, code), ext.relu_maxpool2d_gather(v, code))
+
+
+def test_a_forced_backend_without_a_kernel_runs_the_reference_composition():
+    """relu_maxpool2d has only a cpu kernel: forcing triton where it runs on CPU tensors (the
+    interpreter) runs the reference composition (documented in ops/relu_pool.py) instead of
+    raising; a forced backend that cannot run on the device at all still raises."""
+    x = _input((2, 3, 6, 6), torch.float64)
+    if _backend.why_unavailable("triton", x.device) is None:
+        with _backend.use_backend("triton"):
+            assert torch.equal(relu_maxpool2d(x), eager(x))
+    with _backend.use_backend("cuda"), pytest.raises(_backend.BackendUnavailableError):
+        relu_maxpool2d(x)

@@ -26,10 +26,11 @@ the ReLU clips (z <= 0) the gradient is 0 whichever index is picked.
 Backends: ``cpu`` (csrc/bn_relu_pool: NCHW one channel per task, channels_last natively as rows
 of channels), ``cuda`` (csrc/bn_relu_pool/bn_relu_pool_cuda.cu: the Triton kernels' passes on
 NCHW, channels_last converted in and out; compile-checked for sm_80 / sm_90 by make cuda-check,
-not yet run on a GPU), ``triton`` (the kernels below, through the input's strides: (channel,
-chunk) grids as in ops/batch_norm.py; the forward is batch_norm's per-chunk statistics then one
-pass over the 2x2 windows, the backward one pass of window sums then one writing dx over every
-window, those of an odd last row or column partial) and ``reference`` (the eager composition). Statistics: the CUDA and Triton kernels join per-chunk mean and M2 by
+not yet run on a GPU), ``triton`` (ops/bn_relu_pool_triton.py, through the input's strides:
+(channel, chunk) grids as in ops/batch_norm_triton.py; the forward is batch_norm's per-chunk
+statistics then one pass over the 2x2 windows, the backward one pass of window sums then one
+writing dx over every window, those of an odd last row or column partial) and ``reference``
+(the eager composition). Statistics: the CUDA and Triton kernels join per-chunk mean and M2 by
 Chan's parallel combine in the compute dtype (float32, float64 for float64 inputs); the CPU
 kernels add blocks of 256 values in float64. The op is once differentiable: a second derivative
 raises.
@@ -49,478 +50,62 @@ from torch.autograd.function import once_differentiable
 
 from .. import _backend
 from ..reference import bn_relu_pool as _reference
-from . import _triton
-from . import batch_norm as bn
-from .batch_norm import _channel_affine, _channel_moments, _channel_sum
+from . import _library, bn_relu_pool_triton
+from .channel_stats_triton import compute_dtype, param_dtype
 
 OP_NAME = "bn_relu_pool"
 FUSED_BACKENDS = ("cpu", "cuda", "triton")
 
-tl = _triton.tl
+BACKWARD_OP = OP_NAME + ".backward"
 
-# Work split (Triton), as in ops/batch_norm.py: the statistics are batch_norm's per-chunk
-# (count, mean, M2) partials over x; the pooled passes run over matrices of 2x2 windows, rows
-# the (n, oh) pairs and columns ow, in tiles and chunks of tiles (batch_norm.chunk_plan), one
-# program per (channel, chunk). A row index splits into (n, oh) once per row (a 32-bit divide
-# by the pooled height), never per element.
-
-
-@_triton.jit
-def _window_tile(
-    t, rows, cols, n_col_tiles, rows_per_image, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr
-):
-    """(n as int64, oh, ow, mask) of tile t of a matrix of windows, rows = (n, oh) pairs with
-    rows_per_image windows down an image, columns = ow."""
-    row_tile = t // n_col_tiles  # one scalar divide per tile
-    col_tile = t - row_tile * n_col_tiles
-    r = row_tile * BLOCK_R + tl.arange(0, BLOCK_R)
-    ow = col_tile * BLOCK_S + tl.arange(0, BLOCK_S)
-    n = r // rows_per_image  # per row
-    oh = r - n * rows_per_image
-    mask = (r < rows)[:, None] & (ow < cols)[None, :]
-    return n.to(tl.int64), oh, ow, mask
+_backend.register_op(
+    OP_NAME,
+    reference=_reference.batch_norm_relu_maxpool2d_forward,
+    cpu="ext:bn_relu_pool_forward",
+    cuda="ext:bn_relu_pool_forward",
+    triton=bn_relu_pool_triton.forward,
+)
+_backend.register_op(
+    BACKWARD_OP,
+    reference=_reference.batch_norm_relu_maxpool2d_backward,
+    cpu="ext:bn_relu_pool_backward",
+    cuda="ext:bn_relu_pool_backward",
+    triton=bn_relu_pool_triton.backward,
+)
 
 
-@_triton.jit
-def _corners(n, oh, ow, stride_n, stride_h, stride_w):
-    """Offsets of windows' top-left values, [rows, cols] from per-row n, oh and per-column ow."""
-    row = n * stride_n + (2 * oh).to(tl.int64) * stride_h
-    return row[:, None] + ((2 * ow).to(tl.int64) * stride_w)[None, :]
-
-
-@_triton.jit
-def _pooled(n, oh, ow, stride_n, stride_h, stride_w):
-    """Offsets of pooled values (n, oh, ow)."""
-    row = n * stride_n + oh.to(tl.int64) * stride_h
-    return row[:, None] + (ow.to(tl.int64) * stride_w)[None, :]
-
-
-@_triton.jit
-def _bn_relu_pool_forward_kernel(
-    x_ptr,
-    weight_ptr,
-    bias_ptr,
-    y_ptr,
-    mean_ptr,
-    invstd_ptr,
-    running_mean_ptr,
-    running_var_ptr,
-    partial_ptr,
-    stride_n,
-    stride_c,
-    stride_h,
-    stride_w,
-    y_stride_n,
-    y_stride_c,
-    y_stride_h,
-    y_stride_w,
-    n_values,
-    stats_chunks,
-    rows,
-    cols,
-    pooled_height,
-    n_col_tiles,
-    n_tiles,
-    momentum_hi,
-    momentum_lo,
-    eps_hi,
-    eps_lo,
-    HAS_WEIGHT: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    HAS_RUNNING: tl.constexpr,
-    COMPUTE_F64: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-    TILES: tl.constexpr,
-    MAX_CHUNKS: tl.constexpr,
-):
-    """Pass 2: combine the channel's statistics partials, write relu(max z) of this chunk's
-    windows, z = scale x + shift."""
-    c = tl.program_id(0).to(tl.int64)
-    k = tl.program_id(1)
-    acc_ty = tl.float64 if COMPUTE_F64 else tl.float32
-    momentum = tl.cast(momentum_hi, acc_ty) + tl.cast(momentum_lo, acc_ty)
-    eps = tl.cast(eps_hi, acc_ty) + tl.cast(eps_lo, acc_ty)
-    count = n_values.to(acc_ty)
-    mean, var = _channel_moments(
-        partial_ptr, c, stats_chunks, tl.num_programs(0), count, MAX_CHUNKS, acc_ty
-    )
-    scale, shift = _channel_affine(
-        c, k == 0, mean, var, eps, count, momentum, mean_ptr, invstd_ptr, running_mean_ptr,
-        running_var_ptr, weight_ptr, bias_ptr, HAS_RUNNING, HAS_WEIGHT, HAS_BIAS,
-    )  # fmt: skip
-    x_c = x_ptr + c * stride_c
-    y_c = y_ptr + c * y_stride_c
-    for i in range(TILES):
-        t = k * TILES + i
-        n, oh, ow, mask = _window_tile(t, rows, cols, n_col_tiles, pooled_height, BLOCK_R, BLOCK_S)
-        mask = mask & (t < n_tiles)
-        corner = _corners(n, oh, ow, stride_n, stride_h, stride_w)
-        x0 = tl.load(x_c + corner, mask=mask, other=0.0).to(acc_ty)
-        x1 = tl.load(x_c + corner + stride_w, mask=mask, other=0.0).to(acc_ty)
-        x2 = tl.load(x_c + corner + stride_h, mask=mask, other=0.0).to(acc_ty)
-        x3 = tl.load(x_c + corner + stride_h + stride_w, mask=mask, other=0.0).to(acc_ty)
-        z = tl.maximum(
-            tl.maximum(x0 * scale + shift, x1 * scale + shift),
-            tl.maximum(x2 * scale + shift, x3 * scale + shift),
-        )
-        out = _pooled(n, oh, ow, y_stride_n, y_stride_h, y_stride_w)
-        # relu keeping NaN as torch.relu does (tl.maximum(NaN, 0) may give 0)
-        relu = tl.where(z <= 0.0, 0.0, z)
-        tl.store(y_c + out, relu.to(y_ptr.dtype.element_ty), mask=mask)
-
-
-@_triton.jit
-def _selected(x0, x1, x2, x3, scale, shift, acc_ty: tl.constexpr):
-    """Window index 0..3 of the first maximum of z = scale x + shift, and that maximum."""
-    z0 = x0.to(acc_ty) * scale + shift
-    z1 = x1.to(acc_ty) * scale + shift
-    z2 = x2.to(acc_ty) * scale + shift
-    z3 = x3.to(acc_ty) * scale + shift
-    best = z0
-    index = tl.zeros(z0.shape, tl.int32)
-    index = tl.where(z1 > best, 1, index)
-    best = tl.maximum(best, z1)
-    index = tl.where(z2 > best, 2, index)
-    best = tl.maximum(best, z2)
-    index = tl.where(z3 > best, 3, index)
-    best = tl.maximum(best, z3)
-    return index, best
-
-
-@_triton.jit
-def _channel_scale_shift(
-    c, weight_ptr, bias_ptr, mean, invstd, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr
-):
-    """(scale, shift) of z = scale x + shift from the saved mean and invstd."""
-    scale = invstd
-    if HAS_WEIGHT:
-        scale = scale * tl.load(weight_ptr + c).to(invstd.dtype)
-    shift = -mean * scale
-    if HAS_BIAS:
-        shift = shift + tl.load(bias_ptr + c).to(invstd.dtype)
-    return scale, shift
-
-
-@_triton.jit
-def _bn_relu_pool_grad_sums_kernel(
-    x_ptr,
-    weight_ptr,
-    bias_ptr,
-    grad_y_ptr,
-    mean_ptr,
-    invstd_ptr,
-    partial_ptr,
-    stride_n,
-    stride_c,
-    stride_h,
-    stride_w,
-    g_stride_n,
-    g_stride_c,
-    g_stride_h,
-    g_stride_w,
-    rows,
-    cols,
-    pooled_height,
-    n_col_tiles,
-    n_tiles,
-    HAS_WEIGHT: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    COMPUTE_F64: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-    TILES: tl.constexpr,
-):
-    """Backward pass 1: this chunk's sums of dz and dz (x - mean) as planes 0 and 1 of the
-    partials; dz is the pooled gradient at the window's arg-max where its z > 0."""
-    c = tl.program_id(0).to(tl.int64)
-    k = tl.program_id(1)
-    acc_ty = tl.float64 if COMPUTE_F64 else tl.float32
-    mean = tl.load(mean_ptr + c).to(acc_ty)
-    invstd = tl.load(invstd_ptr + c).to(acc_ty)
-    scale, shift = _channel_scale_shift(c, weight_ptr, bias_ptr, mean, invstd, HAS_WEIGHT, HAS_BIAS)
-    x_c = x_ptr + c * stride_c
-    g_c = grad_y_ptr + c * g_stride_c
-    sum_g = tl.zeros([BLOCK_R, BLOCK_S], acc_ty)
-    sum_gd = tl.zeros([BLOCK_R, BLOCK_S], acc_ty)
-    for i in range(TILES):
-        t = k * TILES + i
-        n, oh, ow, mask = _window_tile(t, rows, cols, n_col_tiles, pooled_height, BLOCK_R, BLOCK_S)
-        mask = mask & (t < n_tiles)
-        corner = _corners(n, oh, ow, stride_n, stride_h, stride_w)
-        x0 = tl.load(x_c + corner, mask=mask, other=0.0)
-        x1 = tl.load(x_c + corner + stride_w, mask=mask, other=0.0)
-        x2 = tl.load(x_c + corner + stride_h, mask=mask, other=0.0)
-        x3 = tl.load(x_c + corner + stride_h + stride_w, mask=mask, other=0.0)
-        index, best = _selected(x0, x1, x2, x3, scale, shift, acc_ty)
-        g_off = _pooled(n, oh, ow, g_stride_n, g_stride_h, g_stride_w)
-        g = tl.load(g_c + g_off, mask=mask, other=0.0).to(acc_ty)
-        g = tl.where(mask & (best > 0.0), g, 0.0)
-        picked = tl.where(index == 0, x0, tl.where(index == 1, x1, tl.where(index == 2, x2, x3)))
-        sum_g += g
-        sum_gd += g * (picked.to(acc_ty) - mean)
-    plane = tl.num_programs(0) * tl.num_programs(1)
-    out = partial_ptr + c * tl.num_programs(1) + k
-    tl.store(out, tl.sum(tl.sum(sum_g, axis=1), axis=0))
-    tl.store(out + plane, tl.sum(tl.sum(sum_gd, axis=1), axis=0))
-
-
-@_triton.jit
-def _bn_relu_pool_backward_kernel(
-    x_ptr,
-    weight_ptr,
-    bias_ptr,
-    grad_y_ptr,
-    mean_ptr,
-    invstd_ptr,
-    dx_ptr,
-    dweight_ptr,
-    dbias_ptr,
-    partial_ptr,
-    stride_n,
-    stride_c,
-    stride_h,
-    stride_w,
-    g_stride_n,
-    g_stride_c,
-    g_stride_h,
-    g_stride_w,
-    n_values,
-    sums_chunks,
-    height,
-    width,
-    rows,
-    cols,
-    rows_per_image,
-    n_col_tiles,
-    n_tiles,
-    HAS_WEIGHT: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    COMPUTE_F64: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-    TILES: tl.constexpr,
-    MAX_CHUNKS: tl.constexpr,
-):
-    """Backward pass 2: dx = a dz + b (x - mean) + k0 over this chunk's windows, which tile the
-    whole input: ceil(height / 2) x ceil(width / 2) windows an image, those on an odd last row
-    or column partial (no pooled output: only the b (x - mean) + k0 term). The channel's first
-    program stores dweight and dbias."""
-    c = tl.program_id(0).to(tl.int64)
-    k = tl.program_id(1)
-    acc_ty = tl.float64 if COMPUTE_F64 else tl.float32
-    mean = tl.load(mean_ptr + c).to(acc_ty)
-    invstd = tl.load(invstd_ptr + c).to(acc_ty)
-    scale, shift = _channel_scale_shift(c, weight_ptr, bias_ptr, mean, invstd, HAS_WEIGHT, HAS_BIAS)
-    n_channels = tl.num_programs(0)
-    s_g = _channel_sum(partial_ptr, 0, c, sums_chunks, n_channels, MAX_CHUNKS, acc_ty)
-    s_gd = _channel_sum(partial_ptr, 1, c, sums_chunks, n_channels, MAX_CHUNKS, acc_ty)
-    tl.store(dbias_ptr + c, s_g, mask=k == 0)
-    tl.store(dweight_ptr + c, s_gd * invstd, mask=k == 0)
-    count = n_values.to(acc_ty)
-    # dx = a dz + b (x - mean) + k0, as in the BatchNorm backward.
-    a = scale
-    b = -a * invstd * invstd * s_gd / count
-    k0 = -a * s_g / count
-    x_c = x_ptr + c * stride_c
-    dx_c = dx_ptr + c * stride_c
-    g_c = grad_y_ptr + c * g_stride_c
-    out_ty = dx_ptr.dtype.element_ty
-    for i in range(TILES):
-        t = k * TILES + i
-        n, oh, ow, mask = _window_tile(t, rows, cols, n_col_tiles, rows_per_image, BLOCK_R, BLOCK_S)
-        m0 = mask & (t < n_tiles)
-        m1 = m0 & (2 * ow + 1 < width)[None, :]
-        m2 = m0 & (2 * oh + 1 < height)[:, None]
-        m3 = m1 & m2  # a full window: it has a pooled output
-        corner = _corners(n, oh, ow, stride_n, stride_h, stride_w)
-        x0 = tl.load(x_c + corner, mask=m0, other=0.0)
-        x1 = tl.load(x_c + corner + stride_w, mask=m1, other=0.0)
-        x2 = tl.load(x_c + corner + stride_h, mask=m2, other=0.0)
-        x3 = tl.load(x_c + corner + stride_h + stride_w, mask=m3, other=0.0)
-        index, best = _selected(x0, x1, x2, x3, scale, shift, acc_ty)
-        g_off = _pooled(n, oh, ow, g_stride_n, g_stride_h, g_stride_w)
-        g = tl.load(g_c + g_off, mask=m3, other=0.0).to(acc_ty)
-        ag = tl.where(m3 & (best > 0.0), a * g, 0.0)
-        d0 = b * (x0.to(acc_ty) - mean) + k0 + tl.where(index == 0, ag, 0.0)
-        d1 = b * (x1.to(acc_ty) - mean) + k0 + tl.where(index == 1, ag, 0.0)
-        d2 = b * (x2.to(acc_ty) - mean) + k0 + tl.where(index == 2, ag, 0.0)
-        d3 = b * (x3.to(acc_ty) - mean) + k0 + tl.where(index == 3, ag, 0.0)
-        tl.store(dx_c + corner, d0.to(out_ty), mask=m0)
-        tl.store(dx_c + corner + stride_w, d1.to(out_ty), mask=m1)
-        tl.store(dx_c + corner + stride_h, d2.to(out_ty), mask=m2)
-        tl.store(dx_c + corner + stride_h + stride_w, d3.to(out_ty), mask=m3)
-
-
-def _pooled_shape(x: torch.Tensor) -> tuple[int, int, int, int]:
+def _fake_forward(x, weight, bias, running_mean, running_var, momentum, eps):
     n, c, h, w = x.shape
-    return n, c, h // 2, w // 2
-
-
-def _window_plan(x: torch.Tensor, rows_per_image: int, cols: int) -> bn.ChunkPlan:
-    return bn.chunk_plan(
-        x.shape[0] * rows_per_image,
-        cols,
-        x.shape[1],
-        target_programs=bn.target_programs(x.device),
-        cell_values=4,
+    channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    y = torch.empty(
+        (n, c, h // 2, w // 2),
+        dtype=x.dtype,
+        device=x.device,
+        memory_format=torch.channels_last if channels_last else torch.contiguous_format,
     )
+    stats = compute_dtype(x.dtype)
+    return y, x.new_empty((c,), dtype=stats), x.new_empty((c,), dtype=stats)
 
 
-def _check_inputs(x, eps, **per_channel):
-    """The compiled backends' input checks (csrc/bn_relu_pool/bn_relu_pool.cpp), for Triton."""
-    if x.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
-        raise TypeError(
-            f"{OP_NAME}: x must be float32, float64, float16 or bfloat16, got {x.dtype}"
-        )
-    if eps is not None and not eps > 0.0:
-        raise ValueError(f"{OP_NAME}: eps must be > 0, got {eps}")
-    for name, t in per_channel.items():
-        if t is None:
-            continue
-        if t.shape != (x.shape[1],) or t.device != x.device:
-            raise ValueError(
-                f"{OP_NAME}: {name} must be (channels,) = ({x.shape[1]},) on {x.device}, got "
-                f"{tuple(t.shape)} on {t.device}"
-            )
-        if name.startswith("running") and not t.is_contiguous():
-            raise ValueError(f"{OP_NAME}: {name} must be contiguous (it is updated in place)")
+def _fake_backward(x, weight, bias, grad_y, mean, invstd):
+    param = param_dtype(weight, x)
+    c = x.shape[1]
+    return torch.empty_like(x), x.new_empty((c,), dtype=param), x.new_empty((c,), dtype=param)
 
 
-def _channel(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else t.contiguous()
-
-
-def _triton_forward(x, weight, bias, running_mean, running_var, momentum, eps):
-    _check_inputs(
-        x, eps, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var
-    )
-    x = bn._dense(x)
-    weight, bias = _channel(weight), _channel(bias)
-    n, c, h, w = x.shape
-    _, _, oh, ow = _pooled_shape(x)
-    memory_format = (
-        torch.channels_last
-        if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-        else torch.contiguous_format
-    )
-    y = torch.empty((n, c, oh, ow), dtype=x.dtype, device=x.device, memory_format=memory_format)
-    stats = torch.empty((2, c), dtype=bn._compute_dtype(x.dtype), device=x.device)
-    has_running = running_mean is not None and running_var is not None
-    if c == 0 or n == 0:
-        return y, stats[0], stats[1]
-    geometry, stats_plan = bn._geometry(x)
-    plan = _window_plan(x, oh, ow)
-    with _triton.launch_device(x):
-        partial = bn._channel_stats(x, geometry, stats_plan)
-        _bn_relu_pool_forward_kernel[(c, plan.n_chunks)](
-            x,
-            x if weight is None else weight,
-            x if bias is None else bias,
-            y,
-            stats[0],
-            stats[1],
-            running_mean if has_running else x,
-            running_var if has_running else x,
-            partial,
-            *x.stride(),
-            *y.stride(),
-            n * h * w,
-            stats_plan.n_chunks,
-            n * oh,
-            ow,
-            oh,
-            *plan.sizes(),
-            *bn._split_float(momentum),
-            *bn._split_float(eps),
-            HAS_WEIGHT=weight is not None,
-            HAS_BIAS=bias is not None,
-            HAS_RUNNING=has_running,
-            COMPUTE_F64=x.dtype == torch.float64,
-            MAX_CHUNKS=stats_plan.max_chunks,
-            num_warps=bn.NUM_WARPS,
-            **plan.constexprs(),
-        )
-    return y, stats[0], stats[1]
-
-
-def _triton_backward(x, weight, bias, grad_y, mean, invstd):
-    x = bn._dense(x)
-    weight, bias = _channel(weight), _channel(bias)
-    n, c, h, w = x.shape
-    _, _, oh, ow = _pooled_shape(x)
-    dx = torch.empty_like(x)
-    sums = torch.empty((2, c), dtype=bn._compute_dtype(x.dtype), device=x.device)
-    if c == 0 or n == 0:
-        return dx, sums[0], sums[1]
-    mean = mean.to(sums.dtype).contiguous()
-    invstd = invstd.to(sums.dtype).contiguous()
-    plan = _window_plan(x, oh, ow)
-    # The second pass runs over every window including the partial ones of an odd last row or
-    # column, so it covers all of dx.
-    full_plan = _window_plan(x, -(-h // 2), -(-w // 2))
-    flags = {
-        "HAS_WEIGHT": weight is not None,
-        "HAS_BIAS": bias is not None,
-        "COMPUTE_F64": x.dtype == torch.float64,
-        "num_warps": bn.NUM_WARPS,
-    }
-    operands = (x, x if weight is None else weight, x if bias is None else bias, grad_y)
-    with _triton.launch_device(x):
-        partial = bn._partials(2, x, plan)
-        _bn_relu_pool_grad_sums_kernel[(c, plan.n_chunks)](
-            *operands,
-            mean,
-            invstd,
-            partial,
-            *x.stride(),
-            *grad_y.stride(),
-            n * oh,
-            ow,
-            oh,
-            *plan.sizes(),
-            **flags,
-            **plan.constexprs(),
-        )
-        _bn_relu_pool_backward_kernel[(c, full_plan.n_chunks)](
-            *operands,
-            mean,
-            invstd,
-            dx,
-            sums[0],
-            sums[1],
-            partial,
-            *x.stride(),
-            *grad_y.stride(),
-            n * h * w,
-            plan.n_chunks,
-            h,
-            w,
-            n * -(-h // 2),
-            -(-w // 2),
-            -(-h // 2),
-            *full_plan.sizes(),
-            MAX_CHUNKS=plan.max_chunks,
-            **flags,
-            **full_plan.constexprs(),
-        )
-    param_dtype = x.dtype if weight is None else weight.dtype
-    sums = sums.to(param_dtype)
-    return dx, sums[0], sums[1]
-
-
-_TRITON = {"forward": _triton_forward, "backward": _triton_backward}
-
-
-def _impl(backend: str, stage: str):
-    if backend == "triton":
-        return _TRITON[stage]
-    return getattr(_backend.extension(), f"bn_relu_pool_{stage}")
-
-
-def _extension_has_op() -> bool:
-    """False for a compiled extension built before this op's kernels were added."""
-    return hasattr(_backend.extension(), "bn_relu_pool_forward")
+_library.define(
+    OP_NAME,
+    "(Tensor x, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
+    "Tensor(b!)? running_var, float momentum, float eps) -> (Tensor, Tensor, Tensor)",
+    _fake_forward,
+    mutates_args=("running_mean", "running_var"),
+)
+_library.define(
+    BACKWARD_OP,
+    "(Tensor x, Tensor? weight, Tensor? bias, Tensor grad_y, Tensor mean, Tensor invstd) "
+    "-> (Tensor, Tensor, Tensor)",
+    _fake_backward,
+)
 
 
 class _NoDoubleBackward(torch.autograd.Function):
@@ -548,8 +133,8 @@ class BatchNormReLUMaxPool2dFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, backend):
-        y, mean, invstd = _impl(backend, "forward")(
-            x, weight, bias, running_mean, running_var, momentum, eps
+        y, mean, invstd = _library.call(
+            OP_NAME, backend, x, weight, bias, running_mean, running_var, momentum, eps
         )
         ctx.save_for_backward(x, weight, bias, mean, invstd)
         ctx.backend = backend
@@ -572,7 +157,9 @@ class BatchNormReLUMaxPool2dFunction(torch.autograd.Function):
     @once_differentiable
     def _fused_backward(ctx, grad_y):
         x, weight, bias, mean, invstd = ctx.saved_tensors
-        dx, dweight, dbias = _impl(ctx.backend, "backward")(x, weight, bias, grad_y, mean, invstd)
+        dx, dweight, dbias = _library.call(
+            BACKWARD_OP, ctx.backend, x, weight, bias, grad_y, mean, invstd
+        )
         return (
             dx,
             dweight if weight is not None else None,
@@ -626,14 +213,7 @@ def batch_norm_relu_maxpool2d(
             "batch_norm_relu_maxpool2d: a 2x2 pool needs height and width >= 2, got input shape "
             f"{tuple(x.shape)}"
         )
-    backend = _backend.resolve(OP_NAME, x.device)
-    if backend in ("cpu", "cuda") and not _extension_has_op():
-        if _backend._forced() is not None:
-            raise _backend.BackendUnavailableError(
-                f"backend {backend!r} was forced but the compiled extension sophon_fast._C was "
-                f"built without {OP_NAME} (rebuild it: pip install --no-build-isolation -e .)"
-            )
-        backend = "reference"
+    backend = _backend.resolve_backend(OP_NAME, x.device)
     if backend == "reference":
         return _reference.batch_norm_relu_maxpool2d(
             x, weight, bias, running_mean, running_var, momentum, eps

@@ -19,7 +19,7 @@ import torch
 
 from .. import _backend
 from ..reference import flat_sgd_step as _reference
-from . import _triton
+from . import _library, _triton
 from ._checks import check_flat_buffer, check_like, check_real
 from .flat_optim import geometry
 
@@ -143,6 +143,17 @@ _backend.register_op(
     triton=_triton_backward,
 )
 
+_library.define(
+    OP_NAME,
+    "(Tensor params, Tensor grad, float lr, float weight_decay) -> Tensor",
+    lambda params, grad, lr, weight_decay: torch.empty_like(params),
+)
+_library.define(
+    BACKWARD_OP,
+    "(Tensor grad_out, float lr, float weight_decay) -> (Tensor, Tensor)",
+    lambda grad_out, lr, weight_decay: (torch.empty_like(grad_out), torch.empty_like(grad_out)),
+)
+
 
 def _probe_args(device: torch.device) -> tuple:
     """The auto dispatch's probe (sophon_fast._backend): a 7-element step with weight decay."""
@@ -160,7 +171,7 @@ class FlatSgdStepFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, params, grad, lr, weight_decay, backend):
         ctx.lr, ctx.weight_decay, ctx.backend = lr, weight_decay, backend
-        return _backend.implementation(OP_NAME, backend)(params, grad, lr, weight_decay)
+        return _library.call(OP_NAME, backend, params, grad, lr, weight_decay)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -180,7 +191,7 @@ class FlatSgdStepBackwardFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, grad_out, lr, weight_decay, backend):
         ctx.lr, ctx.weight_decay, ctx.backend = lr, weight_decay, backend
-        return _backend.implementation(BACKWARD_OP, backend)(grad_out, lr, weight_decay)
+        return _library.call(BACKWARD_OP, backend, grad_out, lr, weight_decay)
 
     @staticmethod
     def backward(ctx, grad_grad_params, grad_grad_grad):

@@ -38,9 +38,12 @@ import torch
 
 from .. import _backend
 from ..reference import losses as _reference
-from . import _triton
+from . import _library, _triton
 
 OP_NAME = "losses"
+# The table's entries (sophon_fast._backend.register_op): one kernel each, value and gradient.
+CLASSIFICATION_OP = "classification_loss"
+MEAN_SQUARE_OP = "mean_square_loss"
 KINDS = ("ce", "ice", "ice_paper", "klu")
 KIND_CODES = {name: code for code, name in enumerate(KINDS)}
 GENERATION_KINDS = ("mse_ascent", "dos")
@@ -257,22 +260,48 @@ def _triton_mean_square(prediction, target, sign):
     return (partial.sum() * (sign / n)).to(prediction.dtype), grad
 
 
-def _classification_impl(backend):
-    if backend == "triton":
-        return _triton_classification
-    return _backend.extension().classification_loss_forward
+_backend.register_op(
+    CLASSIFICATION_OP,
+    reference=_reference.classification_loss_forward,
+    cpu="ext:classification_loss_forward",
+    cuda="ext:classification_loss_forward",
+    triton=_triton_classification,
+)
+_backend.register_op(
+    MEAN_SQUARE_OP,
+    reference=_reference.mean_square_loss_forward,
+    cpu="ext:mean_square_loss_forward",
+    cuda="ext:mean_square_loss_forward",
+    triton=_triton_mean_square,
+)
 
 
-def _mean_square_impl(backend):
-    if backend == "triton":
-        return _triton_mean_square
-    return _backend.extension().mean_square_loss_forward
+def _fake_loss(x: torch.Tensor, *_) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss (), gradient like x, contiguous): the shapes every loss kernel returns."""
+    return x.new_empty(()), torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+_library.define(
+    CLASSIFICATION_OP,
+    "(Tensor logits, Tensor labels, int kind_code) -> (Tensor, Tensor)",
+    _fake_loss,
+)
+_library.define(
+    MEAN_SQUARE_OP,
+    "(Tensor prediction, Tensor? target, float sign) -> (Tensor, Tensor)",
+    _fake_loss,
+)
 
 
 def _scale(grad: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
     # A loss is almost always the root of backward (grad_out = 1): on the CPU, where reading the
     # scalar costs no sync, hand back the saved gradient instead of a 4-32 MB multiply.
-    if grad_out.device.type == "cpu" and float(grad_out) == 1.0:
+    # (Not while torch.compile traces: reading a value there is a graph break.)
+    if (
+        grad_out.device.type == "cpu"
+        and not torch.compiler.is_compiling()
+        and float(grad_out) == 1.0
+    ):
         return grad
     return grad * grad_out.to(grad.dtype)
 
@@ -282,7 +311,7 @@ class ClassificationLossFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, labels, kind, backend):
-        loss, grad = _classification_impl(backend)(logits, labels, KIND_CODES[kind])
+        loss, grad = _library.call(CLASSIFICATION_OP, backend, logits, labels, KIND_CODES[kind])
         ctx.kind = kind
         ctx.save_for_backward(logits, labels, grad)
         return loss
@@ -322,7 +351,7 @@ class MeanSquareLossFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, prediction, target, sign, backend):
-        loss, grad = _mean_square_impl(backend)(prediction, target, sign)
+        loss, grad = _library.call(MEAN_SQUARE_OP, backend, prediction, target, sign)
         ctx.sign = sign
         ctx.save_for_backward(prediction, target, grad)
         return loss
@@ -393,12 +422,15 @@ def classification_loss(logits: torch.Tensor, labels: torch.Tensor | None, kind:
             "ice_paper: -log(1 - p_y) is +inf for every input when there is 1 class; "
             "expected at least 2 classes"
         )
-    backend = _backend.resolve(OP_NAME, logits.device)
+    backend = _backend.resolve_backend(CLASSIFICATION_OP, logits.device)
     if backend == "reference":
         return _REFERENCE[kind](logits, labels)
-    labels = (
-        _unused_labels(logits.shape[0], logits.device) if not need_labels else labels.contiguous()
-    )
+    if need_labels:
+        labels = labels.contiguous()
+    elif torch.compiler.is_compiling():  # a graph allocates its own (no cache to trace)
+        labels = torch.zeros(logits.shape[0], dtype=torch.int64, device=logits.device)
+    else:
+        labels = _unused_labels(logits.shape[0], logits.device)
     if logits.stride(1) != 1:  # kernels take any row stride, but unit column stride
         logits = logits.contiguous()
     return ClassificationLossFunction.apply(logits, labels, kind, backend)
@@ -494,7 +526,7 @@ def _mean_square(prediction, target, sign, name):
             f"{name}: target must have the prediction's dtype and device "
             f"({prediction.dtype}, {prediction.device}); got ({target.dtype}, {target.device})"
         )
-    backend = _backend.resolve(OP_NAME, prediction.device)
+    backend = _backend.resolve_backend(MEAN_SQUARE_OP, prediction.device)
     if backend == "reference":
         return (
             _reference.mse_ascent(prediction, target)

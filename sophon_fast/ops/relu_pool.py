@@ -18,9 +18,10 @@ Saved for backward: the code only (4 B per output at fp32 against 8 B of int64 i
 input kept for ReLU's backward by eager autograd); nothing is recomputed.
 
 Backends: ``cpu`` (the C++ kernels: NCHW-contiguous float32 / float64 on the CPU) and
-``reference`` (:mod:`sophon_fast.reference.relu_pool`: the eager modules). Any other input
-(channels_last, half precision, CUDA tensors) or any other backend runs the reference
-composition: there is no Triton or CUDA kernel for this op.
+``reference`` (:mod:`sophon_fast.reference.relu_pool`: the eager modules; the table's reference
+entries are the kernels' pure-torch forms). Any other input (channels_last, half precision, CUDA
+tensors) or any other backend runs the reference composition: there is no Triton or CUDA kernel
+for this op.
 """
 
 from __future__ import annotations
@@ -29,73 +30,99 @@ import torch
 
 from .. import _backend
 from ..reference import relu_pool as _reference
+from . import _library
 
 __all__ = ["relu_maxpool2d"]
 
 OP_NAME = "relu_maxpool2d"
+SCATTER_OP = OP_NAME + ".scatter"
+GATHER_OP = OP_NAME + ".gather"
+
+_backend.register_op(
+    OP_NAME, reference=_reference.relu_maxpool2d_forward, cpu="ext:relu_maxpool2d_forward"
+)
+_backend.register_op(
+    SCATTER_OP, reference=_reference.relu_maxpool2d_scatter, cpu="ext:relu_maxpool2d_scatter"
+)
+_backend.register_op(
+    GATHER_OP, reference=_reference.relu_maxpool2d_gather, cpu="ext:relu_maxpool2d_gather"
+)
 
 
-def _kernels():
-    module = _backend.extension()
-    if module is None or not hasattr(module, "relu_maxpool2d_forward"):
-        return None
-    return module
+def _pooled(x: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((x.shape[0], x.shape[1], x.shape[2] // 2, x.shape[3] // 2))
+
+
+_library.define(OP_NAME, "(Tensor x) -> (Tensor, Tensor)", lambda x: (_pooled(x), _pooled(x)))
+_library.define(
+    SCATTER_OP,
+    "(Tensor grad_y, Tensor code, int height, int width) -> Tensor",
+    lambda grad_y, code, height, width: grad_y.new_empty((*grad_y.shape[:2], height, width)),
+)
+_library.define(
+    GATHER_OP, "(Tensor v, Tensor code) -> Tensor", lambda v, code: v.new_empty(code.shape)
+)
 
 
 def _use_kernel(x: torch.Tensor) -> bool:
-    return (
-        x.device.type == "cpu"
-        and x.dtype in (torch.float32, torch.float64)
-        and x.is_contiguous()
-        and _kernels() is not None
-        and _backend.resolve(OP_NAME, x.device) == "cpu"
-    )
+    if not (
+        x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and x.is_contiguous()
+    ):
+        return False
+    # A forced backend without a kernel here (no Triton or CUDA kernel; an extension built
+    # without this op) runs the reference composition, as any other input does.
+    return _backend.resolve_backend(OP_NAME, x.device, fallback="reference") == "cpu"
 
 
 class ReluMaxPool2dFunction(torch.autograd.Function):
     """y = relu_maxpool2d(x); backward = :class:`ReluMaxPool2dScatter` of the saved code."""
 
     @staticmethod
-    def forward(ctx, x):
-        y, code = _kernels().relu_maxpool2d_forward(x)
+    def forward(ctx, x, backend):
+        y, code = _library.call(OP_NAME, backend, x)
         ctx.mark_non_differentiable(code)
         ctx.save_for_backward(code)
         ctx.in_size = (x.shape[2], x.shape[3])
+        ctx.backend = backend
         return y, code
 
     @staticmethod
     def backward(ctx, grad_y, _grad_code):
         (code,) = ctx.saved_tensors
-        return ReluMaxPool2dScatter.apply(grad_y.contiguous(), code, *ctx.in_size)
+        dx = ReluMaxPool2dScatter.apply(grad_y.contiguous(), code, *ctx.in_size, ctx.backend)
+        return dx, None
 
 
 class ReluMaxPool2dScatter(torch.autograd.Function):
     """dx = S(dy) (linear in dy); its backward is the gather G, its transpose."""
 
     @staticmethod
-    def forward(ctx, grad_y, code, height, width):
+    def forward(ctx, grad_y, code, height, width, backend):
         ctx.save_for_backward(code)
-        return _kernels().relu_maxpool2d_scatter(grad_y, code, height, width)
+        ctx.backend = backend
+        return _library.call(SCATTER_OP, backend, grad_y, code, height, width)
 
     @staticmethod
     def backward(ctx, v):
         (code,) = ctx.saved_tensors
-        return ReluMaxPool2dGather.apply(v.contiguous(), code), None, None, None
+        return ReluMaxPool2dGather.apply(v.contiguous(), code, ctx.backend), None, None, None, None
 
 
 class ReluMaxPool2dGather(torch.autograd.Function):
     """G(v) = v at the coded positions (0 where the ReLU clipped); its backward is S."""
 
     @staticmethod
-    def forward(ctx, v, code):
+    def forward(ctx, v, code, backend):
         ctx.save_for_backward(code)
         ctx.in_size = (v.shape[2], v.shape[3])
-        return _kernels().relu_maxpool2d_gather(v, code)
+        ctx.backend = backend
+        return _library.call(GATHER_OP, backend, v, code)
 
     @staticmethod
     def backward(ctx, grad):
         (code,) = ctx.saved_tensors
-        return ReluMaxPool2dScatter.apply(grad.contiguous(), code, *ctx.in_size), None
+        dx = ReluMaxPool2dScatter.apply(grad.contiguous(), code, *ctx.in_size, ctx.backend)
+        return dx, None, None
 
 
 def relu_maxpool2d(x: torch.Tensor) -> torch.Tensor:
@@ -124,4 +151,4 @@ def relu_maxpool2d(x: torch.Tensor) -> torch.Tensor:
         )
     if not _use_kernel(x):
         return _reference.relu_maxpool2d(x)
-    return ReluMaxPool2dFunction.apply(x)[0]
+    return ReluMaxPool2dFunction.apply(x, "cpu")[0]

@@ -24,7 +24,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["batch_norm_relu_maxpool2d", "batch_norm_relu_maxpool2d_backward"]
+__all__ = [
+    "batch_norm_relu_maxpool2d",
+    "batch_norm_relu_maxpool2d_backward",
+    "batch_norm_relu_maxpool2d_forward",
+]
 
 
 def batch_norm_relu_maxpool2d(
@@ -51,6 +55,23 @@ def batch_norm_relu_maxpool2d(
     """
     z = F.batch_norm(x, running_mean, running_var, weight, bias, True, momentum, eps)
     return F.max_pool2d(F.relu(z), 2, 2)
+
+
+def batch_norm_relu_maxpool2d_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, mean (C,), invstd (C,)): :func:`batch_norm_relu_maxpool2d` and the batch statistics
+    its backward takes, in float32 (float64 for float64 x), as the fused kernels return them."""
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    var, mean = torch.var_mean(x.to(compute), dim=(0, 2, 3), correction=0)
+    y = batch_norm_relu_maxpool2d(x, weight, bias, running_mean, running_var, momentum, eps)
+    return y, mean, torch.rsqrt(var + eps)
 
 
 def _window_argmax(z: torch.Tensor) -> torch.Tensor:

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "classification_loss_forward",
     "cross_entropy",
     "dos",
     "inverse_cross_entropy",
@@ -47,6 +48,7 @@ __all__ = [
     "kl_uniform",
     "loss_gradient",
     "loss_hvp",
+    "mean_square_loss_forward",
     "mse_ascent",
 ]
 
@@ -231,3 +233,35 @@ def loss_hvp(
         return jac(torch.softmax(-logits, 1)) / batch
     p, r = _distributions(logits, labels, "ice_paper")
     return (jac(p) - jac(r)) / batch
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def classification_loss_forward(
+    logits: torch.Tensor, labels: torch.Tensor, kind_code: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss (), gradient (batch, classes)) of loss ``_KINDS[kind_code]``, as the fused kernels
+    return them: computed in float32 (float64 for float64 logits), returned in logits' dtype."""
+    kind = _KINDS[kind_code]
+    z = logits.to(_compute_dtype(logits.dtype))
+    loss = {
+        "ce": cross_entropy,
+        "ice": inverse_cross_entropy,
+        "ice_paper": inverse_cross_entropy_paper,
+        "klu": kl_uniform,
+    }[kind](z, labels)
+    return loss.to(logits.dtype), loss_gradient(z, labels, kind).to(logits.dtype)
+
+
+def mean_square_loss_forward(
+    prediction: torch.Tensor, target: torch.Tensor | None, sign: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sign * mean(d^2) (), its gradient 2 sign d / N), d = prediction - target (prediction
+    without a target), as the fused kernels return them (float32 maths, float64 for float64)."""
+    d = prediction.to(_compute_dtype(prediction.dtype))
+    if target is not None:
+        d = d - target.to(d.dtype)
+    loss = sign * d.square().mean()
+    return loss.to(prediction.dtype), (d * (2.0 * sign / d.numel())).to(prediction.dtype)
