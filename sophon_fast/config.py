@@ -3,23 +3,24 @@
 Defaults reproduce the official classification run; see :mod:`sophon_fast.api` for the algorithm
 and the official-code bugs this library fixes.
 
-Each field's check is declared once, in :data:`_RULES` (a bounded int, a finite number, a choice,
-a bool, or a function for the few that need more); ``__post_init__`` applies them in one loop and
-then runs the checks that tie several fields together. The generation-mode fields, their checks
+Each field's check is declared once, in :data:`_RULES`: a rule kind of
+:mod:`sophon_fast.config_rules` (a bounded int, a finite number, a choice, a bool) or a function
+here for the few that need more; ``__post_init__`` applies them in one loop and then runs the
+checks that tie several fields together. The generation-mode fields, their checks
 and :func:`resolve_timesteps` live here too, so that the config imports nothing from the engine.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import warnings
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from sophon_fast.config_rules import BoolRule, ChoiceRule, FloatRule, IntRule, Rule
+from sophon_fast.config_rules import check_choice as _choice
 from sophon_fast.diffusion import OFFICIAL_TIMESTEP
 from sophon_fast.engine.optimizers import Adversary, resolve_adversary
 from sophon_fast.engine_options import resolve_options
@@ -41,91 +42,6 @@ _GENERATION_FIELDS = ("mode", "timesteps", "noise_schedule", "diffusion_steps")
 #: Suppression losses of generation mode (fused ops of :mod:`sophon_fast.ops.losses`).
 GENERATION_LOSSES = ("mse_ascent", "dos")
 _SCHEDULES = NoiseSchedule.KINDS
-
-
-# Counts beyond this are typos (a step or sample count of 2**40 never finishes); the bound keeps
-# them from reaching torch, whose int64 arguments overflow at 2**63.
-_INT_MAX = 2**62
-
-
-def _choice(name: str, value: Any, options: Sequence[str]) -> None:
-    if value not in options:
-        raise ValueError(f"ProtectConfig.{name}: expected one of {list(options)}, got {value!r}")
-
-
-# --------------------------------------------------------------------------- rule kinds
-
-#: A field's check: (config, field name, value) -> the value to store (checked, normalised).
-#: It may read fields listed before it in :data:`_RULES`, which are checked already.
-Rule = Callable[[Any, str, Any], Any]
-
-
-@dataclass(frozen=True)
-class _Int:
-    """An int (not a bool) in [minimum, maximum]; None too when ``allow_none``."""
-
-    minimum: int
-    maximum: int = _INT_MAX
-    allow_none: bool = False
-
-    def __call__(self, config: Any, name: str, value: Any) -> int | None:
-        if value is None and self.allow_none:
-            return None
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(
-                f"ProtectConfig.{name}: expected an int, got {value!r} ({type(value).__name__})"
-            )
-        if not self.minimum <= value <= self.maximum:
-            top = "2**62" if self.maximum == _INT_MAX else self.maximum
-            raise ValueError(
-                f"ProtectConfig.{name}: expected an int in [{self.minimum}, {top}], got {value}"
-            )
-        return value
-
-
-@dataclass(frozen=True)
-class _Float:
-    """A finite number, > 0 (``positive``) or >= 0, stored as a float; None too when allowed."""
-
-    positive: bool = True
-    allow_none: bool = False
-
-    def __call__(self, config: Any, name: str, value: Any) -> float | None:
-        if value is None and self.allow_none:
-            return None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(
-                f"ProtectConfig.{name}: expected a number, got {value!r} ({type(value).__name__})"
-            )
-        value = float(value)
-        if not math.isfinite(value) or (value <= 0 if self.positive else value < 0):
-            kind = "> 0" if self.positive else ">= 0"
-            raise ValueError(f"ProtectConfig.{name}: expected a finite number {kind}, got {value}")
-        return value
-
-
-@dataclass(frozen=True)
-class _Choice:
-    """One of ``options`` (``ValueError`` otherwise)."""
-
-    options: tuple[Any, ...]
-
-    def __call__(self, config: Any, name: str, value: Any) -> Any:
-        _choice(name, value, self.options)
-        return value
-
-
-@dataclass(frozen=True)
-class _Bool:
-    """True or False (not 1 or "yes": ``TypeError``); None too when ``allow_none``."""
-
-    allow_none: bool = False
-
-    def __call__(self, config: Any, name: str, value: Any) -> Any:
-        if isinstance(value, bool) or (value is None and self.allow_none):
-            return value
-        expected = "True, False or None" if self.allow_none else "a bool"
-        raise TypeError(f"ProtectConfig.{name}: expected {expected}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -171,7 +87,7 @@ def _below_lr_max(name: str, lr: float) -> None:
 
 
 def _learning_rate(config: Any, name: str, value: Any) -> float:
-    value = _Float()(config, name, value)
+    value = FloatRule()(config, name, value)
     _below_lr_max(name, value)
     return value
 
@@ -300,41 +216,41 @@ def resolve_timesteps(spec: Any, diffusion_steps: int) -> list[int]:
 #: Every field's rule, in the order they are checked: a rule may read the fields above it.
 _RULES: dict[str, Rule] = {
     "loss": _loss,  # its options depend on mode, checked first
-    "inner_steps": _Int(1),
+    "inner_steps": IntRule(1),
     "inner_lr": _learning_rate,
-    "batch_size": _Int(1),
-    "adapt_size": _Int(1),
-    "alpha": _Float(),
-    "beta": _Float(),
-    "base_lr": _Float(),
-    "suppression_steps": _Int(1),
-    "ntr_steps": _Int(0),
-    "outer_steps": _Int(1),
-    "max_grad_norm": _Float(allow_none=True),
-    "reinit_head": _Bool(allow_none=True),
-    "restore_bn": _Bool(),
+    "batch_size": IntRule(1),
+    "adapt_size": IntRule(1),
+    "alpha": FloatRule(),
+    "beta": FloatRule(),
+    "base_lr": FloatRule(),
+    "suppression_steps": IntRule(1),
+    "ntr_steps": IntRule(0),
+    "outer_steps": IntRule(1),
+    "max_grad_norm": FloatRule(allow_none=True),
+    "reinit_head": BoolRule(allow_none=True),
+    "restore_bn": BoolRule(),
     "order": _order,
-    "truncate": _Int(0, allow_none=True),
+    "truncate": IntRule(0, allow_none=True),
     "adversaries": _adversaries,  # the default adversary takes inner_lr
-    "adversary_sampling": _Choice(("one", "all")),
-    "simulations": _Int(1),
-    "guard_threshold": _Float(positive=False, allow_none=True),
-    "guard_mode": _Choice(("absolute", "relative")),
-    "guard_action": _Choice(("stop", "continue")),
-    "eval_every": _Int(0, allow_none=True),
-    "eval_size": _Int(1, allow_none=True),
-    "eval_batch_size": _Int(1),
+    "adversary_sampling": ChoiceRule(("one", "all")),
+    "simulations": IntRule(1),
+    "guard_threshold": FloatRule(positive=False, allow_none=True),
+    "guard_mode": ChoiceRule(("absolute", "relative")),
+    "guard_action": ChoiceRule(("stop", "continue")),
+    "eval_every": IntRule(0, allow_none=True),
+    "eval_size": IntRule(1, allow_none=True),
+    "eval_batch_size": IntRule(1),
     # torch.Generator.manual_seed takes a uint64 (2**70 overflowed at the first step) and
     # generation draws its fixed noise from seed + 1: 2**62 leaves room for both
-    "seed": _Int(0),
-    "engine": _Choice(("fast", "reference")),
+    "seed": IntRule(0),
+    "engine": ChoiceRule(("fast", "reference")),
     "engine_options": _engine_options,  # fast engine only, validated for the order
     "dtype": _dtype,
-    "checkpoint_every": _Int(1, allow_none=True),
+    "checkpoint_every": IntRule(1, allow_none=True),
     "head": _head,
     # generation mode and the fields only it reads
-    "mode": _Choice(("classification", "generation")),
-    "noise_schedule": _InGeneration(_Choice(_SCHEDULES)),
+    "mode": ChoiceRule(("classification", "generation")),
+    "noise_schedule": _InGeneration(ChoiceRule(_SCHEDULES)),
     "diffusion_steps": _InGeneration(_diffusion_steps),
     "timesteps": _timesteps,  # a generation-mode option, in [0, diffusion_steps)
 }
