@@ -213,7 +213,8 @@ def resolve_timesteps(spec: Any, diffusion_steps: int) -> list[int]:
     return values
 
 
-#: Every field's rule, in the order they are checked: a rule may read the fields above it.
+#: Every field's rule, in the order they are checked: a rule may read the fields above it, and
+#: mode, which several of them read, is also checked before them all (``__post_init__``).
 _RULES: dict[str, Rule] = {
     "loss": _loss,  # its options depend on mode, checked first
     "inner_steps": IntRule(1),
@@ -279,7 +280,7 @@ def _refuse_in_generation(config: Any) -> None:
             "accuracy; mode='generation' records the original-domain MSE and has no guard "
             "(leave guard_threshold at its default or None)"
         )
-    if getattr(config, "engine_options", None) is not None:
+    if config.engine_options is not None:
         raise ValueError(
             "ProtectConfig.engine_options: the fast engine's speed options are not wired into "
             "mode='generation' yet; leave engine_options=None"
