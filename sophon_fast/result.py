@@ -21,7 +21,7 @@ from torch import nn
 from sophon_fast._json import strict_json
 from sophon_fast.config import ProtectConfig
 from sophon_fast.engine.checkpoint import atomic_save_tensors, atomic_write_text, nonfinite_tensors
-from sophon_fast.models import build_model
+from sophon_fast.models.classifiers import build_model
 
 __all__ = ["METRICS", "ProtectResult", "SimulationResult"]
 

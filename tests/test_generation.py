@@ -1,6 +1,7 @@
 """Generation mode: config, both engines' equivalence in float64 (simulate() meta-gradients and
 weights after outer steps, order 1 and 2, mse_ascent and dos), resume, bad inputs."""
 
+import json
 import math
 import struct
 import zlib
@@ -11,7 +12,7 @@ import torch
 
 from sophon_fast.api import ProtectConfig, protect, simulate
 from sophon_fast.diffusion import NoiseSchedule
-from sophon_fast.engine.generation import DenoisingTask, NoisePredictor, resolve_timesteps
+from sophon_fast.engine.generation import NoiseDraws, NoisePredictor, resolve_timesteps
 from sophon_fast.models.unet import SmallUNet
 
 META_GRAD_RTOL = 1e-13  # fast vs reference, float64: 1.5e-15 measured (max of 272), 67x margin
@@ -82,7 +83,7 @@ def test_timesteps_resolve_to_0_based_indices():
 
 
 def test_default_timestep_is_the_official_noise_level():
-    task = DenoisingTask.from_config(ProtectConfig(mode="generation", loss="dos"))
+    task = NoiseDraws.from_config(ProtectConfig(mode="generation", loss="dos"))
     x0, noise = (
         torch.zeros(2, 1, 4, 4, dtype=torch.float64),
         torch.ones(2, 1, 4, 4, dtype=torch.float64),
@@ -96,7 +97,7 @@ def test_default_timestep_is_the_official_noise_level():
 
 def test_packed_input_is_the_schedules_q_sample():
     schedule = NoiseSchedule(kind="cosine", timesteps=50)
-    task = DenoisingTask(schedule.alpha_bars, range(50))
+    task = NoiseDraws(schedule.alpha_bars, range(50))
     g = torch.Generator().manual_seed(0)
     x0 = torch.rand(5, 2, 4, 4, generator=g, dtype=torch.float64) * 2 - 1
     t, noise = task.draw(x0, g)
@@ -122,8 +123,10 @@ def test_generation_config_validation():
         ProtectConfig(mode="generation", loss="dos", guard_threshold=50.0)
     with pytest.raises(ValueError, match="0-based"):
         ProtectConfig(mode="generation", loss="dos", timesteps=1000)
-    with pytest.raises(ValueError, match="engine_options"):
-        ProtectConfig(mode="generation", loss="dos", engine_options={"channels_last": True})
+    with pytest.raises(ValueError, match="engine_options"):  # one noise draw per replay
+        ProtectConfig(mode="generation", loss="dos", engine_options={"cuda_graphs": "inner"})
+    with pytest.raises(ValueError, match="engine_options"):  # one noise draw per adversary
+        ProtectConfig(mode="generation", loss="dos", engine_options={"vmap_adversaries": True})
     assert "mode" not in ProtectConfig().to_dict()  # classification dicts are unchanged
     config = ProtectConfig(mode="generation", loss="dos", timesteps=(3, 4))
     assert ProtectConfig.from_dict(config.to_dict()) == config
@@ -226,6 +229,91 @@ def test_engines_give_the_same_weights_after_three_outer_steps(order, loss, adve
         assert set(a) >= {"restricted_mse", "original_mse", "suppression_loss", "ntr_loss"}
         for key in ("suppression_loss", "ntr_loss", "restricted_mse", "original_mse"):
             assert math.isclose(a[key], b[key], rel_tol=1e-9), key
+
+
+def spy_channels_last(monkeypatch) -> list:
+    """The fast generation engine's resolved ``channels_last``, once per simulation it runs."""
+    from sophon_fast.engine.generation import GenerationFastEngine
+
+    seen = []
+    eager = GenerationFastEngine._simulate_eager
+
+    def spy(self, *args, **kwargs):
+        seen.append(self.resolved["channels_last"])
+        return eager(self, *args, **kwargs)
+
+    monkeypatch.setattr(GenerationFastEngine, "_simulate_eager", spy)
+    return seen
+
+
+def test_fast_engine_options_reach_generation_and_keep_the_reference_weights(monkeypatch):
+    """The fast engine's speed options run in generation mode (here the CPU's auto choice for
+    order 1: channels_last on the packed input, in the simulations as in NTR) and the fast
+    engine still equals the reference in float64."""
+    seen = spy_channels_last(monkeypatch)
+    model = tiny_unet()
+    original, restricted = images(20, 0), images(14, 1, shift=0.4)
+    fast = protect(model, original, restricted, gen_config(outer_steps=2), progress=False)
+    ref = protect(model, original, restricted, gen_config(outer_steps=2, engine="reference"),
+                  progress=False)  # fmt: skip
+    assert seen == [True, True]  # one simulation per outer step, each with the option
+    assert_close_states(fast.model, ref.model, WEIGHTS_ATOL)
+    for a, b in zip(fast.history, ref.history):
+        for key in ("suppression_loss", "ntr_loss", "restricted_mse", "original_mse"):
+            assert math.isclose(a[key], b[key], rel_tol=1e-9), key
+
+
+@pytest.mark.xfail(
+    raises=ValueError, strict=True,
+    reason="ProtectConfig still refuses explicit engine_options in mode='generation'",
+)  # fmt: skip
+def test_explicit_engine_options_in_generation_keep_the_reference_weights(monkeypatch):
+    seen = spy_channels_last(monkeypatch)
+    model = tiny_unet()
+    original, restricted = images(20, 0), images(14, 1, shift=0.4)
+    options = {"channels_last": False, "flush_denormal": False}  # the opposite of auto
+    fast = protect(model, original, restricted, gen_config(outer_steps=2, engine_options=options),
+                   progress=False)  # fmt: skip
+    ref = protect(model, original, restricted, gen_config(outer_steps=2, engine="reference"),
+                  progress=False)  # fmt: skip
+    assert seen == [False, False] and fast.config.engine_options["channels_last"] is False
+    assert_close_states(fast.model, ref.model, WEIGHTS_ATOL)
+
+
+def test_simulate_builds_the_generation_engine_as_protect_does(monkeypatch):
+    """simulate() runs on the engine protect() builds, its (auto) options included."""
+    seen = spy_channels_last(monkeypatch)
+    model = tiny_unet().double()
+    batches, adapt_masks, eval_masks = simulation_draw()
+    results = {
+        engine: simulate(model, batches, adapt_masks, eval_masks, gen_config(engine=engine),
+                         adversary=("sgd", 0.05))
+        for engine in ("fast", "reference")
+    }  # fmt: skip
+    assert seen == [True]
+    fast, ref = results["fast"], results["reference"]
+    for name in fast.meta_grad:
+        assert rel_err(fast.meta_grad[name], ref.meta_grad[name]) <= META_GRAD_RTOL, name
+
+
+def test_result_saves_and_loads_the_initial_mse_and_history(tmp_path):
+    model = tiny_unet()
+    config = gen_config(outer_steps=1, dtype="float32", loss="dos")
+    result = protect(model, images(20, 0), images(14, 1, shift=0.4), config, progress=False)
+    assert result.metric == "mse" and result.initial_original_accuracy is None
+    assert result.initial_original_mse is not None and result.initial_original_mse > 0
+    assert result.initial_original_metric == result.initial_original_mse
+    (record,) = result.history
+    assert "restricted_accuracy" not in record and "original_accuracy" not in record
+    loaded = type(result).load(result.save(tmp_path / "saved"), model=tiny_unet())
+    assert loaded.initial_original_mse == result.initial_original_mse
+    assert loaded.history == result.history and loaded.events == []
+    # a result saved before the MSE had its own field still loads (as None)
+    meta_path = tmp_path / "saved" / "result.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["initial_original_mse"]
+    meta_path.write_text(json.dumps(meta))
+    assert type(result).load(tmp_path / "saved", model=tiny_unet()).initial_original_mse is None
 
 
 def test_resume_is_bit_identical_and_caller_model_untouched(tmp_path):

@@ -1,4 +1,4 @@
-"""Generation mode: SOPHON for a DDPM noise-prediction model, on both engines.
+"""Generation mode at the engine level: SOPHON for a DDPM noise-prediction model, on both engines.
 
 The protected model is an eps-model ``f(x_t, t) -> eps_hat`` (e.g.
 :class:`sophon_fast.models.unet.SmallUNet`). With ``alpha_bar`` the schedule's cumulative product
@@ -12,9 +12,10 @@ timesteps ``t`` from the configured set and noise ``eps ~ N(0, I)``:
 
 Everything else (K inner steps of a simulated adversary on restricted batches, the adapt /
 evaluate split, the first- or second-order meta-gradient, clip + meta Adam, NTR with its own Adam
-on original batches, checkpoints and resume) is the classification machinery of
-:mod:`sophon_fast.engine.inner`, :mod:`sophon_fast.reference.sophon` and
-:mod:`sophon_fast.engine.outer`, reused unchanged through two seams:
+on original batches, the fast engine's speed options, torch.distributed, checkpoints and resume)
+is the classification machinery of :mod:`sophon_fast.engine.inner`,
+:mod:`sophon_fast.reference.sophon`, :mod:`sophon_fast.engine.outer` and
+:mod:`sophon_fast.distributed`, reused unchanged through two seams:
 
 - :class:`NoisePredictor` wraps the eps-model as a one-input module: its input packs ``x_t`` and
   ``t`` as ``(batch, channels + 1, H, W)``, the last channel holding ``t`` (exact as a float up to
@@ -23,160 +24,64 @@ on original batches, checkpoints and resume) is the classification machinery of
 - the noise and timesteps are drawn from the run's seeded generator right before each
   simulation / NTR step (:meth:`GenerationMixin.noised`), in a fixed order (per batch: ``t``,
   then ``eps``), so both engines see the same inputs and a resumed run continues bit-identically.
+  Under torch.distributed every rank draws the noise of every simulation (it runs only its own:
+  :meth:`GenerationMixin.skip_simulation`) and of the whole NTR batch before sharding it
+  (:meth:`GenerationMixin.ntr_inputs`), so the ranks' generators stay in step.
 
-What the run records (history): ``suppression_loss``; ``restricted_mse`` (the mean denoising MSE
-of the evaluation halves after each simulated fine-tuning step, whatever the suppression loss);
-``ntr_loss``; ``original_accuracy`` None; ``original_mse`` (eval-mode denoising MSE on the original evaluation images, with
-noise and timesteps drawn once from ``seed + 1`` and reused every time, so the numbers are
-comparable step to step). There is no intactness guard (it reads a classification accuracy),
-but the non-finite checks of :mod:`sophon_fast.engine.outer` run as in classification: a NaN or
-infinite loss, meta-gradient or weight rolls back to the previous step's state and stops
-(``stopped_by="nonfinite"``; ``guard_action="continue"`` goes on). Checkpoints, the data
-fingerprints a resume compares and ``overwrite`` are shared with classification
-(:func:`sophon_fast.api._prepare_checkpoints`).
+What the run records (:class:`GenerationRun`; history): ``suppression_loss``; ``restricted_mse``
+(the mean denoising MSE of the evaluation halves after each simulated fine-tuning step, whatever
+the suppression loss); ``ntr_loss``; ``original_mse`` (eval-mode denoising MSE on the original
+evaluation images, with noise and timesteps drawn once from ``seed + 1`` and reused every time, so
+the numbers are comparable step to step); ``guard``. There is no intactness guard (it reads a
+classification accuracy), but the non-finite checks of :mod:`sophon_fast.engine.outer` run as in
+classification: a NaN or infinite loss, meta-gradient or weight rolls back to the previous step's
+state and stops (``stopped_by="nonfinite"``; ``guard_action="continue"`` goes on). The data
+preparation and the protect() / simulate() entries are the denoising task of
+:mod:`sophon_fast.tasks`.
 """
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Sequence
-from pathlib import Path
-from typing import Any
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sophon_fast.config import (
+    GENERATION_LOSSES,
+    OFFICIAL_TIMESTEP,
+    resolve_timesteps,
+    validate_generation_config,
+)
+from sophon_fast.data.dataset import ImageDataset
+from sophon_fast.diffusion import to_model_range
 from sophon_fast.engine.inner import FastEngine, simulate_flat
 from sophon_fast.engine.outer import ProtectionRun
+from sophon_fast.engine.sampling import as_tensors
+from sophon_fast.noise_schedule import NoiseSchedule
+from sophon_fast.ops.losses import dos, mse_ascent
 from sophon_fast.reference.sophon import ReferenceEngine, simulate_reference
 
-__all__ = [
+__all__ = [  # GENERATION_LOSSES, OFFICIAL_TIMESTEP and the two config functions: from config
     "GENERATION_LOSSES",
-    "DenoisingTask",
+    "OFFICIAL_TIMESTEP",
     "GenerationFastEngine",
     "GenerationReferenceEngine",
     "GenerationRun",
+    "NoiseDraws",
     "NoisePredictor",
+    "as_images",
+    "check_model_fits",
     "denoising_error_sum",
     "noise_mse",
-    "protect_generation",
     "resolve_timesteps",
-    "simulate_generation",
+    "suppression_loss_fn",
     "validate_generation_config",
 ]
 
-#: Suppression losses of generation mode (fused ops of :mod:`sophon_fast.ops.losses`).
-GENERATION_LOSSES = ("mse_ascent", "dos")
-#: The official code's fixed timestep (``randint(1, 2)``, a 0-based index: noise std 0.0148 on
-#: the linear 1e-4..0.02 schedule over 1000 steps).
-OFFICIAL_TIMESTEP = 1
-_SCHEDULES = ("linear", "cosine")
-
-
-# --------------------------------------------------------------------------- config
-
-
-def resolve_timesteps(spec: Any, diffusion_steps: int) -> list[int]:
-    """The timesteps a generation run draws from, as sorted 0-based schedule indices.
-
-    Args:
-        spec: None (the official ``t = 1``), an int, ``"a:b"`` (a to b inclusive), ``"all"``
-            (0 .. diffusion_steps - 1) or a non-empty list of ints.
-        diffusion_steps: T, the schedule's number of steps.
-
-    Returns:
-        Sorted distinct indices in [0, T).
-
-    Raises:
-        TypeError / ValueError: anything else, or an index outside [0, T).
-    """
-    where = "ProtectConfig.timesteps"
-    if spec is None:
-        values = [OFFICIAL_TIMESTEP]
-    elif isinstance(spec, bool):
-        raise TypeError(f"{where}: expected an int, 'a:b', 'all' or a list of ints, got {spec!r}")
-    elif isinstance(spec, int):
-        values = [spec]
-    elif isinstance(spec, str):
-        text = spec.strip().lower()
-        if text == "all":
-            values = list(range(diffusion_steps))
-        elif ":" in text:
-            first, _, last = text.partition(":")
-            try:
-                a, b = int(first), int(last)
-            except ValueError:
-                raise ValueError(
-                    f"{where}: a range is 'a:b' with integers a <= b (inclusive), got {spec!r}"
-                ) from None
-            if a > b:
-                raise ValueError(f"{where}: range {spec!r} is empty (expected a <= b)")
-            values = list(range(a, b + 1))
-        else:
-            raise ValueError(f"{where}: expected an int, 'a:b', 'all' or a list, got {spec!r}")
-    elif isinstance(spec, (list, tuple)):
-        if not spec or not all(isinstance(v, int) and not isinstance(v, bool) for v in spec):
-            raise ValueError(f"{where}: expected a non-empty list of ints, got {spec!r}")
-        values = sorted(set(spec))
-    else:
-        raise TypeError(
-            f"{where}: expected an int, 'a:b', 'all' or a list of ints, got {type(spec).__name__}"
-        )
-    bad = [v for v in values if not 0 <= v < diffusion_steps]
-    if bad:
-        raise ValueError(
-            f"{where}: timesteps are 0-based schedule indices in [0, {diffusion_steps - 1}] "
-            f"(diffusion_steps={diffusion_steps}); got {bad[:5]}"
-        )
-    return values
-
-
-def validate_generation_config(config) -> None:
-    """Generation-mode checks of a :class:`~sophon_fast.api.ProtectConfig` (called on construction).
-
-    Raises:
-        ValueError / TypeError: a classification loss, ``reinit_head=True``, a ``head`` name, an
-            intactness guard, or a bad ``timesteps`` / ``noise_schedule`` / ``diffusion_steps``.
-    """
-    if config.loss not in GENERATION_LOSSES:
-        raise ValueError(
-            f"ProtectConfig.loss: mode='generation' takes one of {list(GENERATION_LOSSES)}, got "
-            f"{config.loss!r} ({config.loss!r} is a classification loss; pass loss='mse_ascent' or 'dos')"
-        )
-    if config.reinit_head:
-        raise ValueError(
-            "ProtectConfig.reinit_head: a noise-prediction model has no classification head to "
-            "re-draw; mode='generation' takes reinit_head=None or False"
-        )
-    if config.head is not None:
-        raise ValueError(
-            f"ProtectConfig.head: mode='generation' has no classifier head, got head={config.head!r}"
-        )
-    if config.guard_threshold not in (None, 80.0) or config.guard_mode != "absolute":
-        raise ValueError(
-            "ProtectConfig.guard_threshold / guard_mode: the intactness guard reads a classification "
-            "accuracy; mode='generation' records the original-domain MSE and has no guard "
-            "(leave guard_threshold at its default or None)"
-        )
-    if getattr(config, "engine_options", None) is not None:
-        raise ValueError(
-            "ProtectConfig.engine_options: the fast engine's speed options are not wired into "
-            "mode='generation' yet; leave engine_options=None"
-        )
-    if config.noise_schedule not in _SCHEDULES:
-        raise ValueError(
-            f"ProtectConfig.noise_schedule: expected one of {list(_SCHEDULES)}, got {config.noise_schedule!r}"
-        )
-    steps = config.diffusion_steps
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
-        raise ValueError(f"ProtectConfig.diffusion_steps: expected an int >= 2, got {steps!r}")
-    resolve_timesteps(config.timesteps, steps)
-    if isinstance(config.timesteps, tuple):
-        config.timesteps = list(config.timesteps)  # JSON round trip for resume comparisons
-
-
-# --------------------------------------------------------------------------- the task
+# --------------------------------------------------------------------------- model and losses
 
 
 class NoisePredictor(nn.Module):
@@ -207,16 +112,14 @@ def denoising_error_sum(prediction: torch.Tensor, target: torch.Tensor) -> torch
 
 def suppression_loss_fn(name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """The fused generation loss ``name`` as ``loss(prediction, noise)``."""
-    from sophon_fast.ops import losses
-
     if name == "mse_ascent":
-        return losses.mse_ascent
+        return mse_ascent
     if name == "dos":
-        return lambda prediction, target: losses.dos(prediction)
+        return lambda prediction, target: dos(prediction)
     raise ValueError(f"unknown generation loss {name!r}; expected one of {list(GENERATION_LOSSES)}")
 
 
-class DenoisingTask:
+class NoiseDraws:
     """Noise and timestep draws and the packed model input of one noise schedule.
 
     Args:
@@ -229,9 +132,7 @@ class DenoisingTask:
         self.timesteps = torch.as_tensor(list(timesteps), dtype=torch.int64)
 
     @classmethod
-    def from_config(cls, config) -> DenoisingTask:
-        from sophon_fast.diffusion import NoiseSchedule
-
+    def from_config(cls, config) -> NoiseDraws:
         schedule = NoiseSchedule(kind=config.noise_schedule, timesteps=config.diffusion_steps)
         return cls(schedule.alpha_bars, resolve_timesteps(config.timesteps, config.diffusion_steps))
 
@@ -256,62 +157,92 @@ class DenoisingTask:
         return torch.cat([x_t, t_channel], dim=1)
 
 
-class GenerationMixin:
-    """What both generation engines add: noise drawing and the denoising-error sums."""
+# --------------------------------------------------------------------------- engines
 
-    task: DenoisingTask
+
+class GenerationMixin:
+    """What both generation engines add: noise drawing and the denoising-error sums.
+
+    ``simulate`` / ``ntr_step`` take clean images (the loop's batches, labels ignored) and draw
+    the noise; ``simulate_noised`` / ``ntr_step_on`` take inputs already packed with their noise
+    (simulate() and the data-parallel NTR shard).
+    """
+
+    draws: NoiseDraws
     generator: torch.Generator | None = None
 
     def noised(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(packed input, noise target) for clean images ``x0``, drawn from the run generator."""
         if self.generator is None:
             raise RuntimeError("generation engine: no generator attached (GenerationRun sets it)")
-        t, noise = self.task.draw(x0, self.generator)
-        return self.task.pack(x0, t, noise), noise
+        t, noise = self.draws.draw(x0, self.generator)
+        return self.draws.pack(x0, t, noise), noise
 
     def noised_batches(self, batches):
-        out = []
+        return [self.noised(x0) for x0, _ in batches]
+
+    def skip_simulation(self, batches) -> None:
+        """Draw and drop the noise of a simulation another rank runs (torch.distributed), so the
+        generator advances exactly as in the process that runs it."""
         for x0, _ in batches:
-            out.append(self.noised(x0))
-        return out
+            self.draws.draw(x0, self.generator)
+
+    def ntr_inputs(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(packed input, noise target) of a whole NTR batch of clean images ``x``."""
+        return self.noised(x)
+
+    def simulate(self, batches, adapt_masks, eval_masks, head_values, adversary):
+        return self.simulate_noised(
+            self.noised_batches(batches), adapt_masks, eval_masks, adversary
+        )
+
+    def simulate_many(self, batches, adapt_masks, eval_masks, head_values, adversaries):
+        """One simulation per adversary, each with its own noise draw (no vmap path)."""
+        return [
+            self.simulate(batches, adapt_masks, eval_masks, head_values, adversary)
+            for adversary in adversaries
+        ]
+
+    def ntr_step(self, x: torch.Tensor, y: torch.Tensor, reduce=None) -> torch.Tensor:
+        return self.ntr_step_on(*self.ntr_inputs(x, y), reduce=reduce)
 
 
 class GenerationFastEngine(GenerationMixin, FastEngine):
-    """:class:`~sophon_fast.engine.inner.FastEngine` over a :class:`NoisePredictor`."""
+    """:class:`~sophon_fast.engine.inner.FastEngine` over a :class:`NoisePredictor`; its speed
+    options apply as in classification (``channels_last`` on the packed input, the fused module
+    copies), except CUDA graphs and vmap over adversaries (one noise draw per simulation)."""
 
-    def __init__(self, model: NoisePredictor, *, task: DenoisingTask, **kwargs) -> None:
+    def __init__(self, model: NoisePredictor, *, draws: NoiseDraws, **kwargs) -> None:
         super().__init__(model, **kwargs)
-        self.task = task
+        if self.resolved["cuda_graphs"] != "off":
+            raise ValueError("generation mode runs without CUDA graphs (cuda_graphs='off')")
+        self.draws = draws
 
-    def simulate(self, batches, adapt_masks, eval_masks, head_values, adversary):
-        from sophon_fast.engine.sampling import masks_to_indices
+    def simulate_noised(self, noised, adapt_masks, eval_masks, adversary):
+        """One simulation on (packed input, noise) pairs -> (loss, mean MSE, flat meta-grad)."""
+        return FastEngine.simulate(self, noised, adapt_masks, eval_masks, None, adversary)
 
+    def _simulate_eager(self, batches, adapt_index, eval_index, head_values, adversary):
         result = simulate_flat(
             self.fmodel,
             self.flat,
-            self.noised_batches(batches),
-            [masks_to_indices(m, self.device) for m in adapt_masks],
-            [masks_to_indices(m, self.device) for m in eval_masks],
+            batches,
+            adapt_index,
+            eval_index,
             suppression_loss=self.suppression_loss,
             adapt_loss=self.adapt_loss,
             adversary=adversary,
             order=self.order,
             truncate=self.truncate,
             head_values=None,
+            keep_stats=not self.restore_bn,
+            channels_last=self.resolved["channels_last"],
             metric=denoising_error_sum,
         )
         return result.loss, result.accuracy, result.meta_grad
 
-    def simulate_many(self, batches, adapt_masks, eval_masks, head_values, adversaries):
-        """One simulation per adversary, each with its own noise draw, as the reference engine
-        (no vmap path: the noise is drawn per simulation)."""
-        return [
-            self.simulate(batches, adapt_masks, eval_masks, head_values, adversary)
-            for adversary in adversaries
-        ]
-
-    def ntr_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return super().ntr_step(*self.noised(x))
+    def ntr_step_on(self, inputs, targets, reduce=None) -> torch.Tensor:
+        return FastEngine.ntr_step(self, inputs, targets, reduce=reduce)
 
     @torch.no_grad()
     def error_sum(self, packed: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -325,14 +256,15 @@ class GenerationFastEngine(GenerationMixin, FastEngine):
 class GenerationReferenceEngine(GenerationMixin, ReferenceEngine):
     """:class:`~sophon_fast.reference.sophon.ReferenceEngine` over a :class:`NoisePredictor`."""
 
-    def __init__(self, model: NoisePredictor, *, task: DenoisingTask, **kwargs) -> None:
+    def __init__(self, model: NoisePredictor, *, draws: NoiseDraws, **kwargs) -> None:
         super().__init__(model, **kwargs)
-        self.task = task
+        self.draws = draws
 
-    def simulate(self, batches, adapt_masks, eval_masks, head_values, adversary):
+    def simulate_noised(self, noised, adapt_masks, eval_masks, adversary):
+        """One simulation on (packed input, noise) pairs -> (loss, mean MSE, name -> grad)."""
         return simulate_reference(
             self.model,
-            self.noised_batches(batches),
+            noised,
             adapt_masks,
             eval_masks,
             suppression_loss=self.suppression_loss,
@@ -345,8 +277,8 @@ class GenerationReferenceEngine(GenerationMixin, ReferenceEngine):
             metric=denoising_error_sum,
         )
 
-    def ntr_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return super().ntr_step(*self.noised(x))
+    def ntr_step_on(self, inputs, targets, reduce=None) -> torch.Tensor:
+        return ReferenceEngine.ntr_step(self, inputs, targets, reduce=reduce)
 
     @torch.no_grad()
     def error_sum(self, packed: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -358,20 +290,28 @@ class GenerationReferenceEngine(GenerationMixin, ReferenceEngine):
 
 class GenerationRun(ProtectionRun):
     """:class:`~sophon_fast.engine.outer.ProtectionRun` for generation: noise from the run's
-    generator, original-domain MSE instead of accuracy, no guard, generation history keys."""
+    generator, the original-domain denoising MSE (lower is better) as its metric, no guard."""
+
+    metric: ClassVar[str] = "mse"
+    higher_is_better: ClassVar[bool] = False
+    restricted_scale: ClassVar[float] = 1.0  # the engines' mean MSE as it is
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.engine.generator = self.generator
         self._eval_inputs = None
-        if self.original_eval is not None:
-            x0 = self.original_eval[0]
-            fixed = torch.Generator().manual_seed(self.config.seed + 1)
-            t, noise = self.engine.task.draw(x0, fixed)
-            self._eval_inputs = (self.engine.task.pack(x0, t, noise), noise)
+
+    def evaluate_original(self) -> float:
+        return self.original_mse()
 
     def original_mse(self) -> float:
-        """Eval-mode denoising MSE on the original evaluation images (fixed noise and t)."""
+        """Eval-mode denoising MSE on the original evaluation images (fixed noise and t: drawn
+        once from ``seed + 1``, a generator of their own)."""
+        if self._eval_inputs is None:
+            x0 = self.original_eval[0]
+            fixed = torch.Generator().manual_seed(self.config.seed + 1)
+            t, noise = self.engine.draws.draw(x0, fixed)
+            self._eval_inputs = (self.engine.draws.pack(x0, t, noise), noise)
         packed, noise = self._eval_inputs
         size = self.config.eval_batch_size
         total = sum(
@@ -380,23 +320,8 @@ class GenerationRun(ProtectionRun):
         )
         return float(total) / packed.shape[0]
 
-    # ProtectionRun reads "accuracy" in start() and outer_step(); here it is the original MSE.
-    original_accuracy = original_mse
-
     def guard_threshold(self) -> float | None:
         return None
-
-    def outer_step(self) -> dict[str, Any]:
-        record = super().outer_step()
-        restricted = record.pop("restricted_accuracy")
-        # ProtectionRun reports 100 x the engines' mean: undo it for the MSE.
-        record["restricted_mse"] = None if restricted is None else restricted / 100.0
-        record["original_mse"] = record["original_accuracy"]
-        record["original_accuracy"] = (
-            None  # no accuracy in generation mode (the loop reads the key)
-        )
-        record.pop("guard", None)
-        return record
 
 
 # --------------------------------------------------------------------------- data
@@ -407,11 +332,7 @@ def as_images(data, name: str) -> torch.Tensor:
     ``(x, y)`` or an object with ``.tensors`` (labels are ignored), taken as given (the model's
     range); an :class:`~sophon_fast.data.ImageDataset` (documented [0, 1], what the CLI's data
     specs load) is mapped to [-1, 1], the range of :mod:`sophon_fast.diffusion`."""
-    from sophon_fast.data import ImageDataset
-
     if isinstance(data, ImageDataset):
-        from sophon_fast.diffusion import to_model_range
-
         images = to_model_range(data.images)
     elif isinstance(data, torch.Tensor):
         images = data
@@ -420,8 +341,6 @@ def as_images(data, name: str) -> torch.Tensor:
         if isinstance(tensors, (tuple, list)) and len(tensors) == 1:
             images = tensors[0]
         else:
-            from sophon_fast.engine.sampling import as_tensors
-
             images = as_tensors(data, name)[0]
     if not isinstance(images, torch.Tensor):
         raise TypeError(f"{name}: expected image tensors, got {type(images).__name__}")
@@ -462,198 +381,3 @@ def check_model_fits(model: nn.Module, images: torch.Tensor, name: str) -> None:
             f"{name}: images are {height}x{width} but {type(model).__name__} was built for "
             f"image_size={size}; resize the images or rebuild the model"
         )
-
-
-# --------------------------------------------------------------------------- entry points
-
-
-def _make_engine(config, model: NoisePredictor, task: DenoisingTask):
-    kwargs = dict(
-        meta_lr=config.alpha * config.base_lr,
-        ntr_lr=config.beta * config.base_lr,
-        suppression_loss=suppression_loss_fn(config.loss),
-        adapt_loss=noise_mse,
-        ntr_loss=noise_mse,
-        order=config.order,
-        truncate=config.truncate,
-        restore_bn=config.restore_bn,
-        task=task,
-    )
-    cls = GenerationFastEngine if config.engine == "fast" else GenerationReferenceEngine
-    return cls(model, **kwargs)
-
-
-def protect_generation(
-    model: nn.Module,
-    original,
-    restricted,
-    config,
-    *,
-    original_eval=None,
-    device: str | torch.device | None = None,
-    progress: bool = True,
-    callbacks: Sequence[Callable[[dict[str, Any]], Any]] = (),
-    checkpoint_dir: str | Path | None = None,
-    resume: bool = False,
-    overwrite: bool = False,
-):
-    """:func:`sophon_fast.protect` for ``config.mode == "generation"`` (same arguments; the data
-    are images (N, C, H, W) in the model's range, or pairs whose labels are ignored)."""
-    from sophon_fast.api import ProtectResult, _check_model, _prepare_checkpoints
-
-    device = _check_model(model, device, resume=resume, checkpoint_dir=checkpoint_dir)
-    original_x = as_images(original, "original")
-    restricted_x = as_images(restricted, "restricted")
-    eval_x = original_x if original_eval is None else as_images(original_eval, "original_eval")
-    for label, images in (("original", original_x), ("restricted", restricted_x)):
-        check_model_fits(model, images, label)
-    if original_x.shape[1:] != restricted_x.shape[1:] or eval_x.shape[1:] != original_x.shape[1:]:
-        raise ValueError(
-            f"original / restricted / original_eval images differ in shape: {tuple(original_x.shape[1:])}, "
-            f"{tuple(restricted_x.shape[1:])}, {tuple(eval_x.shape[1:])}; the model takes one image shape"
-        )
-    if config.eval_size is not None:
-        eval_x = eval_x[: config.eval_size]
-    if restricted_x.shape[0] < config.batch_size:
-        raise ValueError(
-            f"restricted: {restricted_x.shape[0]} images, fewer than batch_size={config.batch_size}"
-        )
-    if config.ntr_steps and original_x.shape[0] < config.batch_size:
-        raise ValueError(
-            f"original: {original_x.shape[0]} images, fewer than batch_size={config.batch_size}"
-        )
-    task = DenoisingTask.from_config(config)
-    if task.alpha_bars.shape[0] != config.diffusion_steps:
-        raise ValueError("noise schedule length differs from ProtectConfig.diffusion_steps")
-
-    dtype = config.torch_dtype
-    work = NoisePredictor(copy.deepcopy(model)).to(device=device, dtype=dtype)
-    work.train()
-    with torch.no_grad():  # one forward on two images: a model that cannot take them fails here
-        probe = restricted_x[:2].to(device=device, dtype=dtype)
-        t = task.timesteps[:1].expand(probe.shape[0]).to(device)
-        try:
-            out = work(task.pack(probe, t, torch.zeros_like(probe)))
-        except (RuntimeError, ValueError) as error:
-            raise ValueError(
-                f"model: {type(model).__name__} cannot predict noise for images of shape "
-                f"{tuple(probe.shape[1:])}: {error}"
-            ) from None
-        if out.shape != probe.shape:
-            raise ValueError(
-                f"model: a noise-prediction model must return its input's shape {tuple(probe.shape)}, "
-                f"got {tuple(out.shape)}"
-            )
-
-    def to_device(images: torch.Tensor):
-        images = images.to(device=device, dtype=dtype)
-        return images, torch.zeros(images.shape[0], dtype=torch.int64, device=device)
-
-    run = GenerationRun(
-        engine=_make_engine(config, work, task),
-        config=config,
-        restricted=to_device(restricted_x),
-        original=to_device(original_x),
-        original_eval=to_device(eval_x) if config.eval_every else None,
-        head=None,
-    )
-    checkpoint = _prepare_checkpoints(
-        run,
-        config,
-        checkpoint_dir,
-        resume=resume,
-        overwrite=overwrite,
-        main_rank=True,
-        data={
-            "original": (original_x, None),
-            "restricted": (restricted_x, None),
-            "original_eval": (eval_x, None),
-        },
-    )
-
-    flush = device.type == "cpu"
-    if flush:
-        torch.set_flush_denormal(True)  # long CPU runs slow down 2.6x on denormals without it
-    try:
-        run.start()
-        run.run(
-            config.outer_steps,
-            progress=progress,
-            callbacks=callbacks,
-            checkpoint=checkpoint,
-            checkpoint_every=config.checkpoint_every,
-        )
-    finally:
-        if flush:
-            torch.set_flush_denormal(False)
-    protected = run.engine.export().model
-    protected.train(model.training)
-    result = ProtectResult(
-        model=protected,
-        history=run.history,
-        config=config,
-        initial_original_accuracy=None,
-        stopped_by=run.stopped_by,
-    )
-    result.events = list(run.events)
-    result.initial_original_mse = run.initial_original_accuracy  # the MSE, see GenerationRun
-    return result
-
-
-def simulate_generation(
-    model: nn.Module,
-    batches: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-    adapt_masks: Sequence[torch.Tensor],
-    eval_masks: Sequence[torch.Tensor],
-    config,
-    *,
-    adversary,
-    engine: str,
-):
-    """:func:`sophon_fast.simulate` for generation: ``batches`` are K triples ``(x0 (B, C, H, W),
-    noise (B, C, H, W), t (B,) int64)``; ``accuracy`` of the result is the mean denoising MSE of the
-    evaluation samples after each step. Returns (loss, mean MSE, name -> meta-gradient)."""
-    from sophon_fast.api import _check_mask_counts, _choice, _run_simulation
-
-    _choice("engine", engine, ("fast", "reference"))
-    _check_mask_counts(batches, adapt_masks, eval_masks)
-    task = DenoisingTask.from_config(config)
-    prepared = []
-    for k, batch in enumerate(batches):
-        if not (isinstance(batch, (tuple, list)) and len(batch) == 3):
-            raise ValueError(
-                f"simulate: generation batch {k} must be a (x0, noise, t) triple, got "
-                f"{type(batch).__name__} of length {len(batch) if hasattr(batch, '__len__') else '?'}"
-            )
-        x0, noise, t = batch
-        if x0.dim() != 4 or noise.shape != x0.shape or t.shape != (x0.shape[0],):
-            raise ValueError(
-                f"simulate: batch {k}: expected x0 (B, C, H, W), noise like x0 and t (B,); got "
-                f"{tuple(x0.shape)}, {tuple(noise.shape)}, {tuple(t.shape)}"
-            )
-        check_model_fits(model, x0, f"simulate: batch {k}")
-        for label, mask in (("adapt", adapt_masks[k]), ("eval", eval_masks[k])):
-            if mask.dtype != torch.bool or mask.shape != t.shape:
-                raise ValueError(f"simulate: batch {k}: expected a (B,) bool {label} mask")
-            if not bool(mask.any()):
-                raise ValueError(f"simulate: batch {k}: the {label} mask selects no sample")
-        prepared.append((task.pack(x0, t.to(torch.int64), noise), noise))
-    wrapper = NoisePredictor(model)
-    was_training = model.training
-    kwargs = dict(
-        suppression_loss=suppression_loss_fn(config.loss),
-        adapt_loss=noise_mse,
-        adversary=adversary,
-        order=config.order,
-        truncate=config.truncate,
-        head_values=None,
-        metric=denoising_error_sum,
-    )
-    try:
-        loss, mse, grads = _run_simulation(
-            engine, wrapper, prepared, adapt_masks, eval_masks, **kwargs
-        )
-    finally:
-        model.train(was_training)
-    prefix = "model."
-    return loss, mse, {name[len(prefix) :]: grad for name, grad in grads.items()}

@@ -45,10 +45,12 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
+import sophon_fast.engine.checkpoint as checkpoints
+from sophon_fast.engine.checkpoint import load_optimizer_tensors
 from sophon_fast.engine.sampling import EpochSampler, draw_simulation
 
 __all__ = ["ProtectionRun", "average_results"]
@@ -78,7 +80,18 @@ class ProtectionRun:
         config: the validated ProtectConfig.
         restricted / original / original_eval: (images, labels) pairs.
         head: (name, nn.Linear) of the head to re-draw in every simulation, or None.
+
+    The metric hooks: the engines' simulations return ``metric`` of the evaluation samples (a
+    fraction for accuracy), recorded times ``restricted_scale`` as ``restricted_<metric>``;
+    :meth:`evaluate_original` measures ``original_<metric>``; ``higher_is_better`` orients the
+    guard's comparison. Classification: accuracy in percent, higher is better. A subclass
+    (:class:`sophon_fast.engine.generation.GenerationRun`) records another metric under its own
+    name.
     """
+
+    metric: ClassVar[str] = "accuracy"
+    higher_is_better: ClassVar[bool] = True
+    restricted_scale: ClassVar[float] = 100.0
 
     engine: Any
     config: Any
@@ -89,7 +102,7 @@ class ProtectionRun:
     history: list[dict[str, Any]] = field(default_factory=list)
     step: int = 0
     stopped_by: str | None = None
-    initial_original_accuracy: float | None = None
+    initial_original_metric: float | None = None  # before the first step (percent, or MSE)
     dist: Any = None  # sophon_fast.distributed.DistributedContext under a process group, else None
     data_fingerprints: dict[str, str] | None = None  # name -> data_fingerprint, checked on resume
     events: list[dict[str, Any]] = field(default_factory=list)  # rollbacks for non-finite values
@@ -111,25 +124,40 @@ class ProtectionRun:
         )
         return 100.0 * float(correct) / y.shape[0]
 
+    def evaluate_original(self) -> float:
+        """The original-domain metric of the current weights (here: :meth:`original_accuracy`)."""
+        return self.original_accuracy()
+
+    @property
+    def initial_original_accuracy(self) -> float | None:
+        """The starting original accuracy (percent); None when not measured or another metric."""
+        return self.initial_original_metric if self.metric == "accuracy" else None
+
     def guard_threshold(self) -> float | None:
-        """Absolute accuracy (percent) at or below which the guard fires; None when off."""
+        """Absolute metric value at or past which the guard fires (accuracy: at or below);
+        None when off."""
         cfg = self.config
         if cfg.guard_threshold is None or not cfg.eval_every or self.original_eval is None:
             return None
         if cfg.guard_mode == "absolute":
             return cfg.guard_threshold
-        return cfg.guard_threshold * self.initial_original_accuracy
+        return cfg.guard_threshold * self.initial_original_metric
+
+    def _guard_fires(self, value: float | None, threshold: float | None) -> bool:
+        if value is None or threshold is None:
+            return False
+        return value <= threshold if self.higher_is_better else value >= threshold
 
     def start(self) -> None:
-        """Measure the starting original accuracy (needed by the relative guard; recorded)."""
+        """Measure the starting original metric (needed by the relative guard; recorded)."""
         if self.dist is not None:
             self.dist.prepare(self)  # same config/state on every rank; rank 0's weights everywhere
         if (
             self.config.eval_every
             and self.original_eval is not None
-            and self.initial_original_accuracy is None
+            and self.initial_original_metric is None
         ):
-            self.initial_original_accuracy = self.original_accuracy()
+            self.initial_original_metric = self.evaluate_original()
         if self._good is None:
             self._keep_good()
 
@@ -156,8 +184,6 @@ class ProtectionRun:
         step, backup, optim = self._good
         self.engine.restore(backup)
         if optimizers and optim is not None:
-            from sophon_fast.engine.checkpoint import load_optimizer_tensors
-
             load_optimizer_tensors(self.engine.meta_optimizer, optim, "meta_adam")
             load_optimizer_tensors(self.engine.ntr_optimizer, optim, "ntr_adam")
         return step
@@ -171,140 +197,137 @@ class ProtectionRun:
 
     # ------------------------------------------------------------------ one outer step
     def outer_step(self) -> dict[str, Any]:
-        cfg, engine = self.config, self.engine
         started = time.perf_counter()
         if self._good is None:  # a run stepped without start() (benchmarks): its state now
             self._keep_good()
-        suppression_losses, restricted_accuracies, adversaries = [], [], []
-        grad_finite = []  # () bool device tensors: no host synchronisation until the record
-
-        def next_draw():
-            return draw_simulation(
-                images=self.restricted[0],
-                labels=self.restricted[1],
-                sampler=self.restricted_sampler,
-                generator=self.generator,
-                inner_steps=cfg.inner_steps,
-                batch_size=cfg.batch_size,
-                adapt_size=cfg.adapt_size,
-                head=self.head,
-                adversaries=cfg.adversaries,
-                sample_one=cfg.adversary_sampling == "one",
-            )
-
-        simulations = getattr(cfg, "simulations", 1)
         if self.dist is not None:
             self.dist.step = self.step
-        for _ in range(cfg.suppression_steps):
-            if self.dist is not None:  # this rank's share of the draws, averaged over all ranks
-                loss, accuracy, grad, drawn = self.dist.simulate(engine, next_draw, simulations)
-            else:
-                results, drawn = [], []
-                for _ in range(simulations):
-                    draw = next_draw()
-                    drawn.extend(draw.adversaries)
-                    if len(draw.adversaries) > 1 and hasattr(engine, "simulate_many"):
-                        results.extend(  # all adversaries of the draw in one vmap pass
-                            engine.simulate_many(
-                                draw.batches,
-                                draw.adapt_masks,
-                                draw.eval_masks,
-                                draw.head_values,
-                                draw.adversaries,
-                            )
-                        )
-                    else:
-                        results.extend(
-                            engine.simulate(
-                                draw.batches,
-                                draw.adapt_masks,
-                                draw.eval_masks,
-                                draw.head_values,
-                                adversary,
-                            )
-                            for adversary in draw.adversaries
-                        )
-                    del draw
-                loss, accuracy, grad = average_results(results)
-            grad_finite.append(_all_finite(grad))
-            engine.meta_step(grad, cfg.max_grad_norm)
-            suppression_losses.append(loss)
-            restricted_accuracies.append(accuracy)
-            adversaries.extend(a.describe() for a in drawn)
-        ntr_losses = []
-        for _ in range(cfg.ntr_steps):
-            index = self.original_sampler.next(cfg.batch_size).to(self.original[0].device)
-            ntr_step = engine.ntr_step if self.dist is None else self.dist.ntr_for(engine)
-            ntr_losses.append(
-                ntr_step(
-                    self.original[0].index_select(0, index), self.original[1].index_select(0, index)
-                )
-            )
+        suppression_losses, restricted_metrics, adversaries, grad_finite = self._suppression()
+        ntr_losses = self._ntr()
         if self.dist is not None:
-            self.dist.sync_statistics(engine)  # BatchNorm rule: sophon_fast.distributed
+            self.dist.sync_statistics(self.engine)  # BatchNorm rule: sophon_fast.distributed
         self.step += 1
-        weights_finite = _all_finite(self._weights())
         # one host transfer for the recorded means and the finiteness flags
         means, flags = _read_step_values(
-            [suppression_losses, restricted_accuracies, ntr_losses],
+            [suppression_losses, restricted_metrics, ntr_losses],
             [
                 _all_finite(suppression_losses),
                 _all_finite(grad_finite),
                 _all_finite(ntr_losses),
-                weights_finite,
+                _all_finite(self._weights()),
             ],
         )
-        suppression_mean, accuracy_mean, ntr_mean = means
-        original_accuracy = None
-        guard = None
-        threshold = self.guard_threshold()
-        bad = [name for name, ok in zip(_QUANTITIES, flags) if not ok]
-        if bad:
-            good_step = self._restore_good(optimizers=True)
-            guard = "nonfinite_stop" if cfg.guard_action == "stop" else "nonfinite_continue"
-            if cfg.guard_action == "stop":
-                self.stopped_by = "nonfinite"
-            event = {"step": self.step, "quantities": bad, "rolled_back_to": good_step}
-            self.events.append(event)
-            warnings.warn(
-                f"protect: outer step {self.step}: non-finite {bad[0]}"
-                + (f" (then {', '.join(bad[1:])})" if len(bad) > 1 else "")
-                + f"; rolled back to the last good state (step {good_step})"
-                + ("; stopping" if cfg.guard_action == "stop" else "; continuing (guard_action)"),
-                RuntimeWarning,
-                stacklevel=2,
-            )
-        else:
-            if (
-                cfg.eval_every
-                and self.original_eval is not None
-                and self.step % cfg.eval_every == 0
-            ):
-                original_accuracy = self.original_accuracy()
-            if (
-                original_accuracy is not None
-                and threshold is not None
-                and original_accuracy <= threshold
-            ):
-                self._restore_good(optimizers=False)  # Adam moments kept (documented)
-                guard = "rollback_stop" if cfg.guard_action == "stop" else "rollback_continue"
-                if cfg.guard_action == "stop":
-                    self.stopped_by = "guard"
-            elif threshold is None or original_accuracy is not None:
-                self._keep_good()  # finite, and evaluated above the threshold when guarded
-
+        suppression_mean, metric_mean, ntr_mean = means
+        original, guard = self._settle([name for name, ok in zip(_QUANTITIES, flags) if not ok])
         record = {
             "step": self.step,
             "suppression_loss": suppression_mean,
-            "restricted_accuracy": None if accuracy_mean is None else 100.0 * accuracy_mean,
+            f"restricted_{self.metric}": (
+                None if metric_mean is None else self.restricted_scale * metric_mean
+            ),
             "ntr_loss": ntr_mean,
-            "original_accuracy": original_accuracy,
+            f"original_{self.metric}": original,
             "adversaries": adversaries,
             "guard": guard,
             "seconds": time.perf_counter() - started,
         }
         self.history.append(record)
         return record
+
+    def _next_draw(self):
+        cfg = self.config
+        return draw_simulation(
+            images=self.restricted[0],
+            labels=self.restricted[1],
+            sampler=self.restricted_sampler,
+            generator=self.generator,
+            inner_steps=cfg.inner_steps,
+            batch_size=cfg.batch_size,
+            adapt_size=cfg.adapt_size,
+            head=self.head,
+            adversaries=cfg.adversaries,
+            sample_one=cfg.adversary_sampling == "one",
+        )
+
+    def _suppression(self):
+        """``suppression_steps`` meta steps -> (losses, restricted metrics, adversary labels,
+        meta-gradient finiteness flags), all () device tensors but the labels."""
+        cfg, engine = self.config, self.engine
+        losses, metrics, adversaries, grad_finite = [], [], [], []
+        simulations = getattr(cfg, "simulations", 1)
+        for _ in range(cfg.suppression_steps):
+            if self.dist is not None:  # this rank's share of the draws, averaged over all ranks
+                loss, metric, grad, drawn = self.dist.simulate(engine, self._next_draw, simulations)
+            else:
+                loss, metric, grad, drawn = self._simulate_draws(simulations)
+            grad_finite.append(_all_finite(grad))
+            engine.meta_step(grad, cfg.max_grad_norm)
+            losses.append(loss)
+            metrics.append(metric)
+            adversaries.extend(a.describe() for a in drawn)
+        return losses, metrics, adversaries, grad_finite
+
+    def _simulate_draws(self, simulations: int):
+        """``simulations`` draws in this process -> (mean loss, mean metric, mean meta-gradient,
+        the drawn adversaries)."""
+        engine = self.engine
+        results, drawn = [], []
+        for _ in range(simulations):
+            draw = self._next_draw()
+            drawn.extend(draw.adversaries)
+            args = (draw.batches, draw.adapt_masks, draw.eval_masks, draw.head_values)
+            if len(draw.adversaries) > 1 and hasattr(engine, "simulate_many"):
+                # all adversaries of the draw in one vmap pass
+                results.extend(engine.simulate_many(*args, draw.adversaries))
+            else:
+                results.extend(engine.simulate(*args, adversary) for adversary in draw.adversaries)
+            del draw, args
+        return (*average_results(results), drawn)
+
+    def _ntr(self) -> list[torch.Tensor]:
+        cfg, engine = self.config, self.engine
+        losses = []
+        for _ in range(cfg.ntr_steps):
+            index = self.original_sampler.next(cfg.batch_size).to(self.original[0].device)
+            ntr_step = engine.ntr_step if self.dist is None else self.dist.ntr_for(engine)
+            losses.append(
+                ntr_step(
+                    self.original[0].index_select(0, index), self.original[1].index_select(0, index)
+                )
+            )
+        return losses
+
+    def _settle(self, bad: list[str]) -> tuple[float | None, str | None]:
+        """After the step: roll back for non-finite quantities ``bad``, else evaluate and apply
+        the guard; keep the state as the last good one where it is. Returns (original metric or
+        None, the history's ``guard`` value)."""
+        cfg = self.config
+        if bad:
+            good_step = self._restore_good(optimizers=True)
+            if cfg.guard_action == "stop":
+                self.stopped_by = "nonfinite"
+            self.events.append({"step": self.step, "quantities": bad, "rolled_back_to": good_step})
+            warnings.warn(
+                f"protect: outer step {self.step}: non-finite {bad[0]}"
+                + (f" (then {', '.join(bad[1:])})" if len(bad) > 1 else "")
+                + f"; rolled back to the last good state (step {good_step})"
+                + ("; stopping" if cfg.guard_action == "stop" else "; continuing (guard_action)"),
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return None, "nonfinite_stop" if cfg.guard_action == "stop" else "nonfinite_continue"
+        threshold = self.guard_threshold()
+        original = None
+        if cfg.eval_every and self.original_eval is not None and self.step % cfg.eval_every == 0:
+            original = self.evaluate_original()
+        if self._guard_fires(original, threshold):
+            self._restore_good(optimizers=False)  # Adam moments kept (documented)
+            if cfg.guard_action == "stop":
+                self.stopped_by = "guard"
+            return original, "rollback_stop" if cfg.guard_action == "stop" else "rollback_continue"
+        if threshold is None or original is not None:
+            self._keep_good()  # finite, and evaluated above the threshold when guarded
+        return original, None
 
     # ------------------------------------------------------------------ the loop
     def run(
@@ -319,7 +342,7 @@ class ProtectionRun:
         """Run outer steps until ``outer_steps`` in total, a guard stop or a callback's True."""
         if self.stopped_by in ("guard", "nonfinite"):
             cause = "the intactness guard" if self.stopped_by == "guard" else "a non-finite value"
-            warnings.warn(f"the run was stopped by {cause}; nothing left to resume", stacklevel=3)
+            warnings.warn(f"the run was stopped by {cause}; nothing left to resume", stacklevel=4)
             return
         self.stopped_by = None
         from tqdm.auto import tqdm
@@ -334,8 +357,8 @@ class ProtectionRun:
                 bar.set_postfix(
                     {
                         k: f"{record[k]:.4g}"
-                        for k in ("suppression_loss", "ntr_loss", "original_accuracy")
-                        if record[k] is not None
+                        for k in ("suppression_loss", "ntr_loss", f"original_{self.metric}")
+                        if record.get(k) is not None
                     }
                 )
                 for callback in callbacks:
@@ -352,7 +375,9 @@ class ProtectionRun:
             bar.close()
         rolled = [h for h in self.history if h.get("guard") in _CONTINUED]
         evaluated = [
-            h for h in self.history if h.get("original_accuracy") is not None or h.get("guard")
+            h
+            for h in self.history
+            if h.get(f"original_{self.metric}") is not None or h.get("guard")
         ]
         if rolled and not self.stopped_by and len(rolled) == len(evaluated):
             warnings.warn(
@@ -360,7 +385,7 @@ class ProtectionRun:
                 f"(guard_action='continue'): the model is the last good state (step "
                 f"{self._good[0]}), not a protected one",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
 
     # ------------------------------------------------------------------ checkpoint state
@@ -395,7 +420,7 @@ class ProtectionRun:
         return {
             "step": self.step,
             "stopped_by": self.stopped_by,
-            "initial_original_accuracy": self.initial_original_accuracy,
+            f"initial_original_{self.metric}": self.initial_original_metric,
             "history": self.history,
             "engine": self.engine.name,
             "good_step": None if self._good is None else self._good[0],
@@ -406,8 +431,6 @@ class ProtectionRun:
     def write_checkpoint(self, directory, config_dict: dict[str, Any]) -> None:
         """Save this run's checkpoint to ``directory`` (one atomic commit, see
         :mod:`sophon_fast.engine.checkpoint`)."""
-        from sophon_fast.engine import checkpoint as checkpoints
-
         # looked up at call time: tests wrap save_checkpoint
         checkpoints.save_checkpoint(
             directory, self.state_tensors(), {**self.state_meta(), "config": config_dict}
@@ -440,7 +463,9 @@ class ProtectionRun:
             torch.cuda.set_rng_state(tensors["rng.torch_cuda"], self.restricted[0].device)
         self.step = int(meta["step"])
         self.stopped_by = meta["stopped_by"]
-        self.initial_original_accuracy = meta["initial_original_accuracy"]
+        # a generation checkpoint written before the metric had its own name kept the MSE here
+        key = f"initial_original_{self.metric}"
+        self.initial_original_metric = meta.get(key, meta.get("initial_original_accuracy"))
         self.history = list(meta["history"])
         self.events = list(meta.get("events") or [])
         if self._good is None:
