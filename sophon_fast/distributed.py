@@ -51,9 +51,12 @@ checkpoint directory must be visible to every rank (one node, or a shared file s
 checkpoint holds no rank-specific state: it resumes under any world size.
 
 **Scope.** Both engines (the fast engine's flat meta-gradient as is; the reference engine's per-name
-dict flattened in parameter order for the one ``all_reduce``). Generation mode
-(:mod:`sophon_fast.engine.generation`) does not use this module yet: under a process group every
-rank repeats the whole run.
+dict flattened in parameter order for the one ``all_reduce``) and both modes. In generation mode
+(:mod:`sophon_fast.engine.generation`) the engines draw each simulation's noise from the shared
+generator: a rank skips a unit it does not run by drawing (and dropping) that unit's noise
+(``engine.skip_simulation``), and the NTR noise is drawn for the whole batch before the batch is
+sharded (``engine.ntr_inputs``), so every rank's generator stays in step with the single-process
+run. The averaged "accuracy" is then the denoising MSE.
 
 **Failures.** Collectives run under the process group's timeout. Processes started here (the
 ``--nproc`` launcher, :func:`init_from_env`) pass ``timeout=`` to ``init_process_group``
@@ -66,6 +69,8 @@ themselves should pass one too. A rank that dies makes the others' next collecti
 from __future__ import annotations
 
 import datetime
+import hashlib
+import json
 import math
 import os
 import socket
@@ -74,6 +79,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.multiprocessing as mp
+from torch.multiprocessing.spawn import ProcessException
+
+from sophon_fast.engine.optimizers import state_dtype
 
 __all__ = [
     "DEFAULT_TIMEOUT_S",
@@ -264,9 +273,6 @@ def launch(
             f"({torch.cuda.device_count()} visible)"
         )
     threads = None if backend == "nccl" else max(1, (os.cpu_count() or 1) // nprocs)
-    import torch.multiprocessing as mp
-    from torch.multiprocessing.spawn import ProcessException
-
     try:
         mp.start_processes(
             _worker,
@@ -344,8 +350,6 @@ class DistributedContext:
             DistributedError: the ranks differ in config, step, data or generator state.
             ValueError: an NTR batch smaller than the world size.
         """
-        import hashlib
-        import json
 
         def digest(tensor: torch.Tensor) -> str:
             data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
@@ -404,6 +408,8 @@ class DistributedContext:
                     partial = flat if partial is None else partial + flat
                     loss = l_i if loss is None else loss + l_i
                     accuracy = a_i if accuracy is None else accuracy + a_i
+                elif hasattr(engine, "skip_simulation"):  # generation: draw the unit's noise
+                    engine.skip_simulation(sim.batches)
                 unit += 1
             del sim
         if partial is None:  # more ranks than units: contribute zeros
@@ -434,11 +440,18 @@ class DistributedContext:
 
         The engine's own ``ntr_step`` runs on the shard (so its speed options apply); its
         ``reduce`` hook scales the shard's mean-CE gradient and loss by ``n_shard / n_batch``
-        and sums them over the ranks with ONE ``all_reduce`` before the NTR Adam step.
+        and sums them over the ranks with ONE ``all_reduce`` before the NTR Adam step. A
+        generation engine first turns the whole batch into its inputs and targets
+        (``ntr_inputs``: the noise of every row, drawn on every rank) and steps on the shard of
+        those (``ntr_step_on``).
 
         Returns:
-            () the full batch's mean CE (as the single-process step reports it).
+            () the full batch's mean loss (as the single-process step reports it).
         """
+        step = engine.ntr_step
+        if hasattr(engine, "ntr_inputs"):
+            x, y = engine.ntr_inputs(x, y)
+            step = engine.ntr_step_on
         n = y.shape[0]
         index = torch.arange(self.rank, n, self.world, device=y.device)
         weight = index.numel() / n
@@ -456,7 +469,7 @@ class DistributedContext:
                 offset += g.numel()
             return out, buffer[-1]
 
-        return engine.ntr_step(x.index_select(0, index), y.index_select(0, index), reduce=reduce)
+        return step(x.index_select(0, index), y.index_select(0, index), reduce=reduce)
 
     def sync_statistics(self, engine) -> None:
         """BatchNorm rule: average the floating-point buffers over ranks, max the counters."""
@@ -540,8 +553,6 @@ def _grad_numel(engine) -> int:
 
 def _grad_dtype(engine) -> torch.dtype:
     if engine.name == "fast":
-        from sophon_fast.engine.optimizers import state_dtype
-
         return state_dtype(engine.flat.params.dtype)
     return engine.params[0].dtype
 

@@ -78,6 +78,27 @@ def run_protect(config: ProtectConfig, **kwargs) -> ProtectResult:
     return protect(tiny_mlp(), original, restricted, config, progress=False, **kwargs)
 
 
+def run_generation() -> ProtectResult:
+    """Generation mode: a tiny noise predictor (GroupNorm, no running statistics), two
+    simulations per meta step (one per rank: each rank draws the other's noise and drops it)
+    and an odd NTR batch (shards of 4 and 3 rows, the noise drawn for all 7 on both ranks)."""
+    g = torch.Generator().manual_seed(3)
+    original, restricted = (torch.rand(n, 1, 4, 4, generator=g) * 2 - 1 for n in (16, 12))
+    config = ProtectConfig(
+        mode="generation", loss="mse_ascent", dtype="float64", inner_steps=2, batch_size=7,
+        adapt_size=4, outer_steps=2, base_lr=1e-2, inner_lr=1e-2, timesteps="0:999",
+        eval_size=6, simulations=2,
+    )  # fmt: skip
+    return protect(tiny_unet(), original, restricted, config, progress=False)
+
+
+def tiny_unet() -> torch.nn.Module:
+    from sophon_fast.models.unet import SmallUNet
+
+    torch.manual_seed(0)
+    return SmallUNet(in_channels=1, image_size=4, base_channels=4, channel_mults=(1,), groups=2)
+
+
 def max_difference(a: dict, b: dict) -> float:
     assert list(a) == list(b)
     return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
@@ -114,6 +135,8 @@ def _shared_rank(out: str) -> None:
             tiny_bn_cnn(), original, restricted, tiny_config(engine=engine), progress=False
         )
         results[f"bn_{engine}"] = {"state": bn.model.state_dict()}
+    generation = run_generation()
+    results["generation"] = {"state": generation.model.state_dict(), "history": generation.history}
     report = _tiny_evaluate(Path(out) / "report")
     torch.save(results, Path(out) / f"rank{rank}.pt")
     if rank == 0:
@@ -233,6 +256,20 @@ def test_two_processes_give_the_single_process_weights(shared_launch):
     idle = torch.load(shared_launch / "rank1.pt")["idle"]["warnings"]
     assert any("rank 1 is idle" in w and "multiple of 2" in w for w in idle), idle
     assert not any("idle" in w for w in ranks["idle"]["warnings"])
+
+
+def test_generation_on_two_processes_gives_the_single_process_weights(shared_launch):
+    ranks = [torch.load(shared_launch / f"rank{r}.pt")["generation"] for r in (0, 1)]
+    single = run_generation()
+    assert max_difference(ranks[0]["state"], ranks[1]["state"]) == 0.0  # one model on all ranks
+    assert max_difference(ranks[0]["state"], single.model.state_dict()) <= WEIGHTS_ATOL
+    two, one = ranks[0]["history"], single.history
+    for key in ("suppression_loss", "restricted_mse", "ntr_loss", "original_mse"):
+        assert [r[key] for r in two] == pytest.approx([r[key] for r in one], abs=1e-12), key
+    # the comparison means something: the run trained (a rank that did not draw the noise of
+    # the unit it skips would have seen other noise from then on)
+    assert max_difference(single.model.state_dict(), tiny_unet().double().state_dict()) > 1e-3
+    assert all(r["restricted_mse"] > 0 and r["original_mse"] > 0 for r in one)
 
 
 def test_batchnorm_statistics_agree_across_ranks(shared_launch):
