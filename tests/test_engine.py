@@ -207,11 +207,12 @@ def test_inner_optimizers_match_torch_optim(name, extra):
 def test_in_place_inner_step_gives_the_out_of_place_values(name, dtype, fused, monkeypatch):
     """First-order simulations update params and state in place: over 4 steps (the first-step
     special cases included) every value equals the out-of-place update's, bit for bit, through the
-    fused in-place kernels and through the copy fallback used without them."""
+    fused in-place kernels and through the pure-torch kernels the registry falls back to without
+    them."""
     from sophon_fast.engine import optimizers
 
     if not fused:
-        monkeypatch.setattr(optimizers, "_flat_optim", lambda: None)
+        monkeypatch.setattr(optimizers, "FUSED_KERNELS", {})
     adversary = resolve_adversary((name, 0.05, {"weight_decay": 0.01}))
     g = torch.Generator().manual_seed(2)
     start = torch.randn(41, generator=g, dtype=torch.float64).to(dtype)
@@ -348,6 +349,40 @@ def test_engines_agree_with_truncation():
         for e in ("fast", "reference")
     ]
     assert rel_err(grads[0], grads[1]) <= META_GRAD_RTOL
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_simulate_builds_the_fast_engine_as_protect_does(order, monkeypatch):
+    """simulate() runs on the engine protect() builds: the config's engine options (auto ones
+    included) reach the simulation, and the meta-gradient still equals the reference's."""
+    from sophon_fast.engine.inner import FastEngine
+
+    seen = []
+    eager = FastEngine._simulate_eager
+
+    def spy(self, *args, **kwargs):
+        seen.append(dict(self.resolved))
+        return eager(self, *args, **kwargs)
+
+    monkeypatch.setattr(FastEngine, "_simulate_eager", spy)
+    model = tiny_cnn()
+    batches, adapt_masks, eval_masks, _ = restricted_draw()
+    names = [n for n, _ in model.named_parameters()]
+    # the opposite of what "auto" picks on the CPU for this order (channels_last in order 1,
+    # the fused ReLU + max-pool in order 2)
+    options = {"channels_last": order == 2, "fused_relu_pool": order == 1}
+    grads = {}
+    for engine, engine_options in (("fast", None), ("fast", options), ("reference", None)):
+        config = ProtectConfig(order=order, dtype="float64", engine_options=engine_options)
+        out = simulate(
+            model, batches, adapt_masks, eval_masks, config, adversary=("sgd", 0.1), engine=engine
+        )
+        grads[engine, engine_options is None] = flat_grad(out.meta_grad, names)
+    assert len(seen) == 2  # the fast engine's two simulations
+    for name, value in options.items():
+        assert seen[0][name] is (not value) and seen[1][name] is value, name
+    for key in (("fast", True), ("fast", False)):
+        assert rel_err(grads[key], grads["reference", True]) <= META_GRAD_RTOL, key
 
 
 @pytest.mark.parametrize("engine", ["fast", "reference"])
