@@ -32,9 +32,24 @@ command with one line naming it and exit status 2 (or 1), never a traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import sys
 from pathlib import Path
 from typing import Any
+
+import torch
+
+from . import _backend
+from .api import ProtectConfig, ProtectResult, protect
+from .attacks.evaluate import evaluate
+from .data.specs import load_spec
+from .demo import run_demo
+from .demo_generation import format_generation_report, run_generation_demo
+from .distributed import DistributedError, init_from_env, is_main_process, launch
+from .engine.checkpoint import ensure_writable_dir, nonfinite_tensors
+from .models.classifiers import build_model
+from .training import accuracy
 
 try:
     import tomllib
@@ -74,10 +89,6 @@ _PROTECT_TOML = {"model": {"name", "kwargs", "weights"}, "data": {"original", "r
 
 def _check_protect_toml(raw: dict, path: Path) -> None:
     """Unknown tables and keys of a protect config are errors that name them."""
-    import dataclasses
-
-    from .api import ProtectConfig
-
     unknown = sorted(set(raw) - set(_PROTECT_TOML))
     if unknown:
         raise SystemExit(
@@ -101,8 +112,6 @@ def _check_protect_toml(raw: dict, path: Path) -> None:
 
 def _device(value: str | None, flag: str = "--device"):
     """``--device`` as a torch.device, or one line saying why it cannot be used here."""
-    import torch
-
     if value is None:
         return None
     try:
@@ -140,8 +149,6 @@ def cmd_demo(args) -> int:
     if args.out is not None:
         _folder_arg(Path(args.out), "--out")
     if getattr(args, "mode", "classification") == "generation":
-        from .demo_generation import format_generation_report, run_generation_demo
-
         out = args.out if args.out is not None else "demo_generation_out"
         report = run_generation_demo(
             out, device=args.device, seed=args.seed, quick=args.quick, progress=not args.no_progress
@@ -152,8 +159,6 @@ def cmd_demo(args) -> int:
         )
         return 0
     args.out = "demo_out" if args.out is None else args.out
-    from .demo import run_demo
-
     run_demo(
         args.out,
         device=args.device,
@@ -174,8 +179,6 @@ def _protect_rank(args) -> None:
 
 def _launch_protect(args) -> int:
     """``protect --nproc N``: N local processes (gloo on CPU, NCCL with one GPU each)."""
-    from .distributed import DistributedError, launch
-
     child = argparse.Namespace(**{**vars(args), "nproc": 1})
     try:
         launch(_protect_rank, args.nproc, (child,), device=args.device, timeout_s=args.timeout)
@@ -190,13 +193,6 @@ def cmd_protect(args) -> int:
         if args.nproc < 1:
             raise SystemExit(f"sophon-fast protect: --nproc expects an int >= 1, got {args.nproc}")
         return _launch_protect(args)
-    import torch
-
-    from .api import ProtectConfig, ProtectResult, protect
-    from .data import load_spec
-    from .distributed import init_from_env, is_main_process
-    from .models import build_model
-
     config_path = Path(args.config)
     raw = _load_toml(config_path)
     _check_protect_toml(raw, config_path)
@@ -261,8 +257,6 @@ def _check_output(out: Path, *, resume: bool, overwrite: bool) -> None:
     """Before any step: ``out`` can be created and written, and holds no earlier result or
     checkpoint unless ``--resume`` or ``--overwrite`` (an unwritable folder failed after the
     whole run; a second run silently replaced the first one's checkpoint)."""
-    from sophon_fast.engine.checkpoint import ensure_writable_dir
-
     try:
         ensure_writable_dir(out)
     except OSError as error:
@@ -286,16 +280,12 @@ def _check_output(out: Path, *, resume: bool, overwrite: bool) -> None:
 
 
 def cmd_show(args) -> int:
-    from .api import ProtectResult
-
     result = ProtectResult.load(args.directory)
     model = result.model
     n_params = sum(p.numel() for p in model.parameters())
     spec = getattr(model, "model_spec", None)
     print(f"{args.directory}: {type(model).__name__} {spec or ''}, {n_params:,} parameters")
     print(f"outer steps run: {len(result.history)}; stopped by: {result.outcome}")
-    from .engine.checkpoint import nonfinite_tensors
-
     bad = nonfinite_tensors(dict(model.state_dict()))
     if bad:
         print(
@@ -307,9 +297,6 @@ def cmd_show(args) -> int:
         last = result.history[-1]
         print("last step: " + ", ".join(f"{k}={v}" for k, v in last.items()))
     if args.data:
-        from .data import load_spec
-        from .training import accuracy
-
         _, test = load_spec(args.data, what="--data")
         if test is None:
             raise SystemExit(f"sophon-fast: {args.data} has no test part to evaluate on")
@@ -319,8 +306,6 @@ def cmd_show(args) -> int:
 
 def _demo_pair(checkpoint: Path) -> dict[str, str]:
     """The demo's domain pair, read from the report.json next to a demo checkpoint folder."""
-    import json
-
     report = checkpoint.parent / "report.json"
     try:
         pair = json.loads(report.read_text(encoding="utf-8")).get("pair", {})
@@ -334,12 +319,6 @@ def _demo_pair(checkpoint: Path) -> dict[str, str]:
 
 
 def cmd_evaluate(args) -> int:
-    import torch
-
-    from .api import ProtectResult
-    from .attacks import evaluate
-    from .data import load_spec
-
     if args.config and args.quick:
         raise SystemExit("sophon-fast evaluate: give --config or --quick, not both")
     _device(args.device)
@@ -393,8 +372,6 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_backends(args) -> int:
-    from . import _backend
-
     for name, description in _backend.available_backends().items():
         print(f"{name:<10} available    {description}")
     for name, reason in _backend.unavailable_backends().items():
