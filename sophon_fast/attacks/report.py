@@ -43,8 +43,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from .._files import atomic_write_text
 from .._json import strict_json
-from ..engine.checkpoint import atomic_write_text
 
 __all__ = ["Report", "build_report", "mean_ci95"]
 
@@ -90,6 +90,18 @@ def build_report(
 ) -> Report:
     """Compute per-cell metrics and per-arm aggregates from finished cells (deterministic order)."""
     cells = sorted(cells, key=lambda c: (arms.index(c["arm"]), c["kind"], c["id"]))
+    _add_cell_metrics(cells, arms, target)
+    data: dict[str, Any] = {"format": "sophon_fast.Report/1", "config": config, "arms": {}}
+    for arm in arms:
+        mine = [c for c in cells if c["arm"] == arm]
+        data["arms"][arm] = _arm_report(arm, mine, seeds, baseline)
+    data["summary"] = _summary(data["arms"], arms)
+    return Report(data)
+
+
+def _add_cell_metrics(cells: list[dict[str, Any]], arms: list[str], target: float) -> None:
+    """Each cell's final, best, auc, target, epochs_to_target and its comparison with the
+    scratch cell of the same recipe and seed (in place)."""
     by_key = {
         (c["arm"], c["kind"], c["label"], json.dumps(c["attack"], sort_keys=True), c["seed"]): c
         for c in cells
@@ -131,77 +143,85 @@ def build_report(
         else:
             cell["crosses_scratch_epoch"] = None
 
-    data: dict[str, Any] = {"format": "sophon_fast.Report/1", "config": config, "arms": {}}
-    for arm in arms:
-        mine = [c for c in cells if c["arm"] == arm]
-        attack_cells = [c for c in mine if c["kind"] != "trainability"]
-        keys = [f"scratch@{s}" for s in seeds] if arm == "scratch" else [arm]
-        base = {}
-        for field in ("restricted_accuracy", "original_accuracy"):
-            values = [baseline[k][field] for k in keys if baseline[k][field] is not None]
-            base[field] = sum(values) / len(values) if values else None
-        groups: dict[tuple, list[dict]] = defaultdict(list)
-        for c in attack_cells:
-            groups[(c["kind"], c["label"], json.dumps(c["attack"], sort_keys=True))].append(c)
-        aggregates = []
-        for (kind, label, _), group in groups.items():
-            curves = [c["curve"] for c in group]
-            length = min(len(c) for c in curves)
-            stats = [mean_ci95([c[e] for c in curves]) for e in range(length)]
-            final = mean_ci95([c["final"] for c in group])
-            auc = mean_ci95([c["auc"] for c in group])
-            aggregates.append(
-                {
-                    "label": label,
-                    "kind": kind,
-                    "attack": group[0]["attack"],
-                    "n_seeds": len(group),
-                    "mean_curve": [m for m, _ in stats],
-                    "ci95_curve": [h for _, h in stats],
-                    "final_mean": final[0],
-                    "final_ci95": final[1],
-                    "auc_mean": auc[0],
-                    "auc_ci95": auc[1],
-                }
-            )
-        worst = None
-        for c in attack_cells:
-            epoch = max(range(len(c["curve"])), key=lambda e: c["curve"][e])
-            if worst is None or c["curve"][epoch] > worst["restricted_accuracy"]:
-                worst = {
-                    "restricted_accuracy": c["curve"][epoch],
-                    "label": c["label"],
-                    "kind": c["kind"],
-                    "attack": c["attack"],
-                    "seed": c["seed"],
-                    "epoch": epoch,
-                    "curve": c["curve"],
-                }
-        if worst is not None:
-            worst["final_restricted_accuracy"] = max(c["final"] for c in attack_cells)
-            reached = [
-                c["epochs_to_target"] for c in attack_cells if c["epochs_to_target"] is not None
-            ]
-            worst["fastest_epochs_to_target"] = min(reached) if reached else None
-        train_cells = [c for c in mine if c["kind"] == "trainability"]
-        trainability = None
-        if train_cells:
-            final = mean_ci95([c["final"] for c in train_cells])
-            trainability = {
-                "label": train_cells[0]["label"],
-                "curves": {str(c["seed"]): c["curve"] for c in train_cells},
+
+def _arm_report(
+    arm: str, mine: list[dict[str, Any]], seeds, baseline: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
+    """``arms.<arm>`` of report.json from the arm's cells (module docstring)."""
+    attack_cells = [c for c in mine if c["kind"] != "trainability"]
+    keys = [f"scratch@{s}" for s in seeds] if arm == "scratch" else [arm]
+    base = {}
+    for field in ("restricted_accuracy", "original_accuracy"):
+        values = [baseline[k][field] for k in keys if baseline[k][field] is not None]
+        base[field] = sum(values) / len(values) if values else None
+    train_cells = [c for c in mine if c["kind"] == "trainability"]
+    trainability = None
+    if train_cells:
+        final = mean_ci95([c["final"] for c in train_cells])
+        trainability = {
+            "label": train_cells[0]["label"],
+            "curves": {str(c["seed"]): c["curve"] for c in train_cells},
+            "final_mean": final[0],
+            "final_ci95": final[1],
+        }
+    return {
+        "baseline": base,
+        "cells": mine,
+        "attacks": _aggregates(attack_cells),
+        "worst_case": _worst_case(attack_cells),
+        "trainability": trainability,
+    }
+
+
+def _aggregates(attack_cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One entry per recipe: mean curve, CI half-widths, final and auc over seeds."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for c in attack_cells:
+        groups[(c["kind"], c["label"], json.dumps(c["attack"], sort_keys=True))].append(c)
+    aggregates = []
+    for (kind, label, _), group in groups.items():
+        curves = [c["curve"] for c in group]
+        length = min(len(c) for c in curves)
+        stats = [mean_ci95([c[e] for c in curves]) for e in range(length)]
+        final = mean_ci95([c["final"] for c in group])
+        auc = mean_ci95([c["auc"] for c in group])
+        aggregates.append(
+            {
+                "label": label,
+                "kind": kind,
+                "attack": group[0]["attack"],
+                "n_seeds": len(group),
+                "mean_curve": [m for m, _ in stats],
+                "ci95_curve": [h for _, h in stats],
                 "final_mean": final[0],
                 "final_ci95": final[1],
+                "auc_mean": auc[0],
+                "auc_ci95": auc[1],
             }
-        data["arms"][arm] = {
-            "baseline": base,
-            "cells": mine,
-            "attacks": aggregates,
-            "worst_case": worst,
-            "trainability": trainability,
-        }
-    data["summary"] = _summary(data["arms"], arms)
-    return Report(data)
+        )
+    return aggregates
+
+
+def _worst_case(attack_cells: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The attacker's best over every recipe, seed and epoch (None without attack cells)."""
+    worst = None
+    for c in attack_cells:
+        epoch = max(range(len(c["curve"])), key=lambda e: c["curve"][e])
+        if worst is None or c["curve"][epoch] > worst["restricted_accuracy"]:
+            worst = {
+                "restricted_accuracy": c["curve"][epoch],
+                "label": c["label"],
+                "kind": c["kind"],
+                "attack": c["attack"],
+                "seed": c["seed"],
+                "epoch": epoch,
+                "curve": c["curve"],
+            }
+    if worst is not None:
+        worst["final_restricted_accuracy"] = max(c["final"] for c in attack_cells)
+        reached = [c["epochs_to_target"] for c in attack_cells if c["epochs_to_target"] is not None]
+        worst["fastest_epochs_to_target"] = min(reached) if reached else None
+    return worst
 
 
 def _summary(arm_data: dict[str, Any], arms: list[str]) -> dict[str, Any]:

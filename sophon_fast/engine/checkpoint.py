@@ -19,9 +19,10 @@ Checkpoints of the earlier format (the JSON only in ``checkpoint.json``, the hea
 ``step``) still load when both files name the same step. Nothing is unpickled: safetensors holds
 raw tensors and JSON holds plain data.
 
-:func:`data_fingerprint` hashes the bytes of a data set (SHA-256, 1.4 GB/s on one EPYC core:
-0.44 s for CIFAR-10's 614 MB training images), stored in checkpoints and evaluate()'s cells so a
-resume on changed data is refused.
+Files are written by :mod:`sophon_fast._files` (temporary file, fsync, rename, folder fsync);
+this module adds the write points the crash tests stop at. :func:`data_fingerprint` (defined in
+:mod:`sophon_fast.data.fingerprint`, importable here as before) hashes the bytes of a data set,
+stored in checkpoints so a resume on changed data is refused.
 """
 
 from __future__ import annotations
@@ -34,6 +35,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from sophon_fast._files import atomic_write
+from sophon_fast._files import atomic_write_text as _atomic_write_text
+from sophon_fast.data.fingerprint import data_fingerprint
 
 __all__ = [
     "CHECKPOINT_JSON",
@@ -65,58 +70,17 @@ def _reach(point: str, path: Path) -> None:
         write_point_hook(point, path)
 
 
-def _umask() -> int:
-    """The process umask (reading it means setting it: restored at once)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make a rename in ``directory`` durable (POSIX; a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic(path: Path, write, point: str | None = None) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        # mkstemp creates 0600 (and safetensors writes a fresh file): the renamed file gets what
-        # open() would give it, 0666 less the umask
-        os.chmod(tmp, 0o666 & ~_umask())
-        if point:
-            _reach(f"{point}_written", Path(tmp))
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        if point:
-            _reach(f"{point}_synced", Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_directory(path.parent)  # the rename itself survives a power cut
+def _stage_hook(point: str | None):
+    """``reach`` for :func:`~sophon_fast._files.atomic_write`: stage ``s`` of the write named
+    ``point`` reaches write point ``{point}_{s}``; None (no write points) without a name."""
+    if not point:
+        return None
+    return lambda stage, tmp: _reach(f"{point}_{stage}", tmp)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str, *, point: str | None = None) -> None:
     """Write ``text`` to ``path`` atomically."""
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            handle.write(text)
-
-    _atomic(Path(path), write, point)
+    _atomic_write_text(path, text, reach=_stage_hook(point))
 
 
 def atomic_save_tensors(
@@ -131,7 +95,7 @@ def atomic_save_tensors(
     # Imported here: the kernel layer (import sophon_fast, the ops) must not need safetensors.
     from safetensors.torch import save_file
 
-    _atomic(Path(path), lambda tmp: save_file(plain, tmp, metadata=metadata), point)
+    atomic_write(path, lambda tmp: save_file(plain, tmp, metadata=metadata), _stage_hook(point))
 
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer, prefix: str) -> dict[str, torch.Tensor]:
@@ -334,22 +298,6 @@ def prepare_checkpoint_dir(
         except FileNotFoundError:
             pass
     _clean_stale_temporaries(directory)
-
-
-def data_fingerprint(*tensors: torch.Tensor | None) -> str:
-    """SHA-256 (hex, 32 digits) of the tensors' dtypes, shapes and bytes (CPU, contiguous, in
-    their own dtype); None hashes as absent. Any change of a value, order, shape or dtype changes
-    it, unlike shape + sum + labels, which a flipped image set passes."""
-    digest = hashlib.sha256()
-    for tensor in tensors:
-        if tensor is None:
-            digest.update(b"none;")
-            continue
-        tensor = tensor.detach().to("cpu").contiguous()
-        digest.update(f"{tensor.dtype};{tuple(tensor.shape)};".encode())
-        if tensor.numel():
-            digest.update(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
-    return digest.hexdigest()[:32]
 
 
 def nonfinite_tensors(tensors: dict[str, torch.Tensor]) -> list[str]:
