@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models import find_head, reinit_head_
+from ..models.head import find_head, reinit_head_
 from ..training import accuracy, as_tensors
 from .lora import add_lora, merge_lora
 

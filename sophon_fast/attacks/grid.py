@@ -45,7 +45,13 @@ import copy
 import itertools
 import math
 import random
+from pathlib import Path
 from typing import Any
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python < 3.11: the tomli backport, a dependency there
+    import tomli as tomllib
 
 from .attack import OPTIMIZERS, SCHEDULES, SCOPES, Attack
 
@@ -275,13 +281,6 @@ def load_grid(source: str | dict | None = None, *, quick: bool = False) -> GridC
         )
     if isinstance(source, dict):
         return GridConfig(source)
-    from pathlib import Path
-
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python < 3.11
-        import tomli as tomllib
-
     path = Path(source)
     if path.is_dir():
         raise IsADirectoryError(f"grid config {path} is a folder; expected a TOML file")
