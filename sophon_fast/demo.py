@@ -23,12 +23,14 @@ from typing import Any
 
 import torch
 
+from ._files import atomic_write_text
 from ._json import strict_json
-from .api import ProtectConfig, ProtectResult, protect
-from .attacks import FineTuneAttack, finetune
-from .data import load_builtin
-from .engine.checkpoint import atomic_write_text
-from .models import SmallCNN
+from .api import ProtectResult, protect
+from .attacks.finetune import FineTuneAttack, finetune
+from .config import ProtectConfig
+from .data.builtin import load_builtin
+from .data.dataset import ImageDataset
+from .models.classifiers import SmallCNN
 from .training import accuracy, train_classifier
 
 ORIGINAL = "mnist5k"
@@ -90,26 +92,15 @@ def run_demo(
     device = torch.device(device)
     if device.type == "cpu":
         torch.set_flush_denormal(True)  # long CPU runs slowed 2.6x midway on denormals otherwise
-    config = DEMO_CONFIG
-    attacks = dict(ATTACKS)
-    pretrain = dict(PRETRAIN)
-    if quick:
-        config = dataclasses.replace(config, outer_steps=3, inner_steps=2, eval_every=3)
-        attacks = {k: dataclasses.replace(a, epochs=2) for k, a in attacks.items()}
-        pretrain["epochs"] = 1
-
-    original_train, original_test = load_builtin(ORIGINAL, "train"), load_builtin(ORIGINAL, "test")
-    restricted_train, restricted_test = (
-        load_builtin(RESTRICTED, "train"),
-        load_builtin(RESTRICTED, "test"),
-    )
-    _print(f"original {original_train} | restricted {restricted_train}", progress)
+    config, attacks, pretrain = _settings(quick)
+    data = _load_pair()
+    _print(f"original {data['original_train']} | restricted {data['restricted_train']}", progress)
 
     torch.manual_seed(seed)
     pretrained = SmallCNN(num_classes=10, in_channels=1, image_size=28).to(device)
     train_classifier(
         pretrained,
-        original_train,
+        data["original_train"],
         seed=seed,
         device=device,
         progress=progress,
@@ -123,10 +114,10 @@ def run_demo(
     tick = time.perf_counter()
     result = protect(
         pretrained,
-        original_train,
-        restricted_train,
+        data["original_train"],
+        data["restricted_train"],
         config,
-        original_eval=original_test,
+        original_eval=data["original_test"],
         device=device,
         progress=progress,
         checkpoint_dir=out / "protect_checkpoints",
@@ -139,13 +130,73 @@ def run_demo(
     scratch = SmallCNN(num_classes=10, in_channels=1, image_size=28).to(device)
     models = {"normal": pretrained, "protected": result.model, "scratch": scratch}
     tick = time.perf_counter()
+    curves = _attack_arms(models, data, attacks, seed=seed, device=device, progress=progress)
+    seconds["attacks"] = time.perf_counter() - tick
+    seconds["total"] = time.perf_counter() - started
+
+    report = _report(
+        data,
+        pretrained,
+        result,
+        curves,
+        attacks,
+        pretrain,
+        config,
+        device=device,
+        seed=seed,
+        quick=quick,
+        seconds=seconds,
+    )
+    atomic_write_text(out / "report.json", strict_json(report, indent=1))
+    _plot(curves, out / "restricted_accuracy.png")
+    _print(format_report(report), progress)
+    return report
+
+
+def _settings(quick: bool) -> tuple[ProtectConfig, dict[str, FineTuneAttack], dict[str, Any]]:
+    """The protection config, the attacks and the pre-training settings (cut down when quick)."""
+    config = DEMO_CONFIG
+    attacks = dict(ATTACKS)
+    pretrain = dict(PRETRAIN)
+    if quick:
+        config = dataclasses.replace(config, outer_steps=3, inner_steps=2, eval_every=3)
+        attacks = {k: dataclasses.replace(a, epochs=2) for k, a in attacks.items()}
+        pretrain["epochs"] = 1
+    return config, attacks, pretrain
+
+
+def _load_pair() -> dict[str, ImageDataset]:
+    """The four sets: original and restricted domain, train and test splits."""
+    original_train, original_test = load_builtin(ORIGINAL, "train"), load_builtin(ORIGINAL, "test")
+    restricted_train, restricted_test = (
+        load_builtin(RESTRICTED, "train"),
+        load_builtin(RESTRICTED, "test"),
+    )
+    return {
+        "original_train": original_train,
+        "original_test": original_test,
+        "restricted_train": restricted_train,
+        "restricted_test": restricted_test,
+    }
+
+
+def _attack_arms(
+    models: dict[str, torch.nn.Module],
+    data: dict[str, ImageDataset],
+    attacks: dict[str, FineTuneAttack],
+    *,
+    seed: int,
+    device: torch.device,
+    progress: bool,
+) -> dict[str, dict[str, list[float]]]:
+    """Restricted test accuracy per epoch, for every attack and arm (each arm fine-tuned anew)."""
     curves: dict[str, dict[str, list[float]]] = {}
     for attack_name, attack in attacks.items():
         curves[attack_name] = {
             arm: finetune(
                 models[arm],
-                restricted_train,
-                restricted_test,
+                data["restricted_train"],
+                data["restricted_test"],
                 attack,
                 seed=seed,
                 device=device,
@@ -154,16 +205,32 @@ def run_demo(
             )
             for arm in ARMS
         }
-    seconds["attacks"] = time.perf_counter() - tick
-    seconds["total"] = time.perf_counter() - started
+    return curves
 
+
+def _report(
+    data: dict[str, ImageDataset],
+    pretrained: torch.nn.Module,
+    result: ProtectResult,
+    curves: dict[str, dict[str, list[float]]],
+    attacks: dict[str, FineTuneAttack],
+    pretrain: dict[str, Any],
+    config: ProtectConfig,
+    *,
+    device: torch.device,
+    seed: int,
+    quick: bool,
+    seconds: dict[str, float],
+) -> dict[str, Any]:
+    """report.json's content (the original-domain accuracies are measured here)."""
+    original_test = data["original_test"]
     demo_curves = curves[DEMO_ATTACK]
-    report = {
+    return {
         "pair": {
             "original": ORIGINAL,
             "restricted": RESTRICTED,
-            "original_sizes": [len(original_train), len(original_test)],
-            "restricted_sizes": [len(restricted_train), len(restricted_test)],
+            "original_sizes": [len(data["original_train"]), len(original_test)],
+            "restricted_sizes": [len(data["restricted_train"]), len(data["restricted_test"])],
         },
         "original_accuracy": {
             "unprotected": accuracy(pretrained, original_test, device=device),
@@ -194,10 +261,6 @@ def run_demo(
         "quick": quick,
         "seconds": seconds,
     }
-    atomic_write_text(out / "report.json", strict_json(report, indent=1))
-    _plot(curves, out / "restricted_accuracy.png")
-    _print(format_report(report), progress)
-    return report
 
 
 def _plot(curves: dict[str, dict[str, list[float]]], path: Path) -> None:

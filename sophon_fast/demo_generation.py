@@ -23,12 +23,16 @@ from typing import Any
 
 import torch
 
+from ._files import atomic_write_text
 from ._json import strict_json
-from .api import ProtectConfig, ProtectResult, protect
+from .api import ProtectResult, protect
 from .attacks.attack import Attack
 from .attacks.generation import evaluate_generation, image_grid, write_png
-from .data import load_builtin
-from .engine.checkpoint import atomic_write_text
+from .config import ProtectConfig
+from .data.builtin import load_builtin
+from .diffusion import to_model_range, train_denoiser
+from .models.unet import SmallUNet
+from .noise_schedule import NoiseSchedule
 
 ORIGINAL = "mnist5k"
 RESTRICTED = "lfw_faces"
@@ -81,8 +85,6 @@ def _print(message: str, verbose: bool) -> None:
 
 
 def _domain(name: str, split: str) -> torch.Tensor:
-    from .diffusion import to_model_range
-
     return to_model_range(load_builtin(name, split, image_size=28).images.float())
 
 
@@ -108,31 +110,20 @@ def run_generation_demo(
         scratch}``, ``original_mse.{unprotected,protected}``, per-epoch curves, judge verdicts,
         the configuration and the seconds each stage took.
     """
-    from .diffusion import NoiseSchedule, train_denoiser
-    from .models.unet import SmallUNet
-
     started = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(device)
     if device.type == "cpu":
         torch.set_flush_denormal(True)
-    config, attacks, pretrain = DEMO_CONFIG, dict(ATTACKS), dict(PRETRAIN)
-    if quick:
-        config = dataclasses.replace(config, outer_steps=2, inner_steps=2, eval_every=2)
-        attacks = {k: dataclasses.replace(a, epochs=2) for k, a in attacks.items()}
-        pretrain["epochs"] = 1
+    config, attacks, pretrain = _settings(quick)
     epochs = attacks[DEMO_ATTACK].epochs
     timings: dict[str, float] = {}
-
-    original_train, original_test = _domain(ORIGINAL, "train"), _domain(ORIGINAL, "test")
-    restricted_train, restricted_test = _domain(RESTRICTED, "train"), _domain(RESTRICTED, "test")
-    if quick:
-        original_train, original_test = original_train[:256], original_test[:64]
-    original_eval = original_test[:200]
+    data = _load_domains(quick)
     _print(
-        f"original {ORIGINAL}: {len(original_train)} train / {len(original_test)} test | "
-        f"restricted {RESTRICTED}: {len(restricted_train)} train / {len(restricted_test)} test",
+        f"original {ORIGINAL}: {len(data['original_train'])} train / "
+        f"{len(data['original_test'])} test | restricted {RESTRICTED}: "
+        f"{len(data['restricted_train'])} train / {len(data['restricted_test'])} test",
         progress,
     )
 
@@ -141,7 +132,12 @@ def run_generation_demo(
     pretrained = SmallUNet(**UNET).to(device)
     schedule = NoiseSchedule(kind=config.noise_schedule, timesteps=config.diffusion_steps)
     train_denoiser(
-        pretrained, schedule, original_train.to(device), seed=seed, progress=progress, **pretrain
+        pretrained,
+        schedule,
+        data["original_train"].to(device),
+        seed=seed,
+        progress=progress,
+        **pretrain,
     )
     ProtectResult(model=pretrained, history=[], config=config).save(out / "pretrained")
     timings["pretrain"] = time.perf_counter() - tick
@@ -149,10 +145,10 @@ def run_generation_demo(
     tick = time.perf_counter()
     result = protect(
         pretrained,
-        original_train,
-        restricted_train,
+        data["original_train"],
+        data["restricted_train"],
         config,
-        original_eval=original_eval,
+        original_eval=data["original_eval"],
         device=device,
         progress=progress,
         checkpoint_dir=out / "checkpoints",
@@ -164,9 +160,9 @@ def run_generation_demo(
     tick = time.perf_counter()
     report = evaluate_generation(
         result.model,
-        (restricted_train, restricted_test),
-        original=original_eval,
-        original_train=original_train,
+        (data["restricted_train"], data["restricted_test"]),
+        original=data["original_eval"],
+        original_train=data["original_train"],
         normal=pretrained,
         attacks=list(attacks.values()),
         seeds=[seed],
@@ -182,7 +178,59 @@ def run_generation_demo(
         name: {c["arm"]: c for c in report.data["cells"] if c["key"] == attack.key}
         for name, attack in attacks.items()
     }
-    for name, arms in by_attack.items():  # stable names for the grids a person looks at
+    _copy_sample_grids(out, by_attack, seed=seed, epochs=epochs)
+    write_png(out / "data_restricted.png", image_grid((data["restricted_test"] + 1) / 2))
+    write_png(out / "data_original.png", image_grid((data["original_test"][:32] + 1) / 2))
+
+    summary = _report(by_attack, report.data, attacks, config, pretrain, result.history)
+    summary.update(
+        {
+            "seconds": {**timings, "total": time.perf_counter() - started},
+            "quick": quick,
+            "device": str(device),
+            "threads": torch.get_num_threads(),
+        }
+    )
+    final = summary["restricted_mse_final"]
+    summary["criteria"] = {
+        "protected_above_normal": final["protected"] > final["normal"],
+        "protected_at_least_scratch": final["protected"] >= final["scratch"],
+        "original_within_20_percent": abs(summary["original_mse_ratio"] - 1.0) <= 0.2,
+    }
+    atomic_write_text(out / "report.json", strict_json(summary, indent=1))
+    return summary
+
+
+def _settings(quick: bool) -> tuple[ProtectConfig, dict[str, Attack], dict[str, Any]]:
+    """The protection config, the attacks and the pre-training settings (cut down when quick)."""
+    config, attacks, pretrain = DEMO_CONFIG, dict(ATTACKS), dict(PRETRAIN)
+    if quick:
+        config = dataclasses.replace(config, outer_steps=2, inner_steps=2, eval_every=2)
+        attacks = {k: dataclasses.replace(a, epochs=2) for k, a in attacks.items()}
+        pretrain["epochs"] = 1
+    return config, attacks, pretrain
+
+
+def _load_domains(quick: bool) -> dict[str, torch.Tensor]:
+    """Both domains' splits in the model's range, and the original-domain evaluation images."""
+    original_train, original_test = _domain(ORIGINAL, "train"), _domain(ORIGINAL, "test")
+    restricted_train, restricted_test = _domain(RESTRICTED, "train"), _domain(RESTRICTED, "test")
+    if quick:
+        original_train, original_test = original_train[:256], original_test[:64]
+    return {
+        "original_train": original_train,
+        "original_test": original_test,
+        "original_eval": original_test[:200],
+        "restricted_train": restricted_train,
+        "restricted_test": restricted_test,
+    }
+
+
+def _copy_sample_grids(
+    out: Path, by_attack: dict[str, dict[str, dict]], *, seed: int, epochs: int
+) -> None:
+    """Copy the sample grids a person looks at to stable names in ``out``."""
+    for name, arms in by_attack.items():
         for arm, cell in arms.items():
             for epoch in (0, epochs):
                 src = (
@@ -191,13 +239,21 @@ def run_generation_demo(
                 if src.exists() and (epoch == epochs or name == DEMO_ATTACK):
                     tag = f"_{name}" if epoch else ""
                     (out / f"samples_{arm}_epoch{epoch}{tag}.png").write_bytes(src.read_bytes())
-    cells = by_attack[DEMO_ATTACK]
-    write_png(out / "data_restricted.png", image_grid((restricted_test + 1) / 2))
-    write_png(out / "data_original.png", image_grid((original_test[:32] + 1) / 2))
 
+
+def _report(
+    by_attack: dict[str, dict[str, dict]],
+    evaluation: dict[str, Any],
+    attacks: dict[str, Attack],
+    config: ProtectConfig,
+    pretrain: dict[str, Any],
+    history: list,
+) -> dict[str, Any]:
+    """report.json's content up to ``protect_history``; the caller adds timings and criteria."""
+    cells = by_attack[DEMO_ATTACK]
     unprotected_mse = cells["normal"]["original_mse"][0]
     protected_mse = cells["protected"]["original_mse"][0]
-    data = {
+    return {
         "mode": "generation",
         "pair": {"original": ORIGINAL, "restricted": RESTRICTED},
         "restricted_mse_final": {arm: cells[arm]["restricted_mse"][-1] for arm in ARMS},
@@ -205,8 +261,8 @@ def run_generation_demo(
         "original_mse": {"unprotected": unprotected_mse, "protected": protected_mse},
         "original_mse_ratio": protected_mse / unprotected_mse,
         "samples_judged_faces": {arm: cells[arm]["restricted_fraction"] for arm in ARMS},
-        "judge_accuracy": report.data["judge_accuracy"],
-        "judge": report.data["judge"],
+        "judge_accuracy": evaluation["judge_accuracy"],
+        "judge": evaluation["judge"],
         "curves": {
             name: {
                 arm: {"restricted_mse": c["restricted_mse"], "original_mse": c["original_mse"]}
@@ -227,20 +283,8 @@ def run_generation_demo(
         "config": config.to_dict(),
         "unet": UNET,
         "pretrain": pretrain,
-        "protect_history": result.history,
-        "seconds": {**timings, "total": time.perf_counter() - started},
-        "quick": quick,
-        "device": str(device),
-        "threads": torch.get_num_threads(),
+        "protect_history": history,
     }
-    final = data["restricted_mse_final"]
-    data["criteria"] = {
-        "protected_above_normal": final["protected"] > final["normal"],
-        "protected_at_least_scratch": final["protected"] >= final["scratch"],
-        "original_within_20_percent": abs(data["original_mse_ratio"] - 1.0) <= 0.2,
-    }
-    atomic_write_text(out / "report.json", strict_json(data, indent=1))
-    return data
 
 
 def format_generation_report(report: dict[str, Any]) -> str:
