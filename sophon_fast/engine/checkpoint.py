@@ -39,6 +39,7 @@ import torch
 from sophon_fast._files import atomic_write
 from sophon_fast._files import atomic_write_text as _atomic_write_text
 from sophon_fast.data.fingerprint import data_fingerprint
+from sophon_fast.reference.optimizer_state import load_optimizer_tensors, optimizer_tensors
 
 __all__ = [
     "CHECKPOINT_JSON",
@@ -96,38 +97,6 @@ def atomic_save_tensors(
     from safetensors.torch import save_file
 
     atomic_write(path, lambda tmp: save_file(plain, tmp, metadata=metadata), _stage_hook(point))
-
-
-def optimizer_tensors(optimizer: torch.optim.Optimizer, prefix: str) -> dict[str, torch.Tensor]:
-    """``{prefix}.{param_index}.{key}`` -> state tensor, for every parameter with state."""
-    out = {}
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    for index, param in enumerate(params):
-        for key, value in optimizer.state.get(param, {}).items():
-            if not isinstance(value, torch.Tensor):
-                value = torch.tensor(value)
-            out[f"{prefix}.{index}.{key}"] = value
-    return out
-
-
-def load_optimizer_tensors(
-    optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], prefix: str
-) -> None:
-    """Inverse of :func:`optimizer_tensors`; state tensors go to their parameter's device, except a
-    non-capturable ``step`` that torch keeps on the CPU."""
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    on_device_step = bool(optimizer.defaults.get("fused") or optimizer.defaults.get("capturable"))
-    optimizer.state.clear()
-    for name, value in tensors.items():
-        if not name.startswith(prefix + "."):
-            continue
-        index, key = name[len(prefix) + 1 :].split(".", 1)
-        param = params[int(index)]
-        if key == "step" and not on_device_step:
-            value = value.clone()
-        else:
-            value = value.to(param.device).clone()
-        optimizer.state.setdefault(param, {})[key] = value
 
 
 def _clean_stale_temporaries(directory: Path) -> None:
