@@ -9,7 +9,7 @@ one thread each; with a ``report_dir`` each finished cell is written atomically 
 ``report_dir/cells/<id>.json`` and a rerun reuses every cell whose recipe, seed, budget, model
 weights and data are unchanged, so an interrupted evaluation resumes where it stopped. Data are
 compared by a hash of their bytes per data set
-(:func:`sophon_fast.engine.checkpoint.data_fingerprint`); cells computed on different data raise
+(:func:`sophon_fast.data.fingerprint.data_fingerprint`); cells computed on different data raise
 an error naming the data set instead of being reused or silently replaced (cells written before
 per-data-set fingerprints are run again).
 
@@ -17,15 +17,22 @@ The search adversary adds recipes drawn from the search space (scope x optimizer
 log-uniform lr x schedule): with the random sampler they are drawn up front and run on every
 arm like grid recipes (first seed only); with Optuna (when importable) each arm gets its own
 sequential TPE study maximising its best restricted accuracy, run in the main process.
+
+:func:`evaluate` is the public entry: it sends a noise-prediction model to
+:func:`sophon_fast.attacks.generation.evaluate_generation` and a classifier to
+:func:`evaluate_classification`, which runs in named steps: validate the arguments and plan the
+arms, recipes and data (:func:`_plan`), write one spec per cell (:func:`_cell_specs`), run the
+cells with resume (:mod:`sophon_fast.attacks._cells`; :func:`_run_all` spreads them over a
+process group and adds the Optuna searches of :mod:`sophon_fast.attacks._search`), and aggregate
+them into a :class:`Report`. The cell machinery lives in :mod:`sophon_fast.attacks._cells` so that
+this module and the generation module share it without importing each other (this module imports
+the generation module, never the reverse).
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
-import json
-import random
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,253 +41,32 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..data.specs import load_spec
 from ..distributed import current as distributed_context
-from ..engine.checkpoint import atomic_write_text, data_fingerprint
 from ..training import accuracy, as_tensors
-from .attack import Attack, run_attack
-from .grid import GridConfig, load_grid, sample_attack
+from . import generation
+from ._cells import (
+    cell_spec,
+    combined,
+    data_fingerprints,
+    fresh_copy,
+    load_done,
+    model_fingerprint,
+    run_cells,
+    shaped_like,
+)
+from ._search import optuna_search, search_plan
+from .attack import _NORMS, Attack, blocks_of
+from .generation import GenerationReport, is_noise_model
+from .grid import GridConfig, load_grid
 from .report import Report, build_report
 
-__all__ = ["evaluate"]
+__all__ = ["evaluate", "evaluate_classification"]
 
 TRAINABILITY_ATTACK = Attack(scope="reinit_head_full", optimizer="adam", lr=1e-3, epochs=0)
 
-
-def _fingerprint(model: nn.Module) -> str:
-    digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        digest.update(name.encode())
-        digest.update(
-            tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
-        )
-    return digest.hexdigest()[:16]
-
-
-def _data_fingerprints(**datasets) -> dict[str, str]:
-    """name -> hash of the bytes of that data set's images and labels ("none" when absent)."""
-    return {
-        name: "none" if data is None else data_fingerprint(*as_tensors(data))
-        for name, data in datasets.items()
-    }
-
-
-def _combined(parts: dict[str, str]) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _cell_seed(attack: Attack, seed: int) -> int:
-    return int(hashlib.sha256(f"{attack.key}:{seed}".encode()).hexdigest()[:8], 16)
-
-
-def _fresh_copy(model: nn.Module, seed: int) -> nn.Module:
-    """The same architecture freshly initialised from ``seed`` (zoo models rebuild from their spec)."""
-    state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        spec = getattr(model, "model_spec", None)
-        if spec:
-            from ..models import build_model
-
-            fresh = build_model(spec["name"], spec.get("kwargs"))
-            fresh = fresh.to(dtype=next(model.parameters()).dtype)
-        else:
-            fresh = copy.deepcopy(model)
-            for module in fresh.modules():
-                if hasattr(module, "reset_parameters"):
-                    module.reset_parameters()
-                if hasattr(module, "reset_running_stats"):
-                    module.reset_running_stats()
-    finally:
-        torch.random.set_rng_state(state)
-    return fresh.cpu()
-
-
-def _shaped_like(data, reference):
-    """``data`` resized and re-channelled to the image shape of ``reference``."""
-    from ..data import resize_images, set_channels
-
-    images, labels = as_tensors(data)
-    target = as_tensors(reference)[0].shape[1:]
-    if images.dim() == 4 and len(target) == 3:
-        images = resize_images(set_channels(images, target[0]), tuple(target[1:]))
-    return images, labels
-
-
-# ---------------------------------------------------------------- worker side
-
-_WORKER: dict[str, Any] = {}
-
-
-def _init_worker(payload: dict[str, Any], threads: int | None) -> None:
-    if threads is not None:
-        torch.set_num_threads(threads)
-    if payload.get("flush_denormal"):
-        torch.set_flush_denormal(True)  # CPU runs slow down 2.6x on denormals otherwise
-    _WORKER.clear()
-    _WORKER.update(payload)
-
-
-def _run_cell(spec: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    data = _WORKER["data"]
-    model = _WORKER["models"][spec["model_key"]]
-    attack = Attack.from_dict(spec["attack"])
-    if spec["kind"] == "trainability":
-        train, test, original = data["benign_train"], data["benign_test"], None
-    else:
-        train, test, original = data["train"], data["test"], data["original"]
-    result = run_attack(
-        model,
-        train,
-        test,
-        attack,
-        seed=spec["cell_seed"],
-        original_test=original,
-        device=_WORKER["device"],
-    )
-    return spec, result
-
-
-# ---------------------------------------------------------------- main side
-
-
-def _cell_spec(
-    arm: str, kind: str, attack: Attack, seed: int, model_key: str, fingerprints
-) -> dict:
-    cell_seed = _cell_seed(attack, seed)
-    ident = f"{arm}-{kind}-{attack.key}-s{seed}"
-    return {
-        "id": ident,
-        "arm": arm,
-        "kind": kind,
-        "attack": attack.to_dict(),
-        "label": attack.label,
-        "seed": seed,
-        "cell_seed": cell_seed,
-        "model_key": model_key,
-        "fingerprint": fingerprints[model_key] + ":" + _combined(fingerprints["data"]),
-        "data_fingerprints": fingerprints["data"],
-    }
-
-
-def _load_done(cells_dir: Path | None, spec: dict) -> dict | None:
-    if cells_dir is None:
-        return None
-    path = cells_dir / f"{spec['id']}.json"
-    if not path.is_file():
-        return None
-    try:
-        done = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):  # unreadable, torn, not UTF-8 or not JSON: run the cell again
-        return None
-    if not isinstance(done, dict):
-        return None
-    theirs = done.get("data_fingerprints")
-    if isinstance(theirs, dict) and done.get("attack") == spec["attack"]:
-        changed = sorted(
-            name
-            for name, value in spec["data_fingerprints"].items()
-            if name in theirs and theirs[name] != value
-        )
-        if changed:
-            raise ValueError(
-                f"evaluate: {cells_dir} holds results computed on different {', '.join(changed)} "
-                f"data (cell {spec['id']}: fingerprint {theirs[changed[0]]}, now "
-                f"{spec['data_fingerprints'][changed[0]]}); evaluate the new data in another "
-                f"report_dir (--out), or delete {cells_dir} to start over"
-            )
-    if done.get("fingerprint") != spec["fingerprint"] or done.get("attack") != spec["attack"]:
-        return None
-    return done
-
-
-def _store(cells_dir: Path | None, spec: dict, result: dict) -> dict:
-    cell = {k: v for k, v in spec.items() if k != "model_key"}
-    cell.update({k: v for k, v in result.items() if k != "model"})
-    if cells_dir is not None:
-        atomic_write_text(cells_dir / f"{spec['id']}.json", json.dumps(cell, indent=1))
-    return cell
-
-
-def _run_cells(specs, payload, workers, cells_dir, progress) -> list[dict]:
-    cells, todo = [], []
-    for spec in specs:
-        done = _load_done(cells_dir, spec)
-        if done is not None:
-            cells.append(done)
-        else:
-            todo.append(spec)
-    if progress and cells:
-        print(f"evaluate: resuming, {len(cells)} of {len(specs)} cells already done", flush=True)
-    started = time.perf_counter()
-
-    def note(i: int, spec: dict, result: dict) -> None:
-        if progress:
-            final = result["curve"][-1]
-            print(
-                f"[{i + 1}/{len(todo)} {time.perf_counter() - started:6.0f}s] {spec['arm']:<9} "
-                f"{spec['kind']:<12} seed {spec['seed']} {spec['label']}: final {final:.1f} %",
-                flush=True,
-            )
-
-    if workers <= 1 or len(todo) <= 1:
-        saved = dict(_WORKER)
-        _init_worker(payload, None)
-        try:
-            for i, spec in enumerate(todo):
-                spec, result = _run_cell(spec)
-                cells.append(_store(cells_dir, spec, result))
-                note(i, spec, result)
-        finally:
-            _WORKER.clear()
-            _WORKER.update(saved)
-        return cells
-    import torch.multiprocessing as mp
-
-    context = mp.get_context("spawn")
-    # longest cells first keeps both workers busy to the end
-    todo.sort(key=lambda s: -(s["attack"]["epochs"] or 1))
-    with context.Pool(workers, initializer=_init_worker, initargs=(payload, 1)) as pool:
-        for i, (spec, result) in enumerate(pool.imap_unordered(_run_cell, todo)):
-            cells.append(_store(cells_dir, spec, result))
-            note(i, spec, result)
-    return cells
-
-
-def _optuna_available() -> bool:
-    try:
-        import optuna  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _optuna_search(arm, model_key, payload, grid, budget, seed, fingerprints, cells_dir, progress):
-    """Sequential TPE search for one arm, maximising the best restricted accuracy of a trial."""
-    import optuna
-
-    from .attack import OPTIMIZERS, SCHEDULES
-    from .grid import LR_RANGES, SEARCH_SCOPES
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    sampler = optuna.samplers.TPESampler(seed=grid.search["seed"])
-    study = optuna.create_study(direction="maximize", sampler=sampler)
-    cells = []
-    for _ in range(grid.search["trials"]):
-        trial = study.ask()
-        optimizer = trial.suggest_categorical("optimizer", list(OPTIMIZERS))
-        low, high = LR_RANGES[optimizer]
-        attack = Attack(
-            scope=trial.suggest_categorical("scope", list(SEARCH_SCOPES)),
-            optimizer=optimizer,
-            lr=float(f"{trial.suggest_float(f'lr_{optimizer}', low, high, log=True):.3g}"),
-            schedule=trial.suggest_categorical("schedule", list(SCHEDULES)),
-            epochs=budget,
-        )
-        spec = _cell_spec(arm, "search", attack, seed, model_key, fingerprints)
-        (cell,) = _run_cells([spec], payload, 1, cells_dir, progress)
-        study.tell(trial, max(cell["curve"]))
-        cells.append(cell)
-    return cells
+# tests/reliability/test_corrupt_files.py reads stored cells through this name
+_load_done = load_done
 
 
 def evaluate(
@@ -299,12 +85,13 @@ def evaluate(
     search_trials: int | None = None,
     scratch: bool = True,
     progress: bool = False,
-) -> Report:
+) -> Report | GenerationReport:
     """Fine-tune the protected model, the unprotected model and a fresh one with the same attack grid.
 
     A noise-prediction model (``forward(x, t)``, e.g. a DDPM UNet) is evaluated in generation
     mode by :func:`sophon_fast.attacks.generation.evaluate_generation` (denoising MSE curves,
-    sample grids, a domain judge; ``workers``, ``benign`` and ``search_trials`` do not apply).
+    sample grids, a domain judge; ``workers``, ``benign`` and ``search_trials`` do not apply);
+    any other model by :func:`evaluate_classification`, with every argument passed on.
 
     Args:
         model: the protected classifier (not modified). Its head is found by
@@ -341,7 +128,8 @@ def evaluate(
         The :class:`Report` (also written to ``report_dir`` when given): per arm every cell
         (recipe, seed, curve, AUC, epochs to target, ratio to scratch, intactness), per-recipe
         mean ± 95 % CI over seeds, the worst case over grid and seeds, trainability, and a
-        summary (``protected_minus_scratch_worst`` and each arm's scratch ratio).
+        summary (``protected_minus_scratch_worst`` and each arm's scratch ratio). For a
+        noise-prediction model, the :class:`~sophon_fast.attacks.generation.GenerationReport`.
 
     Raises:
         ValueError: a malformed grid (unknown key, bad value), a recipe that does not fit the
@@ -349,12 +137,10 @@ def evaluate(
             blocks), empty data, or ``workers < 1``.
         TypeError: data in an unsupported form.
     """
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise ValueError(f"evaluate: workers must be an int >= 1, got {workers!r}")
-    from .generation import evaluate_generation, is_noise_model
-
+    _check_workers(workers)
     if is_noise_model(model):  # a DDPM eps-model forward(x, t): generation mode, in-process
-        return evaluate_generation(
+        # looked up on the module at call time, so the entry can be replaced (tests do)
+        return generation.evaluate_generation(
             model,
             restricted,
             original=original,
@@ -367,13 +153,189 @@ def evaluate(
             scratch=scratch,
             progress=progress,
         )
+    return evaluate_classification(
+        model,
+        restricted,
+        original=original,
+        normal=normal,
+        attacks=attacks,
+        seeds=seeds,
+        epochs=epochs,
+        device=device,
+        workers=workers,
+        report_dir=report_dir,
+        benign=benign,
+        search_trials=search_trials,
+        scratch=scratch,
+        progress=progress,
+    )
+
+
+def evaluate_classification(
+    model: nn.Module,
+    restricted,
+    *,
+    original=None,
+    normal: nn.Module | None = None,
+    attacks: str | dict | GridConfig | Sequence[Attack] | None = None,
+    seeds: Sequence[int] | None = None,
+    epochs: int | None = None,
+    device=None,
+    workers: int = 1,
+    report_dir: str | Path | None = None,
+    benign=None,
+    search_trials: int | None = None,
+    scratch: bool = True,
+    progress: bool = False,
+) -> Report:
+    """:func:`evaluate` for a classifier: the same arguments, the same :class:`Report`.
+
+    Callable on its own (it does not look at the model's forward signature): validate and plan
+    (:func:`_plan`), one spec per cell (:func:`_cell_specs`), run the cells with resume
+    (:func:`_run_all`), measure the arms before any attack, and aggregate into the report.
+    """
+    _check_workers(workers)
+    plan = _plan(
+        model,
+        restricted,
+        original=original,
+        normal=normal,
+        attacks=attacks,
+        seeds=seeds,
+        epochs=epochs,
+        device=device,
+        benign=benign,
+        search_trials=search_trials,
+        scratch=scratch,
+    )
+    specs = _cell_specs(plan)
+    report_dir = Path(report_dir) if report_dir is not None else None
+    cells_dir = report_dir / "cells" if report_dir is not None else None
+    started = time.perf_counter()
+    dist = distributed_context()  # a process group of > 1 ranks spreads the cells over them
+    cells = _run_all(plan, specs, dist, workers, cells_dir, progress)
+    report = build_report(
+        cells,
+        arms=plan.arms,
+        seeds=plan.seeds,
+        baseline=_baseline(plan),
+        config=_config(plan, workers),
+        target=plan.grid.target,
+    )
+    report.data["seconds"] = time.perf_counter() - started
+    if report_dir is not None and (dist is None or dist.rank == 0):
+        report.write(report_dir)
+    return report
+
+
+# ---------------------------------------------------------------- planning
+
+
+@dataclasses.dataclass
+class _Plan:
+    """What a classification evaluation decided before its first cell runs."""
+
+    grid: GridConfig
+    seeds: tuple[int, ...]
+    budget: int  # epochs of every grid and search cell
+    trials: int  # search-adversary trials
+    sampler: str  # "random" or "optuna" ("auto" resolved)
+    device: torch.device
+    train: Any
+    test: Any
+    original: Any
+    benign: tuple[Any, Any] | None
+    models: dict[str, nn.Module]  # protected, normal, scratch@<seed>: CPU copies
+    arms: list[str]
+    data: dict[str, Any]  # train, test, original and (shaped) benign_train / benign_test
+    fingerprints: dict[str, Any]  # model key -> hash, "data" -> data set -> hash
+    trainability_parts: dict[str, str]  # benign data set -> hash
+    recipes: list[Attack]
+    search_recipes: list[Attack]  # drawn up front by the random sampler
+
+    @staticmethod
+    def model_key(arm: str, seed: int) -> str:
+        return f"scratch@{seed}" if arm == "scratch" else arm
+
+    @property
+    def trainability_attack(self) -> Attack:
+        return dataclasses.replace(TRAINABILITY_ATTACK, epochs=self.grid.benign_epochs)
+
+
+def _check_workers(workers) -> None:
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"evaluate: workers must be an int >= 1, got {workers!r}")
+
+
+def _plan(
+    model,
+    restricted,
+    *,
+    original,
+    normal,
+    attacks,
+    seeds,
+    epochs,
+    device,
+    benign,
+    search_trials,
+    scratch,
+) -> _Plan:
+    """Validate every argument and fix the arms, models, data, fingerprints and recipes, in an
+    order that fails on bad arguments before loading or copying anything heavy."""
+    train, test = _restricted_pair(restricted)
+    grid = _resolve_grid(attacks)
+    seeds, budget, trials = _budget(grid, seeds, epochs, search_trials)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    benign = _benign_domain(benign, grid)
+    models, arms = _arm_models(model, normal, seeds, scratch)
+    data = {"train": train, "test": test, "original": original}
+    if benign is not None:
+        data["benign_train"] = shaped_like(benign[0], train)
+        data["benign_test"] = shaped_like(benign[1], train)
+    fingerprints = {key: model_fingerprint(m) for key, m in models.items()}
+    fingerprints["data"] = data_fingerprints(
+        restricted_train=train, restricted_test=test, original=original
+    )
+    trainability_parts = data_fingerprints(
+        benign_train=data.get("benign_train"), benign_test=data.get("benign_test")
+    )
+    recipes = [dataclasses.replace(a, epochs=budget) for a in grid.attacks]
+    _check_recipes(recipes, model)
+    sampler, search_recipes = search_plan(grid, recipes, trials, budget)
+    return _Plan(
+        grid=grid,
+        seeds=seeds,
+        budget=budget,
+        trials=trials,
+        sampler=sampler,
+        device=device,
+        train=train,
+        test=test,
+        original=original,
+        benign=benign,
+        models=models,
+        arms=arms,
+        data=data,
+        fingerprints=fingerprints,
+        trainability_parts=trainability_parts,
+        recipes=recipes,
+        search_recipes=search_recipes,
+    )
+
+
+def _restricted_pair(restricted) -> tuple[Any, Any]:
     if not isinstance(restricted, (tuple, list)) or len(restricted) != 2:
         raise TypeError("evaluate: restricted must be a (train, test) pair of datasets")
     train, test = restricted
     for name, data in (("restricted train", train), ("restricted test", test)):
         if len(as_tensors(data)[1]) == 0:
             raise ValueError(f"evaluate: the {name} data is empty")
-    grid = _resolve_grid(attacks)
+    return train, test
+
+
+def _budget(grid: GridConfig, seeds, epochs, search_trials) -> tuple[tuple[int, ...], int, int]:
+    """(seeds, epochs per cell, search trials): the arguments, or the grid's where None."""
     seeds = tuple(grid.seeds if seeds is None else seeds)
     if not seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds):
         raise ValueError(f"evaluate: seeds must be a non-empty list of ints >= 0, got {seeds!r}")
@@ -385,164 +347,159 @@ def evaluate(
     trials = grid.search["trials"] if search_trials is None else search_trials
     if isinstance(trials, bool) or not isinstance(trials, int) or trials < 0:
         raise ValueError(f"evaluate: search_trials must be an int >= 0, got {trials!r}")
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    return seeds, budget, trials
 
+
+def _benign_domain(benign, grid: GridConfig):
+    """The trainability domain: given, the grid's spec (loaded here), or None (False skips)."""
     if benign is None and grid.benign:
-        from ..data import load_spec
-
         benign = load_spec(grid.benign, what="grid benign")
         if benign[1] is None:
             raise ValueError(f"evaluate: benign domain {grid.benign!r} has no test split")
-    benign = benign or None
+    return benign or None
 
+
+def _arm_models(
+    model: nn.Module, normal: nn.Module | None, seeds: tuple[int, ...], scratch: bool
+) -> tuple[dict[str, nn.Module], list[str]]:
+    """CPU copies of every arm's starting model (one scratch draw per seed), and the arm names."""
     models = {"protected": copy.deepcopy(model).cpu()}
     if normal is not None:
         models["normal"] = copy.deepcopy(normal).cpu()
     if scratch:
         for seed in seeds:
-            models[f"scratch@{seed}"] = _fresh_copy(model, seed)
+            models[f"scratch@{seed}"] = fresh_copy(model, seed)
     arms = (
         ["protected"]
         + (["normal"] if normal is not None else [])
         + (["scratch"] if scratch else [])
     )
+    return models, arms
 
-    def model_key(arm: str, seed: int) -> str:
-        return f"scratch@{seed}" if arm == "scratch" else arm
 
-    data = {"train": train, "test": test, "original": original}
-    if benign is not None:
-        data["benign_train"] = _shaped_like(benign[0], train)
-        data["benign_test"] = _shaped_like(benign[1], train)
-    fingerprints = {key: _fingerprint(m) for key, m in models.items()}
-    fingerprints["data"] = _data_fingerprints(
-        restricted_train=train, restricted_test=test, original=original
-    )
-    trainability_parts = _data_fingerprints(
-        benign_train=data.get("benign_train"), benign_test=data.get("benign_test")
-    )
-
-    recipes = [dataclasses.replace(a, epochs=budget) for a in grid.attacks]
-    _check_recipes(recipes, model)
-    sampler = grid.search["sampler"]
-    if sampler == "auto":
-        sampler = "optuna" if _optuna_available() else "random"
-    if sampler == "optuna" and not _optuna_available():
-        raise ValueError("evaluate: search sampler 'optuna' requested but optuna is not installed")
-    search_recipes = []
-    if trials and sampler == "random":
-        rng = random.Random(grid.search["seed"])
-        batch = recipes[0].batch_size if recipes else 128
-        search_recipes = [
-            dataclasses.replace(sample_attack(rng, batch_size=batch), epochs=budget)
-            for _ in range(trials)
-        ]
-
+def _cell_specs(plan: _Plan) -> list[dict]:
+    """Per arm: every grid recipe at every seed, the search recipes at the first seed, then the
+    trainability cells (fingerprinted by the benign data instead of the restricted data)."""
     specs = []
-    for arm in arms:
-        for seed in seeds:
-            for attack in recipes:
-                specs.append(
-                    _cell_spec(arm, "grid", attack, seed, model_key(arm, seed), fingerprints)
-                )
-        for attack in search_recipes:
-            specs.append(
-                _cell_spec(arm, "search", attack, seeds[0], model_key(arm, seeds[0]), fingerprints)
-            )
-        if benign is not None:
-            trainability = dataclasses.replace(TRAINABILITY_ATTACK, epochs=grid.benign_epochs)
-            for seed in seeds:
-                spec = _cell_spec(
-                    arm, "trainability", trainability, seed, model_key(arm, seed), fingerprints
+    fingerprints, key = plan.fingerprints, plan.model_key
+    for arm in plan.arms:
+        for seed in plan.seeds:
+            for attack in plan.recipes:
+                specs.append(cell_spec(arm, "grid", attack, seed, key(arm, seed), fingerprints))
+        first = plan.seeds[0]
+        for attack in plan.search_recipes:
+            specs.append(cell_spec(arm, "search", attack, first, key(arm, first), fingerprints))
+        if plan.benign is not None:
+            trainability = plan.trainability_attack
+            for seed in plan.seeds:
+                spec = cell_spec(
+                    arm, "trainability", trainability, seed, key(arm, seed), fingerprints
                 )
                 spec["fingerprint"] = (
-                    fingerprints[model_key(arm, seed)] + ":" + _combined(trainability_parts)
+                    fingerprints[key(arm, seed)] + ":" + combined(plan.trainability_parts)
                 )
-                spec["data_fingerprints"] = trainability_parts
+                spec["data_fingerprints"] = plan.trainability_parts
                 specs.append(spec)
+    return specs
 
-    report_dir = Path(report_dir) if report_dir is not None else None
-    cells_dir = report_dir / "cells" if report_dir is not None else None
+
+# ---------------------------------------------------------------- running
+
+
+def _run_all(plan: _Plan, specs, dist, workers, cells_dir, progress) -> list[dict]:
+    """Every cell of ``specs`` (spread over the ranks of ``dist`` when given), then the Optuna
+    searches, one per arm, when that sampler has trials."""
     payload = {
-        "models": models,
-        "data": {k: (as_tensors(v) if v is not None else None) for k, v in data.items()},
-        "device": str(device),
-        "flush_denormal": device.type == "cpu",
+        "models": plan.models,
+        "data": {k: (as_tensors(v) if v is not None else None) for k, v in plan.data.items()},
+        "device": str(plan.device),
+        "flush_denormal": plan.device.type == "cpu",
     }
-    started = time.perf_counter()
-    dist = distributed_context()  # a process group of > 1 ranks spreads the cells over them
     if dist is None:
-        cells = _run_cells(specs, payload, workers, cells_dir, progress)
+        cells = run_cells(specs, payload, workers, cells_dir, progress)
     else:
         cells = dist.spread(
             specs,
-            lambda mine: _run_cells(mine, payload, workers, cells_dir, progress),
+            lambda mine: run_cells(mine, payload, workers, cells_dir, progress),
             "evaluate() cells",
             key=lambda cell: cell["id"],
         )
-    if trials and sampler == "optuna":
+    if plan.trials and plan.sampler == "optuna":
 
         def search(arm: str) -> list[dict]:
-            return _optuna_search(
+            first = plan.seeds[0]
+            return optuna_search(
                 arm,
-                model_key(arm, seeds[0]),
+                plan.model_key(arm, first),
                 payload,
-                grid,
-                budget,
-                seeds[0],
-                fingerprints,
+                plan.grid,
+                plan.budget,
+                first,
+                plan.fingerprints,
                 cells_dir,
                 progress,
             )
 
         if dist is None:
-            for arm in arms:
+            for arm in plan.arms:
                 cells += search(arm)
         else:
-            for part in dist.spread(arms, lambda mine: [search(a) for a in mine], "searches"):
+            for part in dist.spread(plan.arms, lambda mine: [search(a) for a in mine], "searches"):
                 cells += part
+    return cells
+
+
+# ---------------------------------------------------------------- aggregation
+
+
+def _baseline(plan: _Plan) -> dict[str, dict[str, float | None]]:
+    """Every starting model's restricted and original accuracy before any attack."""
     baseline = {}
-    for key, m in models.items():
+    for key, m in plan.models.items():
         baseline[key] = {
-            "restricted_accuracy": accuracy(m, test, device=device),
-            "original_accuracy": accuracy(m, original, device=device)
-            if original is not None
+            "restricted_accuracy": accuracy(m, plan.test, device=plan.device),
+            "original_accuracy": accuracy(m, plan.original, device=plan.device)
+            if plan.original is not None
             else None,
         }
-    config = {
-        "grid": grid.to_dict(),
-        "seeds": list(seeds),
-        "epochs": budget,
-        "search": {"trials": trials, "sampler": sampler, "seed": grid.search["seed"]},
+    return baseline
+
+
+def _config(plan: _Plan, workers: int) -> dict[str, Any]:
+    """The report's ``config``: grid, seeds, budget, search, trainability, data sizes and
+    fingerprints, and where it ran."""
+    benign, data, original = plan.benign, plan.data, plan.original
+    return {
+        "grid": plan.grid.to_dict(),
+        "seeds": list(plan.seeds),
+        "epochs": plan.budget,
+        "search": {
+            "trials": plan.trials,
+            "sampler": plan.sampler,
+            "seed": plan.grid.search["seed"],
+        },
         "trainability": None
         if benign is None
         else {
-            "attack": dataclasses.replace(TRAINABILITY_ATTACK, epochs=grid.benign_epochs).to_dict(),
-            "domain": grid.benign if grid.benign else "given",
+            "attack": plan.trainability_attack.to_dict(),
+            "domain": plan.grid.benign if plan.grid.benign else "given",
         },
         "data": {
-            "restricted_train": len(as_tensors(train)[1]),
-            "restricted_test": len(as_tensors(test)[1]),
+            "restricted_train": len(as_tensors(plan.train)[1]),
+            "restricted_test": len(as_tensors(plan.test)[1]),
             "original_test": None if original is None else len(as_tensors(original)[1]),
             "benign": None
             if benign is None
             else [len(data["benign_train"][1]), len(data["benign_test"][1])],
             "fingerprints": {
-                **fingerprints["data"],
-                **(trainability_parts if benign is not None else {}),
+                **plan.fingerprints["data"],
+                **(plan.trainability_parts if benign is not None else {}),
             },
         },
         "workers": workers,
-        "device": str(device),
+        "device": str(plan.device),
         "torch": torch.__version__,
     }
-    report = build_report(
-        cells, arms=arms, seeds=seeds, baseline=baseline, config=config, target=grid.target
-    )
-    report.data["seconds"] = time.perf_counter() - started
-    if report_dir is not None and (dist is None or dist.rank == 0):
-        report.write(report_dir)
-    return report
 
 
 def _resolve_grid(attacks) -> GridConfig:
@@ -567,8 +524,6 @@ def _resolve_grid(attacks) -> GridConfig:
 
 def _check_recipes(recipes: list[Attack], model: nn.Module) -> None:
     """Fail before any work when a recipe does not fit the model's architecture."""
-    from .attack import _NORMS, blocks_of
-
     n_blocks = len(blocks_of(model))
     has_norm = any(
         isinstance(m, _NORMS) and any(True for _ in m.parameters(False)) for m in model.modules()

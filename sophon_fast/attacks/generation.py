@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._cells import fresh_copy
 from .attack import Attack
 
 __all__ = [
@@ -214,12 +215,6 @@ class DomainJudge(nn.Module):
 
 
 # --------------------------------------------------------------------------- attack
-
-
-def _fresh(model: nn.Module, seed: int) -> nn.Module:
-    from .evaluate import _fresh_copy
-
-    return _fresh_copy(model, seed)
 
 
 def finetune_denoiser(
@@ -442,7 +437,7 @@ def evaluate_generation(
         for seed in seeds:
             candidates = dict(arms)
             if scratch:
-                candidates["scratch"] = _fresh(model, seed)
+                candidates["scratch"] = fresh_copy(model, seed)
             for arm, start in candidates.items():
                 work = copy.deepcopy(start).to(device=device, dtype=torch.float32)
                 curve = {"restricted_mse": [], "original_mse": []}
