@@ -20,16 +20,23 @@ At the ``sample_epochs`` it draws DDIM samples (fixed seed) and scores them with
 images (not an Inception network: none can be downloaded, and it measures only "which domain do
 these samples look like", not image quality). ``restricted_fraction`` is the share of samples the
 judge assigns to the restricted domain; the judge's own held-out accuracy is reported with it.
-PNG grids of the samples are written per arm and epoch (a dependency-free PNG writer).
+PNG grids of the samples are written per arm and epoch (a dependency-free PNG writer,
+:mod:`sophon_fast.attacks.png`).
+
+:func:`evaluate_generation` runs in named steps: the recipes (:func:`_generation_recipes`), the
+fixed noise draws and the judge (:func:`_prepare`), one cell per (recipe, seed, arm)
+(:func:`_run_cell`, sampling through :func:`_sample_and_score`), and the per-arm summary
+(:func:`_summary`). It is what :func:`sophon_fast.attacks.evaluate.evaluate` calls for a
+noise-prediction model, and callable on its own with the same keyword arguments.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import inspect
 import math
-import struct
 import time
-import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -39,8 +46,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._files import atomic_write_text
+from .._json import strict_json
+from ..diffusion import NoiseSchedule, ddim_sample, from_model_range
+
+# as_images belongs below both the engine and the attacks (it reads data, nothing of the engine)
+from ..engine.generation import as_images
 from ._cells import fresh_copy
 from .attack import Attack
+from .lora import add_lora, merge_lora
+from .png import image_grid, write_png
 
 __all__ = [
     "GenerationReport",
@@ -63,8 +78,6 @@ _SCOPES = ("full", "lora")
 
 def is_noise_model(model: nn.Module) -> bool:
     """True for an eps-model ``forward(x, t)`` (two required inputs), e.g. SmallUNet."""
-    import inspect
-
     try:
         params = list(inspect.signature(model.forward).parameters.values())
     except (TypeError, ValueError):
@@ -76,60 +89,6 @@ def is_noise_model(model: nn.Module) -> bool:
         and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
     ]
     return len(required) == 2
-
-
-# --------------------------------------------------------------------------- PNG
-
-
-def write_png(path: str | Path, pixels: np.ndarray) -> Path:
-    """Write a uint8 (H, W) grey or (H, W, 3) RGB array as an 8-bit PNG (zlib only)."""
-    pixels = np.ascontiguousarray(pixels, dtype=np.uint8)
-    if pixels.ndim == 2:
-        colour = 0
-    elif pixels.ndim == 3 and pixels.shape[2] == 3:
-        colour = 2
-    else:
-        raise ValueError(f"write_png: expected (H, W) or (H, W, 3) uint8, got {pixels.shape}")
-    height, width = pixels.shape[:2]
-    rows = pixels.reshape(height, -1)
-    raw = b"".join(b"\x00" + row.tobytes() for row in rows)
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-        )
-
-    header = struct.pack(">IIBBBBB", width, height, 8, colour, 0, 0, 0)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(raw, 9))
-        + chunk(b"IEND", b"")
-    )
-    return path
-
-
-def image_grid(images: torch.Tensor, columns: int = 8, pad: int = 2, scale: int = 2) -> np.ndarray:
-    """(N, C, H, W) images in [0, 1] -> one uint8 grid (rows of ``columns``), upscaled ``scale``x.
-
-    Returns:
-        (rows * (H + pad) + pad, columns * (W + pad) + pad) grey or (..., 3) RGB uint8.
-    """
-    images = images.detach().float().clamp(0, 1).cpu()
-    n, c, h, w = images.shape
-    if scale > 1:
-        images = images.repeat_interleave(scale, 2).repeat_interleave(scale, 3)
-        h, w = h * scale, w * scale
-    rows = math.ceil(n / columns)
-    grid = torch.ones(c, rows * (h + pad) + pad, columns * (w + pad) + pad)
-    for i in range(n):
-        r, col = divmod(i, columns)
-        top, left = pad + r * (h + pad), pad + col * (w + pad)
-        grid[:, top : top + h, left : left + w] = images[i]
-    array = (grid * 255).round().to(torch.uint8).numpy()
-    return array[0] if c == 1 else array[:3].transpose(1, 2, 0)
 
 
 # --------------------------------------------------------------------------- metrics
@@ -233,8 +192,6 @@ def finetune_denoiser(
     """
     if attack.scope not in _SCOPES:
         raise ValueError(f"generation attacks take scope in {_SCOPES}, got {attack.scope!r}")
-    from .lora import add_lora, merge_lora
-
     g = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
     if attack.scope == "lora":
@@ -312,9 +269,6 @@ class GenerationReport:
         return "\n".join(lines)
 
     def write(self, directory: str | Path) -> None:
-        from .._json import strict_json
-        from ..engine.checkpoint import atomic_write_text
-
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         atomic_write_text(directory / "report.json", strict_json(self.data, indent=1))
@@ -324,8 +278,6 @@ class GenerationReport:
 def _images(data, name: str) -> torch.Tensor:
     """Images in the model's range; an ImageDataset (documented [0, 1], what ``load_spec`` and
     the CLI give) is mapped to [-1, 1] (:func:`sophon_fast.engine.generation.as_images`)."""
-    from ..engine.generation import as_images
-
     return as_images(data, name).float()
 
 
@@ -389,12 +341,137 @@ def evaluate_generation(
     Raises:
         ValueError: bad images, a recipe with another scope.
     """
-    from ..diffusion import NoiseSchedule, ddim_sample, from_model_range
-
     started = time.perf_counter()
+    setup = _prepare(
+        model,
+        restricted,
+        original=original,
+        original_train=original_train,
+        attacks=attacks,
+        epochs=epochs,
+        seeds=seeds,
+        device=device,
+        noise_schedule=noise_schedule,
+        diffusion_steps=diffusion_steps,
+        repeats=repeats,
+    )
+    sampling = _Sampling(sample_epochs, samples, sample_steps, report_dir)
+    arms = {"protected": model}
+    if normal is not None:
+        arms["normal"] = normal
+    cells = []
+    for recipe in setup.recipes:
+        for seed in setup.seeds:
+            candidates = dict(arms)
+            if scratch:
+                candidates["scratch"] = fresh_copy(model, seed)
+            for arm, start in candidates.items():
+                cell = _run_cell(setup, sampling, arm, start, recipe, seed)
+                cells.append(cell)
+                if progress:
+                    print(
+                        f"[generation] {arm:<9} {recipe.label:<32} seed {seed}: restricted MSE "
+                        f"{cell['restricted_mse'][0]:.4f} -> {cell['restricted_mse'][-1]:.4f}",
+                        flush=True,
+                    )
+    judge = setup.judge
+    report = GenerationReport(
+        {
+            "mode": "generation",
+            "cells": cells,
+            "summary": _summary(cells),
+            "judge_accuracy": None if judge is None else judge.accuracy,
+            "judge": "DomainJudge: a 2-class CNN trained here on original vs restricted images",
+            "recipes": [r.to_dict() for r in setup.recipes],
+            "seeds": setup.seeds,
+            "seconds": time.perf_counter() - started,
+        }
+    )
+    if report_dir is not None:
+        report.write(report_dir)
+    return report
+
+
+@dataclasses.dataclass
+class _Setup:
+    """What every cell of a generation evaluation shares: images (model range), recipes, seeds,
+    the schedule, the fixed noise draws of the two MSE curves, and the domain judge."""
+
+    train: torch.Tensor
+    test: torch.Tensor
+    recipes: list[Attack]
+    seeds: list[int]
+    device: torch.device
+    schedule: NoiseSchedule
+    restricted_draw: _NoiseDraw
+    original_draw: _NoiseDraw | None
+    judge: DomainJudge | None
+
+
+@dataclasses.dataclass
+class _Sampling:
+    """When and how the cells sample: epochs (None = first and last), images per grid, sampler
+    steps, and where the PNG grids go (None: not written)."""
+
+    epochs: Sequence[int] | None
+    samples: int
+    steps: int
+    report_dir: str | Path | None
+
+
+def _prepare(
+    model,
+    restricted,
+    *,
+    original,
+    original_train,
+    attacks,
+    epochs,
+    seeds,
+    device,
+    noise_schedule,
+    diffusion_steps,
+    repeats,
+) -> _Setup:
+    """Check the images and recipes, then draw the fixed noise and train the judge (in this
+    order: the judge seeds torch's global generator)."""
     train, test = restricted
     train, test = _images(train, "restricted train"), _images(test, "restricted test")
     original_test = None if original is None else _images(original, "original")
+    recipes = _generation_recipes(attacks, epochs)
+    seeds = list(seeds) if seeds is not None else [0]
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    schedule = NoiseSchedule(kind=noise_schedule, timesteps=diffusion_steps)
+    restricted_draw = _NoiseDraw(test, schedule.alpha_bars, repeats, seed=12345)
+    original_draw = (
+        None if original_test is None else _NoiseDraw(original_test, schedule.alpha_bars, 1, 54321)
+    )
+    judge = None
+    if original_test is not None:
+        judge_train = (
+            original_test if original_train is None else _images(original_train, "original train")
+        )
+        judge = DomainJudge.fit(
+            from_model_range(judge_train).clamp(0, 1),
+            from_model_range(train).clamp(0, 1),
+            from_model_range(original_test).clamp(0, 1),
+            from_model_range(test).clamp(0, 1),
+        )
+    return _Setup(
+        train=train,
+        test=test,
+        recipes=recipes,
+        seeds=seeds,
+        device=device,
+        schedule=schedule,
+        restricted_draw=restricted_draw,
+        original_draw=original_draw,
+        judge=judge,
+    )
+
+
+def _generation_recipes(attacks, epochs: int | None) -> list[Attack]:
+    """The recipes to run: the quick set or the list given, ``epochs`` applied, scopes checked."""
     if attacks is None or attacks == "quick":
         recipes = list(QUICK_RECIPES)
     elif isinstance(attacks, (str, dict)) or not isinstance(attacks, Sequence):
@@ -409,90 +486,70 @@ def evaluate_generation(
     for recipe in recipes:
         if recipe.scope not in _SCOPES:
             raise ValueError(f"generation attacks take scope in {_SCOPES}, got {recipe.scope!r}")
-    seeds = list(seeds) if seeds is not None else [0]
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    alpha_bars = NoiseSchedule(kind=noise_schedule, timesteps=diffusion_steps).alpha_bars
-    restricted_draw = _NoiseDraw(test, alpha_bars, repeats, seed=12345)
-    original_draw = (
-        None if original_test is None else _NoiseDraw(original_test, alpha_bars, 1, 54321)
+    return recipes
+
+
+def _run_cell(
+    setup: _Setup, sampling: _Sampling, arm: str, start: nn.Module, recipe: Attack, seed: int
+) -> dict[str, Any]:
+    """Fine-tune a float32 copy of ``start`` with ``recipe``, recording both MSE curves every
+    epoch and sampling at the sample epochs."""
+    epochs = sampling.epochs
+    wanted = sorted(set(epochs if epochs is not None else (0, recipe.epochs)))
+    work = copy.deepcopy(start).to(device=setup.device, dtype=torch.float32)
+    curve = {"restricted_mse": [], "original_mse": []}
+    sampled: dict[str, float] = {}
+
+    def on_epoch(epoch: int, m: nn.Module) -> None:
+        curve["restricted_mse"].append(setup.restricted_draw.mse(m))
+        if setup.original_draw is not None:
+            curve["original_mse"].append(setup.original_draw.mse(m))
+        if epoch in wanted:
+            fraction = _sample_and_score(setup, sampling, m, f"{arm}_{recipe.key}", seed, epoch)
+            if fraction is not None:
+                sampled[str(epoch)] = fraction
+
+    alpha_bars = setup.schedule.alpha_bars
+    finetune_denoiser(
+        work, setup.train.to(setup.device), recipe, alpha_bars, seed=seed, on_epoch=on_epoch
     )
-    judge = None
-    if original_test is not None:
-        judge_train = (
-            original_test if original_train is None else _images(original_train, "original train")
-        )
-        judge = DomainJudge.fit(
-            from_model_range(judge_train).clamp(0, 1),
-            from_model_range(train).clamp(0, 1),
-            from_model_range(original_test).clamp(0, 1),
-            from_model_range(test).clamp(0, 1),
-        )
-    arms = {"protected": model}
-    if normal is not None:
-        arms["normal"] = normal
-    cells = []
-    schedule = NoiseSchedule(kind=noise_schedule, timesteps=diffusion_steps)
-    for recipe in recipes:
-        wanted = sorted(set(sample_epochs if sample_epochs is not None else (0, recipe.epochs)))
-        for seed in seeds:
-            candidates = dict(arms)
-            if scratch:
-                candidates["scratch"] = fresh_copy(model, seed)
-            for arm, start in candidates.items():
-                work = copy.deepcopy(start).to(device=device, dtype=torch.float32)
-                curve = {"restricted_mse": [], "original_mse": []}
-                sampled: dict[str, float] = {}
+    return {
+        "arm": arm,
+        "recipe": recipe.to_dict(),
+        "label": recipe.label,
+        "key": recipe.key,
+        "seed": seed,
+        "restricted_mse": curve["restricted_mse"],
+        "original_mse": curve["original_mse"] or None,
+        "restricted_fraction": sampled or None,
+    }
 
-                def on_epoch(
-                    epoch,
-                    m,
-                    curve=curve,
-                    sampled=sampled,
-                    arm=arm,
-                    recipe=recipe,
-                    seed=seed,
-                    wanted=wanted,
-                ):
-                    curve["restricted_mse"].append(restricted_draw.mse(m))
-                    if original_draw is not None:
-                        curve["original_mse"].append(original_draw.mse(m))
-                    if epoch in wanted:
-                        was = m.training
-                        m.eval()
-                        g = torch.Generator().manual_seed(777 + seed)
-                        with torch.no_grad():
-                            x = ddim_sample(
-                                m, schedule, (samples, *train.shape[1:]), generator=g,
-                                device=device, steps=sample_steps, eta=1.0, clip_denoised=True,
-                            )  # fmt: skip
-                        m.train(was)
-                        images01 = from_model_range(x.float().cpu()).clamp(0, 1)
-                        if judge is not None:
-                            sampled[str(epoch)] = judge.restricted_fraction(images01)
-                        if report_dir is not None:
-                            name = f"{arm}_{recipe.key}_seed{seed}_epoch{epoch}.png"
-                            write_png(Path(report_dir) / "samples" / name, image_grid(images01))
 
-                finetune_denoiser(
-                    work, train.to(device), recipe, alpha_bars, seed=seed, on_epoch=on_epoch
-                )
-                cell = {
-                    "arm": arm,
-                    "recipe": recipe.to_dict(),
-                    "label": recipe.label,
-                    "key": recipe.key,
-                    "seed": seed,
-                    "restricted_mse": curve["restricted_mse"],
-                    "original_mse": curve["original_mse"] or None,
-                    "restricted_fraction": sampled or None,
-                }
-                cells.append(cell)
-                if progress:
-                    print(
-                        f"[generation] {arm:<9} {recipe.label:<32} seed {seed}: restricted MSE "
-                        f"{curve['restricted_mse'][0]:.4f} -> {curve['restricted_mse'][-1]:.4f}",
-                        flush=True,
-                    )
+def _sample_and_score(
+    setup: _Setup, sampling: _Sampling, m: nn.Module, name: str, seed: int, epoch: int
+) -> float | None:
+    """DDIM samples of ``m`` (fixed seed), their PNG grid when a report folder is given, and the
+    share the judge assigns to the restricted domain (None without a judge)."""
+    was = m.training
+    m.eval()
+    g = torch.Generator().manual_seed(777 + seed)
+    with torch.no_grad():
+        x = ddim_sample(
+            m, setup.schedule, (sampling.samples, *setup.train.shape[1:]), generator=g,
+            device=setup.device, steps=sampling.steps, eta=1.0, clip_denoised=True,
+        )  # fmt: skip
+    m.train(was)
+    images01 = from_model_range(x.float().cpu()).clamp(0, 1)
+    fraction = None if setup.judge is None else setup.judge.restricted_fraction(images01)
+    if sampling.report_dir is not None:
+        path = Path(sampling.report_dir) / "samples" / f"{name}_seed{seed}_epoch{epoch}.png"
+        write_png(path, image_grid(images01))
+    return fraction
+
+
+def _summary(cells: list[dict[str, Any]]) -> dict[str, dict[str, float | None]]:
+    """Per arm: restricted MSE before, after (mean over cells) and after the best attack (lowest),
+    original MSE after, and the mean sample fraction of each cell's last sample epoch."""
     summary = {}
     for arm in [a for a in ("protected", "normal", "scratch") if any(c["arm"] == a for c in cells)]:
         mine = [c for c in cells if c["arm"] == arm]
@@ -513,18 +570,4 @@ def evaluate_generation(
             if not last_fraction
             else float(np.mean(last_fraction)),
         }
-    report = GenerationReport(
-        {
-            "mode": "generation",
-            "cells": cells,
-            "summary": summary,
-            "judge_accuracy": None if judge is None else judge.accuracy,
-            "judge": "DomainJudge: a 2-class CNN trained here on original vs restricted images",
-            "recipes": [r.to_dict() for r in recipes],
-            "seeds": seeds,
-            "seconds": time.perf_counter() - started,
-        }
-    )
-    if report_dir is not None:
-        report.write(report_dir)
-    return report
+    return summary
