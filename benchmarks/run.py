@@ -28,7 +28,9 @@ SUITES = {
     "ops": [
         "bench_flat_sgd_step",
         "bench_losses_batch_norm",
-        "bench_flat_optim",
+        "bench_flat_momentum",
+        "bench_flat_adam",
+        "bench_flat_rmsprop",
         "bench_bn_relu_pool",
         "bench_relu_pool",
     ],
