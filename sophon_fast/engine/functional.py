@@ -20,7 +20,16 @@ from torch.func import functional_call
 
 from sophon_fast.engine.flat import FlatLayout
 
-__all__ = ["FunctionalModel"]
+__all__ = ["FunctionalModel", "to_channels_last"]
+
+
+def to_channels_last(x: torch.Tensor) -> torch.Tensor:
+    """A 4-D (N, C, H, W) tensor with NHWC strides, even for C == 1 (where ``contiguous(
+    memory_format=channels_last)`` keeps NCHW strides and convolutions then stay NCHW); other
+    ranks unchanged."""
+    if x.dim() != 4 or x.stride(1) == 1:
+        return x
+    return torch.empty_like(x, memory_format=torch.channels_last).copy_(x)
 
 
 class FunctionalModel:

@@ -54,6 +54,10 @@ from typing import Any
 
 import torch
 
+from sophon_fast.engine.functional import to_channels_last
+from sophon_fast.engine.optimizers import init_state, inner_step
+from sophon_fast.reference.flat_common import state_dtype
+
 __all__ = ["AutocastModel", "GraphCache", "GraphedInnerStep", "GraphedSimulation", "precision"]
 
 # The pool of the GraphCache.capture in progress on this thread (None: a private pool per graph).
@@ -143,9 +147,6 @@ class GraphedInnerStep:
         channels_last: bool,
         pool=None,
     ) -> None:
-        from sophon_fast.engine.inner import to_channels_last
-        from sophon_fast.engine.optimizers import init_state, inner_step, state_dtype
-
         device = flat.params.device
         self.flat = flat
         self.dtype = state_dtype(flat.params.dtype)

@@ -39,13 +39,25 @@ statistics are copied back (the official behaviour without ``load_bn``).
 
 from __future__ import annotations
 
+import copy
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
+from sophon_fast.engine import options as engine_options
+from sophon_fast.engine import vmap as vmap_path
+from sophon_fast.engine.checkpoint import load_optimizer_tensors, optimizer_tensors
 from sophon_fast.engine.flat import FlatParams
-from sophon_fast.engine.functional import FunctionalModel
+from sophon_fast.engine.functional import FunctionalModel, to_channels_last
+from sophon_fast.engine.graphs import (
+    AutocastModel,
+    GraphCache,
+    GraphedInnerStep,
+    GraphedSimulation,
+    precision,
+)
 from sophon_fast.engine.optimizers import (
     Adversary,
     init_state,
@@ -53,19 +65,13 @@ from sophon_fast.engine.optimizers import (
     inner_step_,
     state_dtype,
 )
+from sophon_fast.engine.sampling import masks_to_indices
 from sophon_fast.losses import LossFn
-from sophon_fast.ops.flat_optim import flat_accumulate_, flat_clip_adam_step_
+from sophon_fast.nn import convert_batchnorm, fuse_bn_relu_pool, fuse_relu_pool
+from sophon_fast.ops.flat_accumulate import flat_accumulate_
+from sophon_fast.ops.flat_adam import flat_clip_adam_step_
 
-__all__ = ["FlatSimulation", "simulate_flat"]
-
-
-def to_channels_last(x: torch.Tensor) -> torch.Tensor:
-    """A 4-D (N, C, H, W) tensor with NHWC strides, even for C == 1 (where ``contiguous(
-    memory_format=channels_last)`` keeps NCHW strides and convolutions then stay NCHW); other
-    ranks unchanged."""
-    if x.dim() != 4 or x.stride(1) == 1:
-        return x
-    return torch.empty_like(x, memory_format=torch.channels_last).copy_(x)
+__all__ = ["FlatSimulation", "simulate_flat", "to_channels_last"]
 
 
 @dataclass
@@ -89,6 +95,101 @@ def _window_start(inner_steps: int, order: int, truncate: int | None) -> int:
         return inner_steps
     window = inner_steps if truncate is None else min(truncate, inner_steps)
     return inner_steps - window
+
+
+class _FlatRun:
+    """One simulation's inputs and running totals; :func:`simulate_flat` drives it through
+    :meth:`first_order` or :meth:`second_order` (see the module docstring for the maths)."""
+
+    def __init__(
+        self, fmodel, flat, batches, adapt_index, eval_index, *, suppression_loss, adapt_loss,
+        adversary, head_values, channels_last, metric,
+    ) -> None:  # fmt: skip
+        self.fmodel, self.layout, self.batches = fmodel, flat.layout, batches
+        self.adapt_index, self.eval_index = adapt_index, eval_index
+        self.suppression_loss, self.adapt_loss = suppression_loss, adapt_loss
+        self.adversary, self.head_values = adversary, head_values
+        self.channels_last, self.metric = channels_last, metric
+        self.theta = flat.params.detach()
+        self.stats, self.counters = flat.stats.clone(), flat.counters.clone()
+        eval_counts = [int(index.numel()) for index in eval_index]
+        self.total_eval = sum(eval_counts)
+        self.weights = [count / self.total_eval for count in eval_counts]
+        self.dtype = state_dtype(self.theta.dtype)
+        device = self.theta.device
+        self.loss_total = torch.zeros((), dtype=self.dtype, device=device)
+        self.correct = torch.zeros(
+            (), dtype=torch.int64 if metric is None else self.dtype, device=device
+        )
+
+    def rows(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        picked = x.index_select(0, index)
+        return to_channels_last(picked) if self.channels_last else picked
+
+    def start_point(self, source: torch.Tensor) -> torch.Tensor:
+        phi = source.clone()
+        if self.head_values:
+            with torch.no_grad():  # unrecorded write: the clone's identity edge to theta survives
+                for name, value in self.head_values.items():
+                    phi[self.layout.param_slice(name)] = value.reshape(-1).to(phi)
+        return phi
+
+    def adapt_grad(self, k, phi, x, y, create_graph: bool = False) -> torch.Tensor:
+        """Gradient of the adaptation loss of step k at ``phi``."""
+        a = self.adapt_index[k]
+        logits = self.fmodel(phi, self.stats, self.counters, self.rows(x, a), train=True)
+        loss = self.adapt_loss(logits, y.index_select(0, a))
+        return torch.autograd.grad(loss, phi, create_graph=create_graph)[0]
+
+    def evaluate(self, k, phi, x, y) -> torch.Tensor:
+        """Suppression loss l_k at ``phi`` (with its graph); adds it and the metric to the totals."""
+        e = self.eval_index[k]
+        y_eval = y.index_select(0, e)
+        eval_logits = self.fmodel(phi, self.stats, self.counters, self.rows(x, e), train=True)
+        step_loss = self.suppression_loss(eval_logits, y_eval)
+        self.loss_total += self.weights[k] * step_loss.detach().to(self.dtype)
+        self.correct += (
+            (eval_logits.detach().argmax(1) == y_eval).sum()
+            if self.metric is None
+            else self.metric(eval_logits.detach(), y_eval).to(self.dtype)
+        )
+        return step_loss
+
+    def first_order(self) -> torch.Tensor:
+        """Order 1: in-place inner steps, each l_k back-propagated into a flat accumulator."""
+        meta_grad = torch.zeros(self.theta.shape, dtype=self.dtype, device=self.theta.device)
+        phi = self.start_point(self.theta)
+        state = init_state(self.adversary.name, phi)
+        for k, (x, y) in enumerate(self.batches):
+            phi = phi.detach().requires_grad_(True)
+            grad = self.adapt_grad(k, phi, x, y)
+            inner_step_(self.adversary, phi, grad, state)  # the adaptation graph is already freed
+            (step_grad,) = torch.autograd.grad(self.evaluate(k, phi, x, y), phi)
+            flat_accumulate_(meta_grad, step_grad.contiguous(), self.weights[k])
+        return meta_grad
+
+    def second_order(self, first_differentiated: int) -> torch.Tensor:
+        """Order 2: one backward through the trajectory; steps before ``first_differentiated``
+        are first-order steps (identity Jacobian)."""
+        theta = self.theta
+        theta_leaf = theta.clone().requires_grad_(True)
+        phi = self.start_point(theta_leaf)
+        state = init_state(self.adversary.name, phi)
+        objective = torch.zeros((), dtype=theta.dtype, device=theta.device)
+        for k, (x, y) in enumerate(self.batches):
+            differentiate = k >= first_differentiated
+            grad = self.adapt_grad(k, phi, x, y, create_graph=differentiate)
+            if differentiate:
+                phi, state = inner_step(self.adversary, phi, grad, state)
+            else:
+                # A first-order step: its update is a constant shift, d phi_k / d phi_{k-1} = I.
+                # new + (phi - phi) has the value of new exactly and the identity Jacobian.
+                with torch.no_grad():
+                    new, state = inner_step(self.adversary, phi.detach(), grad, state)
+                phi = new + (phi - phi.detach())
+            objective = objective + self.weights[k] * self.evaluate(k, phi, x, y)
+        (meta_grad,) = torch.autograd.grad(objective, theta_leaf)
+        return meta_grad.to(self.dtype)
 
 
 def simulate_flat(
@@ -130,93 +231,21 @@ def simulate_flat(
     Returns:
         :class:`FlatSimulation`.
     """
-    layout = flat.layout
-    theta = flat.params.detach()
-    stats, counters = flat.stats.clone(), flat.counters.clone()
-    eval_counts = [int(index.numel()) for index in eval_index]
-    total_eval = sum(eval_counts)
-    weights = [count / total_eval for count in eval_counts]
-    inner_steps = len(batches)
-    first_differentiated = _window_start(inner_steps, order, truncate)
-    accumulate_dtype = state_dtype(theta.dtype)
-
-    def rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        picked = x.index_select(0, index)
-        return to_channels_last(picked) if channels_last else picked
-
-    def start_point(source: torch.Tensor) -> torch.Tensor:
-        phi = source.clone()
-        if head_values:
-            with torch.no_grad():  # unrecorded write: the clone's identity edge to theta survives
-                for name, value in head_values.items():
-                    phi[layout.param_slice(name)] = value.reshape(-1).to(phi)
-        return phi
-
-    loss_total = torch.zeros((), dtype=accumulate_dtype, device=theta.device)
-    correct = torch.zeros(
-        (), dtype=torch.int64 if metric is None else accumulate_dtype, device=theta.device
-    )
-
+    run = _FlatRun(
+        fmodel, flat, batches, adapt_index, eval_index, suppression_loss=suppression_loss,
+        adapt_loss=adapt_loss, adversary=adversary, head_values=head_values,
+        channels_last=channels_last, metric=metric,
+    )  # fmt: skip
     if order == 1:
-        meta_grad = torch.zeros(theta.shape, dtype=accumulate_dtype, device=theta.device)
-        phi = start_point(theta)
-        state = init_state(adversary.name, phi)
-        for k, (x, y) in enumerate(batches):
-            phi = phi.detach().requires_grad_(True)
-            a, e = adapt_index[k], eval_index[k]
-            adapt_logits = fmodel(phi, stats, counters, rows(x, a), train=True)
-            (grad,) = torch.autograd.grad(adapt_loss(adapt_logits, y.index_select(0, a)), phi)
-            inner_step_(adversary, phi, grad, state)  # the adaptation graph is already freed
-            y_eval = y.index_select(0, e)
-            eval_logits = fmodel(phi, stats, counters, rows(x, e), train=True)
-            step_loss = suppression_loss(eval_logits, y_eval)
-            (step_grad,) = torch.autograd.grad(step_loss, phi)
-            flat_accumulate_(meta_grad, step_grad.contiguous(), weights[k])
-            loss_total += weights[k] * step_loss.detach().to(accumulate_dtype)
-            correct += (
-                (eval_logits.detach().argmax(1) == y_eval).sum()
-                if metric is None
-                else metric(eval_logits.detach(), y_eval).to(accumulate_dtype)
-            )
+        meta_grad = run.first_order()
     else:
-        theta_leaf = theta.clone().requires_grad_(True)
-        phi = start_point(theta_leaf)
-        state = init_state(adversary.name, phi)
-        objective = torch.zeros((), dtype=theta.dtype, device=theta.device)
-        for k, (x, y) in enumerate(batches):
-            a, e = adapt_index[k], eval_index[k]
-            differentiate = k >= first_differentiated
-            adapt_logits = fmodel(phi, stats, counters, rows(x, a), train=True)
-            (grad,) = torch.autograd.grad(
-                adapt_loss(adapt_logits, y.index_select(0, a)), phi, create_graph=differentiate
-            )
-            if differentiate:
-                phi, state = inner_step(adversary, phi, grad, state)
-            else:
-                # A first-order step: its update is a constant shift, d phi_k / d phi_{k-1} = I.
-                # new + (phi - phi) has the value of new exactly and the identity Jacobian.
-                with torch.no_grad():
-                    new, state = inner_step(adversary, phi.detach(), grad, state)
-                phi = new + (phi - phi.detach())
-            y_eval = y.index_select(0, e)
-            eval_logits = fmodel(phi, stats, counters, rows(x, e), train=True)
-            step_loss = suppression_loss(eval_logits, y_eval)
-            objective = objective + weights[k] * step_loss
-            loss_total += weights[k] * step_loss.detach().to(accumulate_dtype)
-            correct += (
-                (eval_logits.detach().argmax(1) == y_eval).sum()
-                if metric is None
-                else metric(eval_logits.detach(), y_eval).to(accumulate_dtype)
-            )
-        (meta_grad,) = torch.autograd.grad(objective, theta_leaf)
-        meta_grad = meta_grad.to(accumulate_dtype)
-
+        meta_grad = run.second_order(_window_start(len(batches), order, truncate))
     if keep_stats:
         with torch.no_grad():
-            flat.stats.copy_(stats)
-            flat.counters.copy_(counters)
-    accuracy = correct.to(accumulate_dtype) / total_eval
-    return FlatSimulation(loss_total, accuracy, meta_grad)
+            flat.stats.copy_(run.stats)
+            flat.counters.copy_(run.counters)
+    accuracy = run.correct.to(run.dtype) / run.total_eval
+    return FlatSimulation(run.loss_total, accuracy, meta_grad)
 
 
 class FastEngine:
@@ -243,21 +272,15 @@ class FastEngine:
         restore_bn: bool,
         options=None,
     ) -> None:
-        from sophon_fast.engine.options import check_device, resolve_options
-
         self.model = model
         self.flat = FlatParams.from_module(model)
         self.flat.params.requires_grad_(True)
-        self.options = resolve_options(options, order=order)
-        check_device(self.options, self.flat.params.device)
+        self.options = engine_options.resolve_options(options, order=order)
+        engine_options.check_device(self.options, self.flat.params.device)
         self.resolved = self.options.resolved(order, self.flat.params.device)
         self.fmodel = FunctionalModel(self._forward_module(model), self.flat.layout)
         if self.resolved["autocast"] == "bf16":
-            from sophon_fast.engine.graphs import AutocastModel
-
             self.fmodel = AutocastModel(self.fmodel)
-        from sophon_fast.engine.graphs import GraphCache
-
         self._graphs = GraphCache()  # key -> GraphedInnerStep / GraphedSimulation / None
         fused = True if self.flat.params.is_cuda else None  # one kernel per Adam step on GPUs
         self.meta_optimizer = torch.optim.Adam([self.flat.params], lr=meta_lr, fused=fused)
@@ -282,20 +305,12 @@ class FastEngine:
         fused_relu_pool = self.resolved["fused_relu_pool"]
         if not (fused_bn or fused_pool or fused_relu_pool):
             return model
-        import copy
-
         private = copy.deepcopy(model)
         if fused_pool:
-            from sophon_fast.nn import fuse_bn_relu_pool
-
             private = fuse_bn_relu_pool(private)
         if fused_bn:
-            from sophon_fast.nn import convert_batchnorm
-
             private = convert_batchnorm(private)
         if fused_relu_pool:
-            from sophon_fast.nn import fuse_relu_pool
-
             private = fuse_relu_pool(private)
         if [type(m) for m in private.modules()] == [type(m) for m in model.modules()]:
             return model  # nothing to fuse (no BatchNorm): no second copy of the weights
@@ -303,9 +318,6 @@ class FastEngine:
 
     def simulate(self, batches, adapt_masks, eval_masks, head_values, adversary):
         """One simulation -> (loss (), accuracy (), meta-gradient (n_params,))."""
-        from sophon_fast.engine.graphs import precision
-        from sophon_fast.engine.sampling import masks_to_indices
-
         adapt_index = [masks_to_indices(m, self.device) for m in adapt_masks]
         eval_index = [masks_to_indices(m, self.device) for m in eval_masks]
         with precision(self.resolved["autocast"]):
@@ -339,18 +351,13 @@ class FastEngine:
         """Several adversaries on one draw -> [(loss, accuracy, meta_grad)] in adversary order:
         one torch.func.vmap pass where :func:`sophon_fast.engine.vmap.why_not_vmap` allows it
         (option ``vmap_adversaries``), else one simulation after the other."""
-        import warnings
-
-        from sophon_fast.engine.sampling import masks_to_indices
-        from sophon_fast.engine.vmap import simulate_vmapped, why_not_vmap
-
         wanted = self.resolved["vmap_adversaries"]
-        reason = why_not_vmap(self.flat, adversaries, self.order, self.truncate)
+        reason = vmap_path.why_not_vmap(self.flat, adversaries, self.order, self.truncate)
         if reason is None and (self.resolved["cuda_graphs"] != "off" or self.resolved["autocast"]):
             reason = "CUDA graphs / autocast run one simulation at a time"
         if wanted is not False and reason is None:
             try:
-                return simulate_vmapped(
+                return vmap_path.simulate_vmapped(
                     self.fmodel, self.flat, batches,
                     [masks_to_indices(m, self.device) for m in adapt_masks],
                     [masks_to_indices(m, self.device) for m in eval_masks],
@@ -369,8 +376,6 @@ class FastEngine:
     def _simulate_graphed(self, batches, adapt_index, eval_index, head_values, adversary):
         """The simulation through a captured CUDA graph (:mod:`sophon_fast.engine.graphs`), or
         None when it cannot be captured (the caller runs it eagerly)."""
-        from sophon_fast.engine.graphs import GraphedInnerStep, GraphedSimulation
-
         mode = self.resolved["cuda_graphs"]
         shapes = tuple(tuple(x.shape) for x, _ in batches[:1])
         sizes = tuple(int(a.numel()) for a in adapt_index) + tuple(
@@ -473,8 +478,6 @@ class FastEngine:
         params = self.flat.params
         if self.resolved["channels_last"]:
             x = to_channels_last(x)
-        from sophon_fast.engine.graphs import precision
-
         with precision(self.resolved["autocast"]):
             logits = self.fmodel(params, self.flat.stats, self.flat.counters, x, train=True)
         loss = self.ntr_loss(logits, y)
@@ -504,8 +507,6 @@ class FastEngine:
         return self.flat.named_params(meta_grad)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        from sophon_fast.engine.checkpoint import optimizer_tensors
-
         out = {
             "model.params": self.flat.params.detach(),
             "model.stats": self.flat.stats,
@@ -516,8 +517,6 @@ class FastEngine:
         return out
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        from sophon_fast.engine.checkpoint import load_optimizer_tensors
-
         with torch.no_grad():
             for key, target in (
                 ("model.params", self.flat.params),

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from sophon_fast.models.head import xavier_head_values
+
 __all__ = ["EpochSampler", "SimulationDraw", "as_tensors", "draw_split", "masks_to_indices"]
 
 
@@ -204,8 +206,6 @@ def draw_simulation(
         eval_masks.append(evaluate)
     head_values = None
     if head is not None:
-        from sophon_fast.models import xavier_head_values
-
         name, linear = head
         weight, bias = xavier_head_values(linear, generator=generator)
         prefix = f"{name}." if name else ""  # "" when the model itself is the head Linear

@@ -15,8 +15,9 @@ Applicable when (:func:`why_not_vmap` says why not otherwise, and the engine loo
   (the learning rates are batched; other values select code paths);
 - no order-2 truncation window.
 
-The maths is :func:`sophon_fast.engine.inner.simulate_flat`'s, with the pure-torch optimizer
-forms (:mod:`sophon_fast.engine.optimizers`) and the pure-torch loss twins
+The maths is :func:`sophon_fast.engine.inner.simulate_flat`'s, with each optimizer's pure-torch
+step (:meth:`sophon_fast.reference.optimizers.InnerOptimizer.step`, the formula of its fused
+kernels' reference twins) and the pure-torch loss twins
 (:mod:`sophon_fast.reference.losses`), which vmap can batch (the fused ops' custom Functions are
 not batched). In order 2 the re-drawn head enters as theta + (head - theta), which equals the head
 values to one rounding and keeps d phi_0 / d theta = I. Tests check equality with the loop in
@@ -30,7 +31,9 @@ from collections.abc import Sequence
 import torch
 from torch.func import grad, grad_and_value, vmap
 
-from sophon_fast.engine.optimizers import _adam, _momentum, _rmsprop, init_state, state_dtype
+from sophon_fast.reference import losses as reference_losses
+from sophon_fast.reference.flat_common import state_dtype
+from sophon_fast.reference.optimizers import get_optimizer
 
 __all__ = ["simulate_vmapped", "why_not_vmap"]
 
@@ -51,26 +54,10 @@ def why_not_vmap(flat, adversaries: Sequence, order: int, truncate: int | None) 
     return None
 
 
-def _pure_step(name: str, params, grad_, state, hp):
-    """One out-of-place update, pure torch (vmap-able); hp["lr"] may be a tensor."""
-    if name == "sgd":
-        d = grad_ + hp["weight_decay"] * params if hp["weight_decay"] else grad_
-        return params - hp["lr"] * d, {"step": state["step"] + 1}
-    if name in ("momentum", "nesterov"):
-        return _momentum(params, grad_, state, hp, nesterov=name == "nesterov")
-    if name in ("adam", "adamw"):
-        return _adam(params, grad_, state, hp, decoupled=name == "adamw")
-    if name == "rmsprop":
-        return _rmsprop(params, grad_, state, hp)
-    raise ValueError(f"unknown inner optimizer {name!r}")
-
-
 def _vmappable_loss(fn):
     """The pure-torch twin of a fused loss (same name in sophon_fast.reference.losses), else fn."""
     if getattr(fn, "__module__", "") == "sophon_fast.ops.losses":
-        from sophon_fast.reference import losses as reference
-
-        return getattr(reference, fn.__name__, fn)
+        return getattr(reference_losses, fn.__name__, fn)
     return fn
 
 
@@ -96,7 +83,7 @@ def simulate_vmapped(
     dtype = state_dtype(theta.dtype)
     stats, counters = flat.stats, flat.counters  # empty: why_not_vmap checked
     count = len(adversaries)
-    name, hp = adversaries[0].name, adversaries[0].hp
+    optimizer, hp = get_optimizer(adversaries[0].name), adversaries[0].hp
     lrs = torch.tensor([a.lr for a in adversaries], dtype=dtype, device=theta.device)
     eval_counts = [int(e.numel()) for e in eval_index]
     total_eval = sum(eval_counts)
@@ -113,8 +100,8 @@ def simulate_vmapped(
         logits = fmodel(phi, stats, counters, x, train=True)
         return suppression_loss(logits, y), logits
 
-    def step_fn(phi, g, state, lr):
-        return _pure_step(name, phi, g, state, {**hp, "lr": lr})
+    def step_fn(phi, g, state, lr):  # the pure-torch step: vmap batches it, lr a tensor
+        return optimizer.step(phi, g, state, {**hp, "lr": lr})
 
     def split(k):
         x, y = batches[k]
@@ -131,7 +118,7 @@ def simulate_vmapped(
         for param_name, value in (head_values or {}).items():
             phi0[flat.layout.param_slice(param_name)] = value.reshape(-1).to(theta)
         phi = phi0.expand(count, -1).clone()
-        state = {k: v.expand(count, *v.shape).clone() for k, v in init_state(name, phi0).items()}
+        state = {k: v.expand(count, *v.shape).clone() for k, v in optimizer.init(phi0).items()}
         meta = torch.zeros((count, theta.numel()), dtype=dtype, device=theta.device)
         loss = torch.zeros(count, dtype=dtype, device=theta.device)
         correct = torch.zeros(count, dtype=torch.int64, device=theta.device)
@@ -150,7 +137,7 @@ def simulate_vmapped(
 
         def objective(theta_row, lr):
             phi = theta_row + delta
-            state = init_state(name, phi)
+            state = optimizer.init(phi)
             total = torch.zeros((), dtype=theta.dtype, device=theta.device)
             right = torch.zeros((), dtype=torch.int64, device=theta.device)
             for k in range(len(batches)):

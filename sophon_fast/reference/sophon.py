@@ -7,7 +7,8 @@ through learn2learn 0.2.0, on the module itself and one tensor at a time:
   CloneBackward edge each) and whose buffers are *shared* with the model, so the simulation's
   train-mode forwards drift the model's BatchNorm statistics;
 - every inner update is a per-parameter expression (``p - lr * g`` for SGD, as learn2learn's
-  ``update_module``; eager per-tensor maths for the other optimizers) written back into the
+  ``update_module``; the optimizer's pure-torch step from the registry,
+  :mod:`sophon_fast.reference.optimizers`, per tensor for the others) written back into the
   learner's module tree;
 - ALL K evaluation graphs are kept alive until one backward of sum_k n_k l_k / N;
 - BatchNorm statistics are saved and restored as per-tensor copies around the simulation, and
@@ -25,13 +26,16 @@ Differences from the official code are fixes, listed in :mod:`sophon_fast.api`; 
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
-from sophon_fast.engine.optimizers import Adversary, safe_sqrt
-from sophon_fast.losses import LossFn
+from sophon_fast.reference.optimizer_state import load_optimizer_tensors, optimizer_tensors
+from sophon_fast.reference.optimizers import Adversary, get_optimizer
+
+# loss(logits, labels) -> () (the signature of sophon_fast.losses.LossFn).
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 __all__ = ["clone_module", "load_bn", "save_bn", "simulate_reference", "update_module"]
 
@@ -98,56 +102,17 @@ def load_bn(model: nn.Module, saved: list[tuple[torch.Tensor | None, ...]]) -> N
 
 
 def _eager_update(
-    adversary: Adversary,
-    param: torch.Tensor,
-    grad: torch.Tensor,
-    state: dict,
-    step: int,
+    adversary: Adversary, param: torch.Tensor, grad: torch.Tensor, state: dict
 ) -> torch.Tensor:
-    """One eager per-tensor update (torch.optim semantics); ``state`` is updated in place (dict)."""
-    hp, lr = adversary.hp, adversary.lr
-    name = adversary.name
-    if name == "sgd":
-        if hp["weight_decay"]:
-            grad = grad + hp["weight_decay"] * param
-        return param - lr * grad
-    if name in ("momentum", "nesterov"):
-        if hp["weight_decay"]:
-            grad = grad + hp["weight_decay"] * param
-        mu = hp["momentum"]
-        dampening = 0.0 if name == "nesterov" else hp["dampening"]
-        if step == 1:
-            buf = grad
-        else:
-            buf = mu * state["momentum_buffer"] + (1.0 - dampening) * grad
-        state["momentum_buffer"] = buf
-        direction = grad + mu * buf if name == "nesterov" else buf
-        return param - lr * direction
-    if name in ("adam", "adamw"):
-        beta1, beta2 = hp["betas"]
-        if name == "adamw":
-            param = param * (1.0 - lr * hp["weight_decay"])
-        elif hp["weight_decay"]:
-            grad = grad + hp["weight_decay"] * param
-        exp_avg = beta1 * state.get("exp_avg", torch.zeros_like(param)) + (1.0 - beta1) * grad
-        exp_avg_sq = (
-            beta2 * state.get("exp_avg_sq", torch.zeros_like(param)) + (1.0 - beta2) * grad * grad
-        )
-        state["exp_avg"], state["exp_avg_sq"] = exp_avg, exp_avg_sq
-        bias_correction1 = 1.0 - beta1**step
-        bias_correction2 = 1.0 - beta2**step
-        denom = safe_sqrt(exp_avg_sq) / bias_correction2**0.5 + hp["eps"]
-        return param - (lr / bias_correction1) * exp_avg / denom
-    if name == "rmsprop":
-        if hp["weight_decay"]:
-            grad = grad + hp["weight_decay"] * param
-        alpha = hp["alpha"]
-        square_avg = (
-            alpha * state.get("square_avg", torch.zeros_like(param)) + (1.0 - alpha) * grad * grad
-        )
-        state["square_avg"] = square_avg
-        return param - lr * grad / (safe_sqrt(square_avg) + hp["eps"])
-    raise ValueError(f"unknown inner optimizer {name!r}")
+    """One eager per-tensor update through the optimizer's pure-torch step (the registry's
+    :meth:`~sophon_fast.reference.optimizers.InnerOptimizer.step`, torch.optim semantics on a
+    tensor of any shape). ``state`` (a dict, empty before the first step) is updated in place."""
+    optimizer = get_optimizer(adversary.name)
+    if not state:
+        state.update(optimizer.init(param))
+    new, new_state = optimizer.step(param, grad, state, adversary.step_hp)
+    state.update(new_state)
+    return new
 
 
 def simulate_reference(
@@ -202,7 +167,6 @@ def simulate_reference(
     correct = 0
     total_eval = 0
     for k, (x, y) in enumerate(batches):
-        step = k + 1
         adapt, evaluate = adapt_masks[k].to(x.device), eval_masks[k].to(x.device)
         differentiate = k >= inner_steps - window
         adapt_error = adapt_loss(learner(x[adapt]), y[adapt])
@@ -210,11 +174,11 @@ def simulate_reference(
         updated = {}
         for (name, param), grad in zip(current.items(), grads):
             if differentiate:
-                updated[name] = _eager_update(adversary, param, grad, states[name], step)
+                updated[name] = _eager_update(adversary, param, grad, states[name])
             else:
                 with torch.no_grad():
                     state = {key: value.detach() for key, value in states[name].items()}
-                    new = _eager_update(adversary, param.detach(), grad.detach(), state, step)
+                    new = _eager_update(adversary, param.detach(), grad.detach(), state)
                 states[name] = state
                 updated[name] = new + (param - param.detach())
         update_module(learner, updated)
@@ -327,16 +291,12 @@ class ReferenceEngine:
         return dict(meta_grad)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        from sophon_fast.engine.checkpoint import optimizer_tensors
-
         out = {f"model.{k}": v for k, v in self.model.state_dict().items()}
         out.update(optimizer_tensors(self.meta_optimizer, "meta_adam"))
         out.update(optimizer_tensors(self.ntr_optimizer, "ntr_adam"))
         return out
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        from sophon_fast.engine.checkpoint import load_optimizer_tensors
-
         state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
         self.model.load_state_dict(state, strict=True)
         load_optimizer_tensors(self.meta_optimizer, tensors, "meta_adam")
