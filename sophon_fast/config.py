@@ -22,10 +22,10 @@ import torch
 from sophon_fast.config_rules import BoolRule, ChoiceRule, FloatRule, IntRule, Rule
 from sophon_fast.config_rules import check_choice as _choice
 from sophon_fast.diffusion import OFFICIAL_TIMESTEP
-from sophon_fast.engine.optimizers import Adversary, resolve_adversary
 from sophon_fast.engine_options import resolve_options
 from sophon_fast.losses import SUPPRESSION_LOSSES
 from sophon_fast.noise_schedule import NoiseSchedule
+from sophon_fast.reference.optimizers import Adversary, resolve_adversary
 
 __all__ = [
     "GENERATION_LOSSES",
