@@ -48,10 +48,8 @@ from torch import nn
 
 from .._files import atomic_write_text
 from .._json import strict_json
+from ..data.tensors import as_images
 from ..diffusion import NoiseSchedule, ddim_sample, from_model_range
-
-# as_images belongs below both the engine and the attacks (it reads data, nothing of the engine)
-from ..engine.generation import as_images
 from ._cells import fresh_copy
 from .attack import Attack
 from .lora import add_lora, merge_lora
@@ -277,7 +275,7 @@ class GenerationReport:
 
 def _images(data, name: str) -> torch.Tensor:
     """Images in the model's range; an ImageDataset (documented [0, 1], what ``load_spec`` and
-    the CLI give) is mapped to [-1, 1] (:func:`sophon_fast.engine.generation.as_images`)."""
+    the CLI give) is mapped to [-1, 1] (:func:`sophon_fast.data.tensors.as_images`)."""
     return as_images(data, name).float()
 
 

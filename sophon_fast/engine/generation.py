@@ -55,11 +55,9 @@ from sophon_fast.config import (
     resolve_timesteps,
     validate_generation_config,
 )
-from sophon_fast.data.dataset import ImageDataset
-from sophon_fast.diffusion import to_model_range
+from sophon_fast.data.tensors import as_images
 from sophon_fast.engine.inner import FastEngine, simulate_flat
 from sophon_fast.engine.outer import ProtectionRun
-from sophon_fast.engine.sampling import as_tensors
 from sophon_fast.noise_schedule import NoiseSchedule
 from sophon_fast.ops.losses import dos, mse_ascent
 from sophon_fast.reference.sophon import ReferenceEngine, simulate_reference
@@ -325,39 +323,6 @@ class GenerationRun(ProtectionRun):
 
 
 # --------------------------------------------------------------------------- data
-
-
-def as_images(data, name: str) -> torch.Tensor:
-    """Images (N, C, H, W) from a tensor, an ``(images, labels)`` pair, a Dataset/DataLoader of
-    ``(x, y)`` or an object with ``.tensors`` (labels are ignored), taken as given (the model's
-    range); an :class:`~sophon_fast.data.ImageDataset` (documented [0, 1], what the CLI's data
-    specs load) is mapped to [-1, 1], the range of :mod:`sophon_fast.diffusion`."""
-    if isinstance(data, ImageDataset):
-        images = to_model_range(data.images)
-    elif isinstance(data, torch.Tensor):
-        images = data
-    else:
-        tensors = getattr(data, "tensors", None)
-        if isinstance(tensors, (tuple, list)) and len(tensors) == 1:
-            images = tensors[0]
-        else:
-            images = as_tensors(data, name)[0]
-    if not isinstance(images, torch.Tensor):
-        raise TypeError(f"{name}: expected image tensors, got {type(images).__name__}")
-    if images.dim() != 4:
-        raise ValueError(
-            f"{name}: expected images (N, channels, height, width), got shape {tuple(images.shape)}"
-        )
-    if not images.is_floating_point():
-        raise ValueError(
-            f"{name}: expected floating-point images (in the model's range, [-1, 1] for "
-            f"sophon_fast.diffusion), got {images.dtype}"
-        )
-    if images.shape[0] == 0:
-        raise ValueError(f"{name}: no images")
-    if not bool(torch.isfinite(images).all()):
-        raise ValueError(f"{name}: images contain NaN or infinite values")
-    return images
 
 
 def check_model_fits(model: nn.Module, images: torch.Tensor, name: str) -> None:

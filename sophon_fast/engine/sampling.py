@@ -18,95 +18,15 @@ generator. The engines receive the drawn tensors and never touch the generator.
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import DataLoader, Dataset
 
+from sophon_fast.data.tensors import as_tensors
 from sophon_fast.models.head import xavier_head_values
 
 __all__ = ["EpochSampler", "SimulationDraw", "as_tensors", "draw_split", "masks_to_indices"]
-
-
-def as_tensors(data, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Materialise classification data as ``(images, labels)`` tensors.
-
-    Accepts an ``(x, y)`` pair of tensors, an object with a ``.tensors`` pair (``ImageDataset``,
-    ``TensorDataset``), a ``DataLoader`` (iterated once, batches concatenated) or any map-style
-    ``Dataset`` whose items are ``(x, y)``.
-
-    Returns:
-        images: (N, ...) tensor; labels: (N,) tensor (validated by the caller).
-
-    Raises:
-        TypeError: anything else.
-        ValueError: a dataset or loader yields nothing.
-    """
-    if (
-        isinstance(data, (tuple, list))
-        and len(data) == 2
-        and all(isinstance(t, torch.Tensor) for t in data)
-    ):
-        return data[0], data[1]
-    tensors = getattr(data, "tensors", None)
-    if isinstance(tensors, (tuple, list)) and len(tensors) == 2:
-        return tensors[0], tensors[1]
-    if isinstance(data, DataLoader):
-        xs, ys = [], []
-        for batch in data:
-            if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
-                raise TypeError(
-                    f"{name}: the DataLoader must yield (x, y) batches, got {type(batch).__name__}"
-                )
-            xs.append(torch.as_tensor(batch[0]))
-            ys.append(torch.as_tensor(batch[1]))
-        if not xs:
-            raise ValueError(
-                f"{name}: the DataLoader yielded no batches; expected a non-empty data set"
-            )
-        return torch.cat(xs), torch.cat(ys)
-    if isinstance(data, Dataset) and hasattr(data, "__len__"):
-        if len(data) == 0:
-            raise ValueError(f"{name}: the Dataset is empty; expected at least one sample")
-        items = [_pair(data[i], i, name) for i in range(len(data))]
-        xs = torch.stack([torch.as_tensor(item[0]) for item in items])
-        ys = torch.as_tensor(
-            [_label(item[1], i, name) for i, item in enumerate(items)], dtype=torch.int64
-        )
-        return xs, ys
-    raise TypeError(
-        f"{name}: expected an (images, labels) tensor pair, a Dataset or a DataLoader; got {type(data).__name__}"
-    )
-
-
-def _pair(item, index: int, name: str):
-    """A map-style dataset's item must be an (x, y) pair (a dict item raised KeyError: 0)."""
-    if not (isinstance(item, (tuple, list)) and len(item) == 2):
-        raise TypeError(
-            f"{name}: dataset item {index} is a {type(item).__name__}"
-            f"{f' of length {len(item)}' if isinstance(item, (tuple, list)) else ''}; "
-            "expected an (x, y) pair"
-        )
-    return item
-
-
-def _label(value, index: int, name: str) -> int:
-    """An integer class index; a float label (1.7) was truncated to 1 silently."""
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
-            raise ValueError(
-                f"{name}: dataset item {index} has a {value.dtype} label {value.item()!r}; "
-                "expected an integer class index"
-            )
-        return int(value.item())
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
-        return int(value)
-    raise ValueError(
-        f"{name}: dataset item {index} has the label {value!r} ({type(value).__name__}); "
-        "expected an integer class index"
-    )
 
 
 class EpochSampler:
