@@ -262,8 +262,9 @@ def _check(config: Any, name: str) -> None:
 
 
 def _refuse_in_generation(config: Any) -> None:
-    """What a noise-prediction model has not: a classification head, an accuracy guard, and (not
-    yet) the fast engine's options. Checked before those fields' own rules, so these messages
+    """What a noise-prediction model has not: a classification head, an accuracy guard, and the
+    fast engine options generation cannot use (CUDA graphs, vmap over adversaries: every
+    simulation draws its own noise). Checked before those fields' own rules, so these messages
     name the mode."""
     if config.reinit_head:
         raise ValueError(
@@ -280,11 +281,21 @@ def _refuse_in_generation(config: Any) -> None:
             "accuracy; mode='generation' records the original-domain MSE and has no guard "
             "(leave guard_threshold at its default or None)"
         )
-    if config.engine_options is not None:
-        raise ValueError(
-            "ProtectConfig.engine_options: the fast engine's speed options are not wired into "
-            "mode='generation' yet; leave engine_options=None"
-        )
+    options = config.engine_options
+    if options is not None:
+        get = options.get if isinstance(options, dict) else lambda k, d=None: getattr(options, k, d)
+        if get("cuda_graphs", "off") not in ("off", None):
+            raise ValueError(
+                f"ProtectConfig.engine_options: cuda_graphs={get('cuda_graphs')!r} is not available "
+                "in mode='generation' (every simulation draws fresh noise and runs eagerly); leave "
+                "cuda_graphs='off'"
+            )
+        if get("vmap_adversaries") is True:
+            raise ValueError(
+                "ProtectConfig.engine_options: vmap_adversaries=True is not available in "
+                "mode='generation' (each adversary's simulation draws its own noise, so they run "
+                "one at a time); leave it None or False"
+            )
 
 
 def validate_generation_config(config) -> None:

@@ -83,7 +83,9 @@ def test_generation_fields_are_grouped_last_in_class_and_table():
         ({**GENERATION, "head": 3}, ValueError, "ProtectConfig.head: mode='generation' has no classifier head, got head=3"),
         ({**GENERATION, "reinit_head": "yes"}, ValueError, "ProtectConfig.reinit_head: a noise-prediction model has no classification head"),
         ({**GENERATION, "guard_threshold": "x"}, ValueError, "ProtectConfig.guard_threshold / guard_mode: the intactness guard reads"),
-        ({**GENERATION, "engine_options": 5}, ValueError, "ProtectConfig.engine_options: the fast engine's speed options are not wired"),
+        ({**GENERATION, "engine_options": {"cuda_graphs": "on"}}, ValueError, "ProtectConfig.engine_options: cuda_graphs='on' is not available in mode='generation'"),
+        ({**GENERATION, "engine_options": {"vmap_adversaries": True}}, ValueError, "ProtectConfig.engine_options: vmap_adversaries=True is not available in mode='generation'"),
+        ({**GENERATION, "engine_options": 5}, TypeError, "engine_options: expected a dict, FastOptions or None, got int"),
     ],
 )  # fmt: skip
 def test_each_rule_kind_keeps_its_exception_and_message(kwargs, error, message):

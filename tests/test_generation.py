@@ -263,10 +263,6 @@ def test_fast_engine_options_reach_generation_and_keep_the_reference_weights(mon
             assert math.isclose(a[key], b[key], rel_tol=1e-9), key
 
 
-@pytest.mark.xfail(
-    raises=ValueError, strict=True,
-    reason="ProtectConfig still refuses explicit engine_options in mode='generation'",
-)  # fmt: skip
 def test_explicit_engine_options_in_generation_keep_the_reference_weights(monkeypatch):
     seen = spy_channels_last(monkeypatch)
     model = tiny_unet()
