@@ -312,7 +312,8 @@ def _why_op_unavailable(op: str, backend: str, device: torch.device) -> str | No
 # torch.compile calls this once while tracing and keeps the name as a constant of the graph (it
 # reads the environment, thread-local state and the extension: nothing dynamo should trace), so
 # a model runs the backend chosen when it was compiled; torch._dynamo.reset() chooses again.
-@torch.compiler.assume_constant_result
+# The mark is set after the definition (see below) rather than with the decorator, which imports
+# torch._dynamo: seconds at `import sophon_fast`, and tqdm with it.
 def resolve_backend(op: str, device: torch.device | str, *, fallback: str | None = None) -> str:
     """The backend that runs ``op`` on ``device`` now (forced one, or the first available).
 
@@ -337,6 +338,11 @@ def resolve_backend(op: str, device: torch.device | str, *, fallback: str | None
             f"{op} on {device}: {reason}"
         )
     return _resolve_auto(op, device)
+
+
+# What torch.compiler.assume_constant_result(resolve_backend) sets (torch >= 2.4); tests/test_compile.py
+# compiles with fullgraph=True, which fails if dynamo traces into this function instead.
+resolve_backend._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def resolve(op: str, device: torch.device | str) -> Callable:
