@@ -236,6 +236,7 @@ class GenerationFastEngine(GenerationMixin, FastEngine):
             keep_stats=not self.restore_bn,
             channels_last=self.resolved["channels_last"],
             metric=denoising_error_sum,
+            step_weighting=self.step_weighting,
         )
         return result.loss, result.accuracy, result.meta_grad
 
@@ -273,6 +274,7 @@ class GenerationReferenceEngine(GenerationMixin, ReferenceEngine):
             head_values=None,
             restore_stats=self.restore_bn,
             metric=denoising_error_sum,
+            step_weighting=self.step_weighting,
         )
 
     def ntr_step_on(self, inputs, targets, reduce=None) -> torch.Tensor:

@@ -57,6 +57,7 @@ import torch
 from sophon_fast.engine.functional import to_channels_last
 from sophon_fast.engine.optimizers import init_state, inner_step
 from sophon_fast.reference.flat_common import state_dtype
+from sophon_fast.reference.trajectory import trajectory_weights
 
 __all__ = ["AutocastModel", "GraphCache", "GraphedInnerStep", "GraphedSimulation", "precision"]
 
@@ -146,8 +147,10 @@ class GraphedInnerStep:
         adversary,
         channels_last: bool,
         pool=None,
+        step_weighting: tuple[str, float] = ("uniform", 0.0),
     ) -> None:
         device = flat.params.device
+        self.step_weighting = tuple(step_weighting)
         self.flat = flat
         self.dtype = state_dtype(flat.params.dtype)
         self.phi = flat.params.detach().clone()
@@ -210,13 +213,15 @@ class GraphedInnerStep:
     def run(self, batches, adapt_index, eval_index, head, keep_stats: bool):
         """K replays; ``head``: [(slice, values)] written into phi_0, or None."""
         self._reset(self.flat.params.detach(), head)
-        total = sum(int(e.numel()) for e in eval_index)
+        counts = [int(e.numel()) for e in eval_index]
+        total = sum(counts)
+        weights = trajectory_weights(counts, *self.step_weighting)
         for k, (x, y) in enumerate(batches):
             self.x.copy_(x, non_blocking=True)
             self.y.copy_(y, non_blocking=True)
             self.a.copy_(adapt_index[k], non_blocking=True)
             self.e.copy_(eval_index[k], non_blocking=True)
-            self.weight.fill_(int(eval_index[k].numel()) / total)
+            self.weight.fill_(weights[k])
             self.graph.replay()
         if keep_stats:
             with torch.no_grad():

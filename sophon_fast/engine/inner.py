@@ -70,6 +70,7 @@ from sophon_fast.losses import LossFn
 from sophon_fast.nn import convert_batchnorm, fuse_bn_relu_pool, fuse_relu_pool
 from sophon_fast.ops.flat_accumulate import flat_accumulate_
 from sophon_fast.ops.flat_adam import flat_clip_adam_step_
+from sophon_fast.reference.trajectory import trajectory_weights
 
 __all__ = ["FlatSimulation", "simulate_flat", "to_channels_last"]
 
@@ -103,7 +104,7 @@ class _FlatRun:
 
     def __init__(
         self, fmodel, flat, batches, adapt_index, eval_index, *, suppression_loss, adapt_loss,
-        adversary, head_values, channels_last, metric,
+        adversary, head_values, channels_last, metric, step_weighting=("uniform", 0.0),
     ) -> None:  # fmt: skip
         self.fmodel, self.layout, self.batches = fmodel, flat.layout, batches
         self.adapt_index, self.eval_index = adapt_index, eval_index
@@ -114,7 +115,7 @@ class _FlatRun:
         self.stats, self.counters = flat.stats.clone(), flat.counters.clone()
         eval_counts = [int(index.numel()) for index in eval_index]
         self.total_eval = sum(eval_counts)
-        self.weights = [count / self.total_eval for count in eval_counts]
+        self.weights = trajectory_weights(eval_counts, *step_weighting)
         self.dtype = state_dtype(self.theta.dtype)
         device = self.theta.device
         self.loss_total = torch.zeros((), dtype=self.dtype, device=device)
@@ -208,6 +209,7 @@ def simulate_flat(
     keep_stats: bool = False,
     channels_last: bool = False,
     metric: LossFn | None = None,
+    step_weighting: tuple[str, float] = ("uniform", 0.0),
 ) -> FlatSimulation:
     """Run one simulation of ``adversary`` from ``flat.params`` (see the module docstring).
 
@@ -227,6 +229,8 @@ def simulate_flat(
         metric: ``metric(outputs, targets) -> ()`` summed over the evaluation samples and divided
             by N into ``accuracy``; None = the number classified correctly (generation mode
             passes the denoising-error sum, :mod:`sophon_fast.engine.generation`).
+        step_weighting: ``(weighting, rate)`` of the per-step suppression weights
+            (:mod:`sophon_fast.reference.trajectory`); the default is the official average.
 
     Returns:
         :class:`FlatSimulation`.
@@ -234,7 +238,7 @@ def simulate_flat(
     run = _FlatRun(
         fmodel, flat, batches, adapt_index, eval_index, suppression_loss=suppression_loss,
         adapt_loss=adapt_loss, adversary=adversary, head_values=head_values,
-        channels_last=channels_last, metric=metric,
+        channels_last=channels_last, metric=metric, step_weighting=step_weighting,
     )  # fmt: skip
     if order == 1:
         meta_grad = run.first_order()
@@ -271,8 +275,10 @@ class FastEngine:
         truncate: int | None,
         restore_bn: bool,
         options=None,
+        step_weighting: tuple[str, float] = ("uniform", 0.0),
     ) -> None:
         self.model = model
+        self.step_weighting = tuple(step_weighting)
         self.flat = FlatParams.from_module(model)
         self.flat.params.requires_grad_(True)
         self.options = engine_options.resolve_options(options, order=order)
@@ -344,6 +350,7 @@ class FastEngine:
             head_values=head_values,
             keep_stats=not self.restore_bn,
             channels_last=self.resolved["channels_last"],
+            step_weighting=self.step_weighting,
         )
         return result.loss, result.accuracy, result.meta_grad
 
@@ -363,6 +370,7 @@ class FastEngine:
                     [masks_to_indices(m, self.device) for m in eval_masks],
                     suppression_loss=self.suppression_loss, adapt_loss=self.adapt_loss,
                     adversaries=adversaries, order=self.order, head_values=head_values,
+                    step_weighting=self.step_weighting,
                 )  # fmt: skip
             except Exception as error:  # noqa: BLE001 - a model vmap cannot batch: loop instead
                 reason = f"vmap failed ({type(error).__name__}: {error})"
@@ -405,6 +413,7 @@ class FastEngine:
                     adapt_size=sizes[0], eval_size=sizes[-1],
                     suppression_loss=self.suppression_loss, adapt_loss=self.adapt_loss,
                     adversary=adversary, channels_last=self.resolved["channels_last"],
+                    step_weighting=self.step_weighting,
                 )  # fmt: skip
             elif mode == "simulation":
                 build = lambda: GraphedSimulation(  # noqa: E731

@@ -34,6 +34,7 @@ from torch.func import grad, grad_and_value, vmap
 from sophon_fast.reference import losses as reference_losses
 from sophon_fast.reference.flat_common import state_dtype
 from sophon_fast.reference.optimizers import get_optimizer
+from sophon_fast.reference.trajectory import trajectory_weights
 
 __all__ = ["simulate_vmapped", "why_not_vmap"]
 
@@ -73,6 +74,7 @@ def simulate_vmapped(
     adversaries: Sequence,
     order: int,
     head_values: dict[str, torch.Tensor] | None,
+    step_weighting: tuple[str, float] = ("uniform", 0.0),
 ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """A simulations in one batched pass; returns [(loss (), accuracy (), meta_grad (n,))] * A.
 
@@ -87,7 +89,7 @@ def simulate_vmapped(
     lrs = torch.tensor([a.lr for a in adversaries], dtype=dtype, device=theta.device)
     eval_counts = [int(e.numel()) for e in eval_index]
     total_eval = sum(eval_counts)
-    weights = [c / total_eval for c in eval_counts]
+    weights = trajectory_weights(eval_counts, *step_weighting)
     delta = torch.zeros_like(theta)
     for param_name, value in (head_values or {}).items():
         where = flat.layout.param_slice(param_name)

@@ -33,6 +33,7 @@ from torch import nn
 
 from sophon_fast.reference.optimizer_state import load_optimizer_tensors, optimizer_tensors
 from sophon_fast.reference.optimizers import Adversary, get_optimizer
+from sophon_fast.reference.trajectory import trajectory_weights
 
 # loss(logits, labels) -> () (the signature of sophon_fast.losses.LossFn).
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -129,6 +130,7 @@ def simulate_reference(
     head_values: dict[str, torch.Tensor] | None,
     restore_stats: bool = True,
     metric: LossFn | None = None,
+    step_weighting: tuple[str, float] = ("uniform", 0.0),
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """One eager simulation on ``model`` (see :mod:`sophon_fast.engine.inner` for the maths).
 
@@ -163,7 +165,7 @@ def simulate_reference(
     inner_steps = len(batches)
     window = 0 if order == 1 else (inner_steps if truncate is None else min(truncate, inner_steps))
     states: dict[str, dict] = {name: {} for name in names}
-    weighted_losses = []
+    weighted_losses, step_losses, counts = [], [], []
     correct = 0
     total_eval = 0
     for k, (x, y) in enumerate(batches):
@@ -185,14 +187,21 @@ def simulate_reference(
         current = updated
         logits = learner(x[evaluate])
         count = int(evaluate.sum())
-        weighted_losses.append(count * suppression_loss(logits, y[evaluate]))
+        step_loss = suppression_loss(logits, y[evaluate])
+        weighted_losses.append(count * step_loss)
+        step_losses.append(step_loss)
+        counts.append(count)
         correct = correct + (
             (logits.detach().argmax(1) == y[evaluate]).sum()
             if metric is None
             else metric(logits.detach(), y[evaluate])
         )
         total_eval += count
-    loss = sum(weighted_losses) / total_eval
+    if step_weighting[0] == "uniform":
+        loss = sum(weighted_losses) / total_eval
+    else:
+        weights = trajectory_weights(counts, *step_weighting)
+        loss = sum(w * step_loss for w, step_loss in zip(weights, step_losses))
     grads = torch.autograd.grad(loss, params)
     if restore_stats:
         load_bn(model, saved_bn)
@@ -220,8 +229,10 @@ class ReferenceEngine:
         order: int,
         truncate: int | None,
         restore_bn: bool,
+        step_weighting: tuple[str, float] = ("uniform", 0.0),
     ) -> None:
         self.model = model
+        self.step_weighting = tuple(step_weighting)
         self.params = list(model.parameters())
         self.meta_optimizer = torch.optim.Adam(self.params, lr=meta_lr)
         self.ntr_optimizer = torch.optim.Adam(self.params, lr=ntr_lr)
@@ -245,6 +256,7 @@ class ReferenceEngine:
             truncate=self.truncate,
             head_values=head_values,
             restore_stats=self.restore_bn,
+            step_weighting=self.step_weighting,
         )
 
     def meta_step(self, meta_grad: dict[str, torch.Tensor], max_grad_norm: float | None) -> None:
