@@ -25,7 +25,13 @@ from sophon_fast.diffusion import OFFICIAL_TIMESTEP
 from sophon_fast.engine_options import resolve_options
 from sophon_fast.losses import SUPPRESSION_LOSSES
 from sophon_fast.noise_schedule import NoiseSchedule
+from sophon_fast.presets import PRESETS
+from sophon_fast.reference.adversary_distribution import (
+    AdversaryDistribution,
+    is_distribution_spec,
+)
 from sophon_fast.reference.optimizers import Adversary, resolve_adversary
+from sophon_fast.reference.trajectory import STEP_WEIGHTINGS, check_step_weighting
 
 __all__ = [
     "GENERATION_LOSSES",
@@ -98,7 +104,18 @@ def _order(config: Any, name: str, value: Any) -> int:
     return value
 
 
-def _adversaries(config: Any, name: str, value: Any) -> tuple[Adversary, ...]:
+def _adversaries(
+    config: Any, name: str, value: Any
+) -> tuple[Adversary, ...] | AdversaryDistribution:
+    if is_distribution_spec(value):
+        distribution = AdversaryDistribution.from_spec(value)
+        for family in distribution.families:
+            if not family.lr[1] <= _LR_MAX:
+                raise ValueError(
+                    f"ProtectConfig.adversaries: {family.name} lr range ends at {family.lr[1]:g}, "
+                    f"above {_LR_MAX:g}; expected a usable learning rate"
+                )
+        return distribution
     specs = value if value is not None else (("sgd", config.inner_lr),)
     if isinstance(specs, (str, dict, Adversary)) or (
         isinstance(specs, (tuple, list)) and specs and isinstance(specs[0], str)
@@ -118,6 +135,30 @@ def _adversaries(config: Any, name: str, value: Any) -> tuple[Adversary, ...]:
                 f"{_LR_MAX:g}; expected a usable learning rate"
             )
     return adversaries
+
+
+def _adversary_sampling(config: Any, name: str, value: Any) -> str:
+    value = ChoiceRule(("one", "all"))(config, name, value)
+    if value == "all" and isinstance(config.adversaries, AdversaryDistribution):
+        raise ValueError(
+            "ProtectConfig.adversary_sampling: 'all' simulates every listed adversary, but "
+            "adversaries is a distribution (one draw per simulation); use 'one' and "
+            "simulations > 1 to average several draws"
+        )
+    return value
+
+
+def _step_weighting(config: Any, name: str, value: Any) -> str:
+    _choice(name, value, STEP_WEIGHTINGS)
+    return value
+
+
+def _step_weighting_rate(config: Any, name: str, value: Any) -> float:
+    try:
+        check_step_weighting(config.step_weighting, value)
+    except ValueError as error:
+        raise ValueError(f"ProtectConfig.step_weighting_rate: {error}") from None
+    return float(value)
 
 
 def _engine_options(config: Any, name: str, value: Any) -> dict[str, Any] | None:
@@ -233,7 +274,9 @@ _RULES: dict[str, Rule] = {
     "order": _order,
     "truncate": IntRule(0, allow_none=True),
     "adversaries": _adversaries,  # the default adversary takes inner_lr
-    "adversary_sampling": ChoiceRule(("one", "all")),
+    "adversary_sampling": _adversary_sampling,  # reads adversaries
+    "step_weighting": _step_weighting,
+    "step_weighting_rate": _step_weighting_rate,  # reads step_weighting
     "simulations": IntRule(1),
     "guard_threshold": FloatRule(positive=False, allow_none=True),
     "guard_mode": ChoiceRule(("absolute", "relative")),
@@ -281,6 +324,18 @@ def _refuse_in_generation(config: Any) -> None:
             "accuracy; mode='generation' records the original-domain MSE and has no guard "
             "(leave guard_threshold at its default or None)"
         )
+    adversaries = config.adversaries
+    if is_distribution_spec(adversaries):
+        reinit = (
+            adversaries.reinit_head
+            if isinstance(adversaries, AdversaryDistribution)
+            else adversaries.get("reinit_head")
+        )
+        if reinit not in (None, 0, 0.0, False):
+            raise ValueError(
+                "ProtectConfig.adversaries: a noise-prediction model has no classification head; "
+                "mode='generation' takes a distribution with reinit_head None or 0"
+            )
     options = config.engine_options
     if options is not None:
         get = options.get if isinstance(options, dict) else lambda k, d=None: getattr(options, k, d)
@@ -338,10 +393,20 @@ class ProtectConfig:
         truncate: order 2 only: differentiate through the last ``truncate`` inner steps; the
             earlier ones are first-order steps (see :mod:`sophon_fast.engine.inner`). None = all.
         adversaries: inner optimizers to simulate: ``(name, lr)``, ``(name, lr, {hyper-params})``
-            or dicts; names sgd, momentum, nesterov, adam, adamw, rmsprop (hyper-parameters and
-            defaults in :mod:`sophon_fast.engine.optimizers`). None = ``(("sgd", inner_lr),)``.
+            or dicts; names sgd, momentum, nesterov, adam, adamw, rmsprop, adagrad, adadelta
+            (hyper-parameters and defaults in :mod:`sophon_fast.reference.optimizers`). Or a
+            distribution over the attacker: ``{"families": {name: {"lr": (low, high), ...}},
+            "reinit_head": p, "batch_size": (...), "inner_steps": (...)}`` (an
+            :class:`~sophon_fast.reference.adversary_distribution.AdversaryDistribution`): one
+            draw per simulation (optimizer, log-uniform learning rate, hyper-parameters, head
+            re-drawn or kept, batch size, horizon), recorded in the history's ``draws``.
+            None = ``(("sgd", inner_lr),)``.
         adversary_sampling: ``"one"`` (draw one per simulation from the seeded generator) or
             ``"all"`` (simulate every adversary on the same batches and average). Default "one".
+        step_weighting: how the suppression loss weighs the K inner steps: ``"uniform"``
+            (official), ``"late"`` (w_k = k / K) or ``"exponential"`` (w_k = exp(rate (k - K)));
+            :mod:`sophon_fast.reference.trajectory`. Default "uniform".
+        step_weighting_rate: the exponential weighting's rate (TAR's 0.0625). Default 0.0625.
         simulations: independent simulations (batches, splits, head, adversary) drawn and
             averaged per meta step. Under a torch.distributed process group they are spread over
             the ranks (:mod:`sophon_fast.distributed`); a multiple of the world size keeps every
@@ -410,6 +475,8 @@ class ProtectConfig:
     truncate: int | None = None
     adversaries: Any = None
     adversary_sampling: str = "one"
+    step_weighting: str = "uniform"
+    step_weighting_rate: float = 0.0625
     simulations: int = 1
     guard_threshold: float | None = 80.0
     guard_mode: str = "absolute"
@@ -478,7 +545,13 @@ class ProtectConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict (adversaries as dicts)."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        out["adversaries"] = [a.to_json() for a in self.adversaries]
+        if isinstance(self.adversaries, AdversaryDistribution):
+            out["adversaries"] = self.adversaries.to_json()
+        else:
+            out["adversaries"] = [a.to_json() for a in self.adversaries]
+        for name, default in (("step_weighting", "uniform"), ("step_weighting_rate", 0.0625)):
+            if out[name] == default:  # the default: older checkpoints and dicts stay comparable
+                del out[name]
         if self.engine_options is None:  # the default: older checkpoints and dicts stay comparable
             del out["engine_options"]
         if self.simulations == 1:  # the default: older checkpoints and dicts stay comparable
@@ -487,6 +560,28 @@ class ProtectConfig:
             for name in _GENERATION_FIELDS:
                 del out[name]
         return out
+
+    @property
+    def adversary_distribution(self) -> AdversaryDistribution | None:
+        """The attacker distribution, or None when ``adversaries`` is a list."""
+        return self.adversaries if isinstance(self.adversaries, AdversaryDistribution) else None
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> ProtectConfig:
+        """A named configuration (:data:`sophon_fast.presets.PRESETS`, documented there with
+        its measured cost and margins), with ``overrides`` replacing fields.
+
+        ``"official"`` is ``ProtectConfig()`` (the official run); ``"robust"`` simulates a
+        distribution of attackers (the efficacy benchmark's choice).
+
+        Raises:
+            ValueError: an unknown preset name, or an override the config refuses.
+        """
+        if name not in PRESETS:
+            raise ValueError(
+                f"ProtectConfig.preset: unknown preset {name!r}; expected one of {sorted(PRESETS)}"
+            )
+        return cls(**{**PRESETS[name], **overrides})
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ProtectConfig:

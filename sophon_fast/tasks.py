@@ -170,6 +170,7 @@ class _SharedTask:
             order=config.order,
             truncate=config.truncate,
             restore_bn=config.restore_bn if restore_bn is None else restore_bn,
+            step_weighting=(config.step_weighting, config.step_weighting_rate),
         )
 
     def _simulate_on_engine(self, model, module, run_one, config, engine: str):
@@ -286,7 +287,9 @@ class ClassificationTask(_SharedTask):
         _check_forward(work, data.original[0][:2].to(device=device, dtype=dtype), self.num_classes)
 
     def head(self, work: nn.Module, config: ProtectConfig) -> Any:
-        if not config.reinit_head_resolved:
+        distribution = config.adversary_distribution
+        may_redraw = distribution is not None and distribution.reinit_head
+        if not config.reinit_head_resolved and not may_redraw:
             return None
         name = self.head_name if self.head_name is not None else config.head
         return find_head(work, name)

@@ -35,6 +35,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "config",
         "config_rules",
         "engine_options",
+        "presets",
     ),
     ("engine", "attacks", "distributed"),
     ("api", "result", "tasks", "driver"),

@@ -109,6 +109,7 @@ class ProtectionRun:
 
     def __post_init__(self) -> None:
         self._good = None  # (step, engine backup, optimizer tensors or None): the last good state
+        self._plans: list[dict] = []  # this step's attacker draws (an attacker distribution)
         self.generator = torch.Generator().manual_seed(self.config.seed)
         self.restricted_sampler = EpochSampler(self.restricted[1].shape[0], self.generator)
         self.original_sampler = EpochSampler(self.original[1].shape[0], self.generator)
@@ -202,6 +203,7 @@ class ProtectionRun:
             self._keep_good()
         if self.dist is not None:
             self.dist.step = self.step
+        self._plans = []
         suppression_losses, restricted_metrics, adversaries, grad_finite = self._suppression()
         ntr_losses = self._ntr()
         if self.dist is not None:
@@ -229,6 +231,7 @@ class ProtectionRun:
             f"original_{self.metric}": original,
             "adversaries": adversaries,
             "guard": guard,
+            **({"draws": self._plans} if self._plans else {}),
             "seconds": time.perf_counter() - started,
         }
         self.history.append(record)
@@ -236,7 +239,8 @@ class ProtectionRun:
 
     def _next_draw(self):
         cfg = self.config
-        return draw_simulation(
+        distribution = getattr(cfg, "adversary_distribution", None)
+        draw = draw_simulation(
             images=self.restricted[0],
             labels=self.restricted[1],
             sampler=self.restricted_sampler,
@@ -245,9 +249,14 @@ class ProtectionRun:
             batch_size=cfg.batch_size,
             adapt_size=cfg.adapt_size,
             head=self.head,
-            adversaries=cfg.adversaries,
+            adversaries=() if distribution is not None else cfg.adversaries,
             sample_one=cfg.adversary_sampling == "one",
+            distribution=distribution,
+            reinit_head=cfg.reinit_head_resolved,
         )
+        if draw.plan is not None:
+            self._plans.append(draw.plan)
+        return draw
 
     def _suppression(self):
         """``suppression_steps`` meta steps -> (losses, restricted metrics, adversary labels,

@@ -12,6 +12,12 @@ in a fixed order per fine-tuning simulation:
 3. the re-initialised head values (Xavier-uniform weight, zero bias), when the head is re-drawn;
 4. the adversary, when there are several and one is sampled per simulation.
 
+With an attacker distribution (``ProtectConfig(adversaries={"families": ...})``) the attacker is
+drawn FIRST, before step 1 (its batch size and horizon decide the batches):
+:meth:`sophon_fast.reference.adversary_distribution.AdversaryDistribution.draw` documents its
+own order; steps 1-3 follow with the drawn batch size, adapt size, horizon and head choice, and
+step 4 is skipped.
+
 NTR batches come from a second :class:`EpochSampler` over the original data on the same
 generator. The engines receive the drawn tensors and never touch the generator.
 """
@@ -25,6 +31,7 @@ import torch
 
 from sophon_fast.data.tensors import as_tensors
 from sophon_fast.models.head import xavier_head_values
+from sophon_fast.reference.adversary_distribution import AdversaryDistribution
 
 __all__ = ["EpochSampler", "SimulationDraw", "as_tensors", "draw_split", "masks_to_indices"]
 
@@ -94,6 +101,7 @@ class SimulationDraw:
         adapt_masks / eval_masks: ``inner_steps`` (batch,) bool CPU masks.
         head_values: parameter name -> replacement value (the re-drawn head), or None.
         adversaries: the adversaries to simulate (one, or all of them to average).
+        plan: the drawn attacker (JSON form) under an attacker distribution, else None.
     """
 
     batches: list[tuple[torch.Tensor, torch.Tensor]]
@@ -101,6 +109,7 @@ class SimulationDraw:
     eval_masks: list[torch.Tensor]
     head_values: dict[str, torch.Tensor] | None
     adversaries: Sequence
+    plan: dict | None = None
 
 
 def draw_simulation(
@@ -115,8 +124,24 @@ def draw_simulation(
     head: tuple[str, torch.nn.Linear] | None,
     adversaries: Sequence,
     sample_one: bool,
+    distribution: AdversaryDistribution | None = None,
+    reinit_head: bool = True,
 ) -> SimulationDraw:
-    """Draw one simulation's batches, splits, head values and adversary (order in module docs)."""
+    """Draw one simulation's batches, splits, head values and adversary (order in module docs).
+
+    ``head`` is the (name, Linear) a simulation may re-draw; without a distribution it is
+    re-drawn whenever given, with one the drawn plan decides (``reinit_head`` is the run's
+    setting, used where the distribution leaves the head to it)."""
+    plan = None
+    if distribution is not None:
+        plan = distribution.draw(
+            generator, batch_size=batch_size, adapt_size=adapt_size, inner_steps=inner_steps,
+            reinit_head=reinit_head and head is not None,
+        )  # fmt: skip
+        batch_size, adapt_size, inner_steps = plan.batch_size, plan.adapt_size, plan.inner_steps
+        if not plan.reinit_head:
+            head = None
+        adversaries, sample_one = [plan.adversary], False
     batches, adapt_masks, eval_masks = [], [], []
     for _ in range(inner_steps):
         index = sampler.next(batch_size).to(images.device)
@@ -135,4 +160,5 @@ def draw_simulation(
     chosen = list(adversaries)
     if sample_one and len(chosen) > 1:
         chosen = [chosen[int(torch.randint(len(chosen), (1,), generator=generator))]]
-    return SimulationDraw(batches, adapt_masks, eval_masks, head_values, chosen)
+    record = None if plan is None else plan.to_json()
+    return SimulationDraw(batches, adapt_masks, eval_masks, head_values, chosen, record)
