@@ -21,7 +21,7 @@ import torch
 
 from sophon_fast.config_rules import BoolRule, ChoiceRule, FloatRule, IntRule, Rule
 from sophon_fast.config_rules import check_choice as _choice
-from sophon_fast.diffusion import OFFICIAL_TIMESTEP
+from sophon_fast.diffusion import OFFICIAL_TIMESTEP, resolve_timesteps
 from sophon_fast.engine_options import resolve_options
 from sophon_fast.losses import SUPPRESSION_LOSSES
 from sophon_fast.noise_schedule import NoiseSchedule
@@ -199,61 +199,6 @@ def _timesteps(config: Any, name: str, value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value  # JSON round trip for resume
 
 
-def resolve_timesteps(spec: Any, diffusion_steps: int) -> list[int]:
-    """The timesteps a generation run draws from, as sorted 0-based schedule indices.
-
-    Args:
-        spec: None (the official ``t = 1``), an int, ``"a:b"`` (a to b inclusive), ``"all"``
-            (0 .. diffusion_steps - 1) or a non-empty list of ints.
-        diffusion_steps: T, the schedule's number of steps.
-
-    Returns:
-        Sorted distinct indices in [0, T).
-
-    Raises:
-        TypeError / ValueError: anything else, or an index outside [0, T).
-    """
-    where = "ProtectConfig.timesteps"
-    if spec is None:
-        values = [OFFICIAL_TIMESTEP]
-    elif isinstance(spec, bool):
-        raise TypeError(f"{where}: expected an int, 'a:b', 'all' or a list of ints, got {spec!r}")
-    elif isinstance(spec, int):
-        values = [spec]
-    elif isinstance(spec, str):
-        text = spec.strip().lower()
-        if text == "all":
-            values = list(range(diffusion_steps))
-        elif ":" in text:
-            first, _, last = text.partition(":")
-            try:
-                a, b = int(first), int(last)
-            except ValueError:
-                raise ValueError(
-                    f"{where}: a range is 'a:b' with integers a <= b (inclusive), got {spec!r}"
-                ) from None
-            if a > b:
-                raise ValueError(f"{where}: range {spec!r} is empty (expected a <= b)")
-            values = list(range(a, b + 1))
-        else:
-            raise ValueError(f"{where}: expected an int, 'a:b', 'all' or a list, got {spec!r}")
-    elif isinstance(spec, (list, tuple)):
-        if not spec or not all(isinstance(v, int) and not isinstance(v, bool) for v in spec):
-            raise ValueError(f"{where}: expected a non-empty list of ints, got {spec!r}")
-        values = sorted(set(spec))
-    else:
-        raise TypeError(
-            f"{where}: expected an int, 'a:b', 'all' or a list of ints, got {type(spec).__name__}"
-        )
-    bad = [v for v in values if not 0 <= v < diffusion_steps]
-    if bad:
-        raise ValueError(
-            f"{where}: timesteps are 0-based schedule indices in [0, {diffusion_steps - 1}] "
-            f"(diffusion_steps={diffusion_steps}); got {bad[:5]}"
-        )
-    return values
-
-
 #: Every field's rule, in the order they are checked: a rule may read the fields above it, and
 #: mode, which several of them read, is also checked before them all (``__post_init__``).
 _RULES: dict[str, Rule] = {
@@ -278,6 +223,8 @@ _RULES: dict[str, Rule] = {
     "step_weighting": _step_weighting,
     "step_weighting_rate": _step_weighting_rate,  # reads step_weighting
     "simulations": IntRule(1),
+    "representation_weight": FloatRule(positive=False),
+    "representation_samples": IntRule(4),
     "guard_threshold": FloatRule(positive=False, allow_none=True),
     "guard_mode": ChoiceRule(("absolute", "relative")),
     "guard_action": ChoiceRule(("stop", "continue")),
@@ -323,6 +270,11 @@ def _refuse_in_generation(config: Any) -> None:
             "ProtectConfig.guard_threshold / guard_mode: the intactness guard reads a classification "
             "accuracy; mode='generation' records the original-domain MSE and has no guard "
             "(leave guard_threshold at its default or None)"
+        )
+    if config.representation_weight:
+        raise ValueError(
+            "ProtectConfig.representation_weight: the representation term probes a classifier "
+            "head's input features; mode='generation' takes representation_weight=0"
         )
     adversaries = config.adversaries
     if is_distribution_spec(adversaries):
@@ -407,6 +359,13 @@ class ProtectConfig:
             (official), ``"late"`` (w_k = k / K) or ``"exponential"`` (w_k = exp(rate (k - K)));
             :mod:`sophon_fast.reference.trajectory`. Default "uniform".
         step_weighting_rate: the exponential weighting's rate (TAR's 0.0625). Default 0.0625.
+        representation_weight: weight of the representation term: each meta step adds this
+            times the gradient of the held-out linear-probe R^2 of the head's input features on
+            ``representation_samples`` restricted samples
+            (:mod:`sophon_fast.reference.probe`), so a linear probe reads less of the restricted
+            task from the features. 0 = off (official). Default 0.
+        representation_samples: restricted samples per representation term (half fit the
+            probe, half evaluate it). Default 256.
         simulations: independent simulations (batches, splits, head, adversary) drawn and
             averaged per meta step. Under a torch.distributed process group they are spread over
             the ranks (:mod:`sophon_fast.distributed`); a multiple of the world size keeps every
@@ -478,6 +437,8 @@ class ProtectConfig:
     step_weighting: str = "uniform"
     step_weighting_rate: float = 0.0625
     simulations: int = 1
+    representation_weight: float = 0.0
+    representation_samples: int = 256
     guard_threshold: float | None = 80.0
     guard_mode: str = "absolute"
     guard_action: str = "stop"
@@ -549,7 +510,12 @@ class ProtectConfig:
             out["adversaries"] = self.adversaries.to_json()
         else:
             out["adversaries"] = [a.to_json() for a in self.adversaries]
-        for name, default in (("step_weighting", "uniform"), ("step_weighting_rate", 0.0625)):
+        for name, default in (
+            ("step_weighting", "uniform"),
+            ("step_weighting_rate", 0.0625),
+            ("representation_weight", 0.0),
+            ("representation_samples", 256),
+        ):
             if out[name] == default:  # the default: older checkpoints and dicts stay comparable
                 del out[name]
         if self.engine_options is None:  # the default: older checkpoints and dicts stay comparable

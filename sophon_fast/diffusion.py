@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +42,7 @@ from .noise_schedule import NoiseSchedule
 
 __all__ = [
     "OFFICIAL_TIMESTEP",
+    "resolve_timesteps",
     "NoiseSchedule",
     "ddim_sample",
     "ddim_timesteps",
@@ -464,3 +466,58 @@ def train_denoiser(
     finally:
         model.train(was_training)
     return losses
+
+
+def resolve_timesteps(spec: Any, diffusion_steps: int) -> list[int]:
+    """The timesteps a generation run draws from, as sorted 0-based schedule indices.
+
+    Args:
+        spec: None (the official ``t = 1``), an int, ``"a:b"`` (a to b inclusive), ``"all"``
+            (0 .. diffusion_steps - 1) or a non-empty list of ints.
+        diffusion_steps: T, the schedule's number of steps.
+
+    Returns:
+        Sorted distinct indices in [0, T).
+
+    Raises:
+        TypeError / ValueError: anything else, or an index outside [0, T).
+    """
+    where = "ProtectConfig.timesteps"
+    if spec is None:
+        values = [OFFICIAL_TIMESTEP]
+    elif isinstance(spec, bool):
+        raise TypeError(f"{where}: expected an int, 'a:b', 'all' or a list of ints, got {spec!r}")
+    elif isinstance(spec, int):
+        values = [spec]
+    elif isinstance(spec, str):
+        text = spec.strip().lower()
+        if text == "all":
+            values = list(range(diffusion_steps))
+        elif ":" in text:
+            first, _, last = text.partition(":")
+            try:
+                a, b = int(first), int(last)
+            except ValueError:
+                raise ValueError(
+                    f"{where}: a range is 'a:b' with integers a <= b (inclusive), got {spec!r}"
+                ) from None
+            if a > b:
+                raise ValueError(f"{where}: range {spec!r} is empty (expected a <= b)")
+            values = list(range(a, b + 1))
+        else:
+            raise ValueError(f"{where}: expected an int, 'a:b', 'all' or a list, got {spec!r}")
+    elif isinstance(spec, (list, tuple)):
+        if not spec or not all(isinstance(v, int) and not isinstance(v, bool) for v in spec):
+            raise ValueError(f"{where}: expected a non-empty list of ints, got {spec!r}")
+        values = sorted(set(spec))
+    else:
+        raise TypeError(
+            f"{where}: expected an int, 'a:b', 'all' or a list of ints, got {type(spec).__name__}"
+        )
+    bad = [v for v in values if not 0 <= v < diffusion_steps]
+    if bad:
+        raise ValueError(
+            f"{where}: timesteps are 0-based schedule indices in [0, {diffusion_steps - 1}] "
+            f"(diffusion_steps={diffusion_steps}); got {bad[:5]}"
+        )
+    return values

@@ -177,6 +177,7 @@ def run_protection(
         original=to_device(data.original),
         original_eval=to_device(data.original_eval),
         head=task.head(work, config),
+        probe=task.probe(config),
         dist=distributed_context(),  # None without a process group of > 1 ranks
     )
     main_rank = run.dist is None or run.dist.rank == 0  # writes checkpoints, shows progress

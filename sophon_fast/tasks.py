@@ -101,6 +101,9 @@ class Task(Protocol):
     def check_forward(self, work: nn.Module, data: TaskData, device, dtype) -> None:
         """One no-grad forward on two samples: a model that cannot take the data fails here."""
 
+    def probe(self, config: ProtectConfig) -> tuple[str, int] | None:
+        """(head name, classes) read by the representation term, or None (the term is off)."""
+
     def head(self, work: nn.Module, config: ProtectConfig) -> Any:
         """(name, nn.Linear) of the head re-drawn in every simulation, or None."""
 
@@ -157,6 +160,9 @@ class _SharedTask:
         return module
 
     def head(self, work: nn.Module, config: ProtectConfig) -> Any:
+        return None
+
+    def probe(self, config: ProtectConfig) -> tuple[str, int] | None:
         return None
 
     def result_fields(self, run: ProtectionRun) -> dict[str, Any]:
@@ -285,6 +291,11 @@ class ClassificationTask(_SharedTask):
 
     def check_forward(self, work: nn.Module, data: TaskData, device, dtype) -> None:
         _check_forward(work, data.original[0][:2].to(device=device, dtype=dtype), self.num_classes)
+
+    def probe(self, config: ProtectConfig) -> tuple[str, int] | None:
+        if not config.representation_weight:
+            return None
+        return self.head_name if self.head_name is not None else config.head, self.num_classes
 
     def head(self, work: nn.Module, config: ProtectConfig) -> Any:
         distribution = config.adversary_distribution

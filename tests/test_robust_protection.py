@@ -17,6 +17,7 @@ from sophon_fast.engine.vmap import simulate_vmapped
 from sophon_fast.losses import get_loss
 from sophon_fast.reference.adversary_distribution import AdversaryDistribution
 from sophon_fast.reference.optimizers import resolve_adversary
+from sophon_fast.reference.probe import heldout_probe_r2
 from sophon_fast.reference.trajectory import trajectory_weights
 
 META_GRAD_RTOL = 1e-13  # fast vs reference in float64, as tests/test_engine.py
@@ -295,3 +296,46 @@ def test_presets():
     assert robust.outer_steps == 7 and robust.adversary_distribution is not None
     with pytest.raises(ValueError, match="unknown preset"):
         ProtectConfig.preset("strongest")
+
+
+# ------------------------------------------------------------------------ representation term
+
+
+def test_heldout_probe_r2_reads_linear_information():
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 4, (200,), generator=g)
+    noise = torch.randn(200, 30, generator=g, dtype=torch.float64)
+    informative = noise * 0.1
+    informative[:, :4] += torch.nn.functional.one_hot(labels, 4).double()
+    assert float(heldout_probe_r2(informative, labels, 4)) > 0.8
+    assert float(heldout_probe_r2(noise, labels, 4)) < 0.1  # nothing to read: about 0 or below
+    scaled = float(heldout_probe_r2(informative * 1e3, labels, 4))
+    assert scaled == pytest.approx(float(heldout_probe_r2(informative, labels, 4)), rel=1e-9)
+    features = informative.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda f: heldout_probe_r2(f, labels[:40], 4), (features[:40].detach().requires_grad_(),)
+    )
+    with pytest.raises(ValueError, match="at least 4"):
+        heldout_probe_r2(informative[:3], labels[:3], 4)
+
+
+def test_representation_term_in_both_engines():
+    original, restricted = domains(n_restricted=40)
+    results = {}
+    for engine in ("fast", "reference"):
+        config = tiny_config(engine=engine, representation_weight=0.5, representation_samples=12)
+        results[engine] = protect(tiny_cnn(), original, restricted, config, progress=False)
+    fast, ref = results["fast"], results["reference"]
+    r2 = [h["probe_r2"] for h in fast.history]
+    assert r2 == pytest.approx([h["probe_r2"] for h in ref.history], rel=1e-10)
+    for name, value in fast.model.state_dict().items():
+        assert float((value - ref.model.state_dict()[name]).abs().max()) <= 1e-10, name
+    off = protect(tiny_cnn(), original, restricted, tiny_config(), progress=False)
+    assert "probe_r2" not in off.history[0]
+    moved = max(
+        float((v - off.model.state_dict()[k]).abs().max())
+        for k, v in fast.model.state_dict().items()
+    )
+    assert moved > 1e-6  # the term changes the protected weights
+    with pytest.raises(ValueError, match="representation_weight"):
+        ProtectConfig(mode="generation", loss="mse_ascent", representation_weight=1.0)

@@ -70,6 +70,7 @@ from sophon_fast.losses import LossFn
 from sophon_fast.nn import convert_batchnorm, fuse_bn_relu_pool, fuse_relu_pool
 from sophon_fast.ops.flat_accumulate import flat_accumulate_
 from sophon_fast.ops.flat_adam import flat_clip_adam_step_
+from sophon_fast.reference.probe import heldout_probe_r2
 from sophon_fast.reference.trajectory import trajectory_weights
 
 __all__ = ["FlatSimulation", "simulate_flat", "to_channels_last"]
@@ -435,6 +436,31 @@ class FastEngine:
             head = [(layout.param_slice(n), v.reshape(-1)) for n, v in (head_values or {}).items()]
             return graph.run(batches, adapt_index, eval_index, head, keep_stats=not self.restore_bn)
         return graph.run(batches, adapt_index, eval_index, head_values)
+
+    def representation_grad(
+        self, x: torch.Tensor, y: torch.Tensor, head: str, num_classes: int, weight: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The representation term at the current weights -> (R^2 (), weight * dR^2/dtheta).
+
+        R^2 is the held-out linear-probe fit of the head's input features on (x, y)
+        (:func:`sophon_fast.reference.probe.heldout_probe_r2`), with train-mode BatchNorm on
+        a copy of the statistics (the model's own are not touched)."""
+        params = self.flat.params.detach().requires_grad_(True)
+        if self.resolved["channels_last"]:
+            x = to_channels_last(x)
+        features = []
+        module = dict(self.fmodel.module.named_modules())[head]
+        hook = module.register_forward_pre_hook(lambda _, args: features.append(args[0]))
+        try:
+            with precision(self.resolved["autocast"]):
+                self.fmodel(
+                    params, self.flat.stats.clone(), self.flat.counters.clone(), x, train=True
+                )
+        finally:
+            hook.remove()
+        r2 = heldout_probe_r2(features[0].flatten(1).to(params.dtype), y, num_classes)
+        (grad,) = torch.autograd.grad(r2, params)
+        return r2.detach(), grad.to(state_dtype(params.dtype)) * weight
 
     def meta_step(self, meta_grad: torch.Tensor, max_grad_norm: float | None) -> None:
         """Clip the meta-gradient to ``max_grad_norm`` (L2) and take one meta Adam step."""

@@ -99,6 +99,7 @@ class ProtectionRun:
     original: tuple[torch.Tensor, torch.Tensor]
     original_eval: tuple[torch.Tensor, torch.Tensor] | None
     head: Any = None
+    probe: tuple[str, int] | None = None  # (head name, classes) of the representation term
     history: list[dict[str, Any]] = field(default_factory=list)
     step: int = 0
     stopped_by: str | None = None
@@ -110,6 +111,7 @@ class ProtectionRun:
     def __post_init__(self) -> None:
         self._good = None  # (step, engine backup, optimizer tensors or None): the last good state
         self._plans: list[dict] = []  # this step's attacker draws (an attacker distribution)
+        self._probe_r2: list[torch.Tensor] = []  # this step's representation-term R^2 values
         self.generator = torch.Generator().manual_seed(self.config.seed)
         self.restricted_sampler = EpochSampler(self.restricted[1].shape[0], self.generator)
         self.original_sampler = EpochSampler(self.original[1].shape[0], self.generator)
@@ -203,7 +205,7 @@ class ProtectionRun:
             self._keep_good()
         if self.dist is not None:
             self.dist.step = self.step
-        self._plans = []
+        self._plans, self._probe_r2 = [], []
         suppression_losses, restricted_metrics, adversaries, grad_finite = self._suppression()
         ntr_losses = self._ntr()
         if self.dist is not None:
@@ -211,7 +213,7 @@ class ProtectionRun:
         self.step += 1
         # one host transfer for the recorded means and the finiteness flags
         means, flags = _read_step_values(
-            [suppression_losses, restricted_metrics, ntr_losses],
+            [suppression_losses, restricted_metrics, ntr_losses, self._probe_r2],
             [
                 _all_finite(suppression_losses),
                 _all_finite(grad_finite),
@@ -219,7 +221,7 @@ class ProtectionRun:
                 _all_finite(self._weights()),
             ],
         )
-        suppression_mean, metric_mean, ntr_mean = means
+        suppression_mean, metric_mean, ntr_mean, probe_r2 = means
         original, guard = self._settle([name for name, ok in zip(_QUANTITIES, flags) if not ok])
         record = {
             "step": self.step,
@@ -232,6 +234,7 @@ class ProtectionRun:
             "adversaries": adversaries,
             "guard": guard,
             **({"draws": self._plans} if self._plans else {}),
+            **({"probe_r2": probe_r2} if probe_r2 is not None else {}),
             "seconds": time.perf_counter() - started,
         }
         self.history.append(record)
@@ -269,12 +272,30 @@ class ProtectionRun:
                 loss, metric, grad, drawn = self.dist.simulate(engine, self._next_draw, simulations)
             else:
                 loss, metric, grad, drawn = self._simulate_draws(simulations)
+            if self.probe is not None:
+                grad = self._add_representation(grad)
             grad_finite.append(_all_finite(grad))
             engine.meta_step(grad, cfg.max_grad_norm)
             losses.append(loss)
             metrics.append(metric)
             adversaries.extend(a.describe() for a in drawn)
         return losses, metrics, adversaries, grad_finite
+
+    def _add_representation(self, grad):
+        """``grad`` plus the representation term's gradient on a fresh restricted sample (drawn
+        after the simulations', from the same sampler); its R^2 goes to the step's record."""
+        cfg = self.config
+        index = self.restricted_sampler.next(cfg.representation_samples)
+        index = index.to(self.restricted[0].device)
+        x, y = self.restricted[0].index_select(0, index), self.restricted[1].index_select(0, index)
+        head, num_classes = self.probe
+        r2, extra = self.engine.representation_grad(
+            x, y, head, num_classes, cfg.representation_weight
+        )
+        self._probe_r2.append(r2)
+        if isinstance(grad, dict):
+            return {name: value + extra[name].to(value) for name, value in grad.items()}
+        return grad + extra.to(grad)
 
     def _simulate_draws(self, simulations: int):
         """``simulations`` draws in this process -> (mean loss, mean metric, mean meta-gradient,

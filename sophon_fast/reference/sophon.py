@@ -33,6 +33,7 @@ from torch import nn
 
 from sophon_fast.reference.optimizer_state import load_optimizer_tensors, optimizer_tensors
 from sophon_fast.reference.optimizers import Adversary, get_optimizer
+from sophon_fast.reference.probe import heldout_probe_r2
 from sophon_fast.reference.trajectory import trajectory_weights
 
 # loss(logits, labels) -> () (the signature of sophon_fast.losses.LossFn).
@@ -258,6 +259,30 @@ class ReferenceEngine:
             restore_stats=self.restore_bn,
             step_weighting=self.step_weighting,
         )
+
+    def representation_grad(self, x, y, head: str, num_classes: int, weight: float):
+        """As :meth:`sophon_fast.engine.inner.FastEngine.representation_grad`, per parameter."""
+        saved_bn = save_bn(self.model)
+        was_training = self.model.training
+        self.model.train()
+        features = []
+        module = dict(self.model.named_modules())[head]
+        hook = module.register_forward_pre_hook(lambda _, args: features.append(args[0]))
+        try:
+            self.model(x)
+            r2 = heldout_probe_r2(features[0].flatten(1), y, num_classes)
+            # before the statistics are restored: BatchNorm's backward checks they are unchanged
+            grads = torch.autograd.grad(r2, list(self.model.parameters()), allow_unused=True)
+        finally:
+            hook.remove()
+            load_bn(self.model, saved_bn)
+            self.model.train(was_training)
+        names = [name for name, _ in self.model.named_parameters()]
+        out = {
+            name: (torch.zeros_like(p) if g is None else g.detach()) * weight
+            for name, p, g in zip(names, self.model.parameters(), grads)
+        }
+        return r2.detach(), out
 
     def meta_step(self, meta_grad: dict[str, torch.Tensor], max_grad_norm: float | None) -> None:
         for name, param in self.model.named_parameters():
