@@ -6,6 +6,9 @@ One module per optimizer, re-exported here (the fused ops and the tests read the
     reference/flat_adam.py        flat_adam_step(_), flat_adamw_step, flat_clip_adam_step_,
                                   flat_adam_step_backward, adam_bias_corrections
     reference/flat_rmsprop.py     flat_rmsprop_step(_), flat_rmsprop_step_backward
+    reference/flat_adagrad.py     flat_adagrad_step(_), flat_adagrad_step_backward,
+                                  adagrad_learning_rate
+    reference/flat_adadelta.py    flat_adadelta_step(_), flat_adadelta_step_backward
     reference/flat_accumulate.py  flat_accumulate_
     reference/flat_common.py      state_dtype, safe_sqrt (the package's only definitions)
 
@@ -18,6 +21,13 @@ operations, are those of ``torch.optim``; they are also the inner optimizers' pu
 from __future__ import annotations
 
 from .flat_accumulate import flat_accumulate_
+from .flat_adadelta import flat_adadelta_step, flat_adadelta_step_, flat_adadelta_step_backward
+from .flat_adagrad import (
+    adagrad_learning_rate,
+    flat_adagrad_step,
+    flat_adagrad_step_,
+    flat_adagrad_step_backward,
+)
 from .flat_adam import (
     adam_bias_corrections,
     adam_update,
@@ -33,10 +43,17 @@ from .flat_momentum import flat_momentum_step, flat_momentum_step_, flat_momentu
 from .flat_rmsprop import flat_rmsprop_step, flat_rmsprop_step_, flat_rmsprop_step_backward
 
 __all__ = [
+    "adagrad_learning_rate",
     "adam_bias_corrections",
     "adam_update",
     "clip_coefficient",
     "flat_accumulate_",
+    "flat_adadelta_step",
+    "flat_adadelta_step_",
+    "flat_adadelta_step_backward",
+    "flat_adagrad_step",
+    "flat_adagrad_step_",
+    "flat_adagrad_step_backward",
     "flat_adam_step",
     "flat_adam_step_",
     "flat_adam_step_backward",

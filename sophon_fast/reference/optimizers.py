@@ -30,6 +30,10 @@ The maths (torch.optim; t = step count after the increment, d = grad + wd * para
                p' = p - lr / (1 - b1^t) * m' / (sqrt(v') / sqrt(1 - b2^t) + eps)
 ``adamw``      as adam with d = grad, and p decayed first: p <- p * (1 - lr * wd)
 ``rmsprop``    v' = a v + (1-a) d^2,  p' = p - lr * d / (sqrt(v') + eps)
+``adagrad``    s' = s + d^2,  p' = p - lr / (1 + (t-1) lr_decay) * d / (sqrt(s') + eps);
+               s starts at initial_accumulator_value
+``adadelta``   v' = rho v + (1-rho) d^2,  delta = sqrt(u + eps) / sqrt(v' + eps) * d,
+               u' = rho u + (1-rho) delta^2,  p' = p - lr * delta
 =============  ==============================================================================
 
 State lives in float32 (float64 for float64 parameters); maths runs in that dtype and the new
@@ -46,6 +50,10 @@ Adding an optimizer (Adagrad, say) takes:
 3. its fused kernels, ``ops/flat_adagrad.py`` (+ csrc), re-exported by ``ops/flat_optim.py``, and
    one line ``"adagrad": Kernels(...)`` in :data:`sophon_fast.engine.optimizers.FUSED_KERNELS`
    (an optimizer without one runs its reference kernels in the fast engine too).
+
+State that torch.optim does not start at zero stays in the adapters: :meth:`InnerOptimizer.init`
+knows no hyper-parameters, so Adagrad's ``initial_accumulator_value`` joins the zero ``sum`` on
+the first step (a mask on the 0-d step, see :func:`_adagrad_sum`).
 """
 
 from __future__ import annotations
@@ -58,6 +66,8 @@ from typing import Any
 
 import torch
 
+from .flat_adadelta import flat_adadelta_step, flat_adadelta_step_
+from .flat_adagrad import flat_adagrad_step, flat_adagrad_step_
 from .flat_adam import flat_adam_step, flat_adam_step_, flat_adamw_step
 from .flat_common import state_dtype
 from .flat_momentum import flat_momentum_step, flat_momentum_step_
@@ -210,6 +220,56 @@ def _rmsprop_call_(kernel_, params, grad, state, hp):
     state["step"].add_(1)
 
 
+def _adagrad_sum(state, hp):
+    """What the first step adds to the zero ``sum`` of :meth:`InnerOptimizer.init`, or None.
+
+    torch.optim.Adagrad starts the sum at ``initial_accumulator_value``; init knows no
+    hyper-parameters, so the value joins the sum while the step count is 0: value * (step == 0),
+    a mask on the 0-d step (no host read, vmap-able, capturable). None when the value is 0.
+    """
+    initial = hp["initial_accumulator_value"]
+    if not initial:
+        return None
+    first = (state["step"] == 0).to(state["sum"].dtype)
+    return initial * first
+
+
+def _adagrad_call(kernel, params, grad, state, hp):
+    start = _adagrad_sum(state, hp)
+    state_sum = state["sum"] if start is None else state["sum"] + start
+    new, new_sum = kernel(
+        params, grad, state_sum, state["step"], hp["lr"], hp["lr_decay"], hp["weight_decay"],
+        hp["eps"],
+    )  # fmt: skip
+    return new, {"step": state["step"] + 1, "sum": new_sum}
+
+
+def _adagrad_call_(kernel_, params, grad, state, hp):
+    start = _adagrad_sum(state, hp)
+    if start is not None:
+        state["sum"].add_(start)
+    kernel_(
+        params, grad, state["sum"], state["step"], hp["lr"], hp["lr_decay"], hp["weight_decay"],
+        hp["eps"],
+    )  # fmt: skip
+
+
+def _adadelta_call(kernel, params, grad, state, hp):
+    new, square_avg, acc_delta = kernel(
+        params, grad, state["square_avg"], state["acc_delta"], hp["lr"], hp["rho"], hp["eps"],
+        hp["weight_decay"],
+    )  # fmt: skip
+    return new, {"step": state["step"] + 1, "square_avg": square_avg, "acc_delta": acc_delta}
+
+
+def _adadelta_call_(kernel_, params, grad, state, hp):
+    kernel_(
+        params, grad, state["square_avg"], state["acc_delta"], hp["lr"], hp["rho"], hp["eps"],
+        hp["weight_decay"],
+    )  # fmt: skip
+    state["step"].add_(1)
+
+
 # ------------------------------------------------------------------------------------ the entries
 
 register(InnerOptimizer(
@@ -255,6 +315,23 @@ register(InnerOptimizer(
     call=_rmsprop_call,
     call_=_rmsprop_call_,
     reference=Kernels(flat_rmsprop_step, flat_rmsprop_step_),
+))  # fmt: skip
+register(InnerOptimizer(
+    name="adagrad",
+    defaults={"lr_decay": 0.0, "weight_decay": 0.0, "initial_accumulator_value": 0.0,
+              "eps": 1e-10},
+    state_names=("sum",),
+    call=_adagrad_call,
+    call_=_adagrad_call_,
+    reference=Kernels(flat_adagrad_step, flat_adagrad_step_),
+))  # fmt: skip
+register(InnerOptimizer(
+    name="adadelta",
+    defaults={"rho": 0.9, "eps": 1e-6, "weight_decay": 0.0},
+    state_names=("square_avg", "acc_delta"),
+    call=_adadelta_call,
+    call_=_adadelta_call_,
+    reference=Kernels(flat_adadelta_step, flat_adadelta_step_),
 ))  # fmt: skip
 del _name, _nesterov, _defaults
 
@@ -316,6 +393,13 @@ def _betas(value: Any, what: str) -> tuple[float, float]:
     return betas
 
 
+def _fraction(value: Any, what: str) -> float:
+    value = _number(value, what, low=0.0, high=1.0)
+    if value >= 1.0:
+        raise ValueError(f"{what}: expected a value in [0, 1), got {value}")
+    return value
+
+
 # Hyper-parameter -> validator (value, label) -> normalised value; any other key: a finite number
 # >= 0 (weight_decay).
 _RANGES: dict[str, Callable[[Any, str], Any]] = {
@@ -324,6 +408,9 @@ _RANGES: dict[str, Callable[[Any, str], Any]] = {
     "momentum": lambda value, what: _number(value, what, low=0.0, high=1.0),
     "alpha": lambda value, what: _number(value, what, low=0.0, high=1.0),
     "dampening": lambda value, what: _number(value, what, low=0.0, high=1.0),
+    "rho": _fraction,
+    "lr_decay": lambda value, what: _number(value, what, low=0.0),
+    "initial_accumulator_value": lambda value, what: _number(value, what, low=0.0),
 }
 
 
