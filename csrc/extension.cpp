@@ -56,6 +56,25 @@ void define_bindings(pybind11::module_& m) {
         py::arg("params"), py::arg("grad"), py::arg("square_avg"), py::arg("grad_avg"),
         py::arg("lr"), py::arg("alpha"), py::arg("eps"), py::arg("weight_decay"),
         "[grad_params, grad_grad, grad_square_avg(, grad_grad_avg)]: the fused VJP of RMSprop");
+  m.def("flat_adagrad_step_forward", &sophon_fast::flat_adagrad_step_forward, py::arg("params"),
+        py::arg("grad"), py::arg("state_sum"), py::arg("step"), py::arg("lr"), py::arg("lr_decay"),
+        py::arg("weight_decay"), py::arg("eps"), py::arg("out") = py::none(),
+        "[new_params, new_state_sum] of Adagrad on flat buffers, into out if given");
+  m.def("flat_adagrad_step_backward", &sophon_fast::flat_adagrad_step_backward,
+        py::arg("grad_new_params"), py::arg("grad_new_state_sum"), py::arg("params"),
+        py::arg("grad"), py::arg("state_sum"), py::arg("step"), py::arg("lr"), py::arg("lr_decay"),
+        py::arg("weight_decay"), py::arg("eps"),
+        "[grad_params, grad_grad, grad_state_sum]: the fused VJP of Adagrad");
+  m.def("flat_adadelta_step_forward", &sophon_fast::flat_adadelta_step_forward, py::arg("params"),
+        py::arg("grad"), py::arg("square_avg"), py::arg("acc_delta"), py::arg("lr"), py::arg("rho"),
+        py::arg("eps"), py::arg("weight_decay"), py::arg("out") = py::none(),
+        "[new_params, new_square_avg, new_acc_delta] of Adadelta on flat buffers, into out if "
+        "given");
+  m.def("flat_adadelta_step_backward", &sophon_fast::flat_adadelta_step_backward,
+        py::arg("grad_new_params"), py::arg("grad_new_square_avg"), py::arg("grad_new_acc_delta"),
+        py::arg("params"), py::arg("grad"), py::arg("square_avg"), py::arg("acc_delta"),
+        py::arg("lr"), py::arg("rho"), py::arg("eps"), py::arg("weight_decay"),
+        "[grad_params, grad_grad, grad_square_avg, grad_acc_delta]: the fused VJP of Adadelta");
   m.def("flat_clip_adam_step_", &sophon_fast::flat_clip_adam_step_, py::arg("params"),
         py::arg("grad"), py::arg("exp_avg"), py::arg("exp_avg_sq"), py::arg("step"), py::arg("lr"),
         py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"),

@@ -88,6 +88,53 @@ def flat_rmsprop_step_backward(
     eps: float,
     weight_decay: float,
 ) -> list[Tensor]: ...
+def flat_adagrad_step_forward(
+    params: Tensor,
+    grad: Tensor,
+    state_sum: Tensor,
+    step: Tensor,
+    lr: float,
+    lr_decay: float,
+    weight_decay: float,
+    eps: float,
+    out: Sequence[Tensor] | None = None,
+) -> list[Tensor]: ...
+def flat_adagrad_step_backward(
+    grad_new_params: Tensor,
+    grad_new_state_sum: Tensor,
+    params: Tensor | None,
+    grad: Tensor,
+    state_sum: Tensor,
+    step: Tensor,
+    lr: float,
+    lr_decay: float,
+    weight_decay: float,
+    eps: float,
+) -> list[Tensor]: ...
+def flat_adadelta_step_forward(
+    params: Tensor,
+    grad: Tensor,
+    square_avg: Tensor,
+    acc_delta: Tensor,
+    lr: float,
+    rho: float,
+    eps: float,
+    weight_decay: float,
+    out: Sequence[Tensor] | None = None,
+) -> list[Tensor]: ...
+def flat_adadelta_step_backward(
+    grad_new_params: Tensor,
+    grad_new_square_avg: Tensor,
+    grad_new_acc_delta: Tensor,
+    params: Tensor | None,
+    grad: Tensor,
+    square_avg: Tensor,
+    acc_delta: Tensor,
+    lr: float,
+    rho: float,
+    eps: float,
+    weight_decay: float,
+) -> list[Tensor]: ...
 def flat_clip_adam_step_(
     params: Tensor,
     grad: Tensor,

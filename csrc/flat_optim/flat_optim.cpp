@@ -3,7 +3,7 @@
 // device dispatch (CPU kernel in flat_optim_cpu.cpp, CUDA through the
 // torch-free launcher of flat_optim_cuda.cu when the extension is built with
 // CUDA). The optimizers' own dispatch: flat_momentum.cpp, flat_adam.cpp,
-// flat_rmsprop.cpp.
+// flat_rmsprop.cpp, flat_adagrad.cpp, flat_adadelta.cpp.
 #include "flat_optim.h"
 
 #include <algorithm>

@@ -1,6 +1,7 @@
 // flat optimizer family: the fused momentum (flat_momentum.h), Adam / AdamW
-// and clip + Adam (flat_adam.h) and RMSprop (flat_rmsprop.h) updates and
-// their fused backwards, plus the accumulate every optimizer's gradient
+// and clip + Adam (flat_adam.h), RMSprop (flat_rmsprop.h), Adagrad
+// (flat_adagrad.h) and Adadelta (flat_adadelta.h) updates and their fused
+// backwards, plus the accumulate every optimizer's gradient
 // accumulation shares (declared here). Buffers are (n_params,) contiguous;
 // params-like tensors share the parameter dtype, state tensors are float32
 // (float64 for float64 params); step is a 0-d floating tensor.
@@ -14,6 +15,8 @@
 
 #include <ATen/core/Tensor.h>
 
+#include "flat_adadelta.h"
+#include "flat_adagrad.h"
 #include "flat_adam.h"
 #include "flat_momentum.h"
 #include "flat_optim_cuda.h"

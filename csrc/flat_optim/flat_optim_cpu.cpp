@@ -1,7 +1,8 @@
 // flat optimizer family, CPU: the accumulate (acc += weight * grad), which
 // every optimizer's gradient accumulation shares. The optimizers' own CPU
 // kernels: flat_momentum_cpu.cpp, flat_adam_cpu.cpp (with the clip norm),
-// flat_rmsprop_cpu.cpp, over the helpers of flat_optim_cpu.h.
+// flat_rmsprop_cpu.cpp, flat_adagrad_cpu.cpp, flat_adadelta_cpu.cpp, over the
+// helpers of flat_optim_cpu.h.
 #include "flat_optim_cpu.h"
 
 #include <ATen/Dispatch.h>

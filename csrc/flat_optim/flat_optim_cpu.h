@@ -1,7 +1,7 @@
 // flat optimizer family, CPU: what the optimizers' CPU loops share
 // (flat_momentum_cpu.cpp, flat_adam_cpu.cpp, flat_rmsprop_cpu.cpp,
-// flat_optim_cpu.cpp): the task grain, the chunk size of the staged loops,
-// pointer access, the AVX2 switch, the packed square roots, and the macros
+// flat_adagrad_cpu.cpp, flat_adadelta_cpu.cpp, flat_optim_cpu.cpp): the task grain, the chunk size
+// of the staged loops, pointer access, the AVX2 switch, the packed square roots, and the macros
 // that run a packed or staged loop across threads.
 //
 // On float/double buffers the forwards and the Adam/RMSprop backwards run

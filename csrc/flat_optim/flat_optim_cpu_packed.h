@@ -3,12 +3,12 @@
 // one pass of packed vectors (no staging through chunks): loads, square roots,
 // (streamed) stores and the head / packs / tail loop. Included once per ISA by
 // each optimizer's CPU file (flat_momentum_cpu.cpp, flat_adam_cpu.cpp,
-// flat_rmsprop_cpu.cpp), inside a namespace that defines kVectorBytes (16:
-// SSE2, 32: AVX2) and compiled under that ISA's target pragma, followed there
-// by the optimizer's own loop bodies (flat_momentum_cpu_packed.h,
-// flat_adam_cpu_packed.h, flat_rmsprop_cpu_packed.h), so everything here,
-// square roots and streamed stores included, runs at that width. No include
-// guard: it is meant to be included twice.
+// flat_rmsprop_cpu.cpp, flat_adagrad_cpu.cpp, flat_adadelta_cpu.cpp), inside a namespace that
+// defines kVectorBytes (16: SSE2, 32: AVX2) and compiled under that ISA's target pragma, followed
+// there by the optimizer's own loop bodies (flat_momentum_cpu_packed.h, flat_adam_cpu_packed.h,
+// flat_rmsprop_cpu_packed.h, flat_adagrad_cpu_packed.h, flat_adadelta_cpu_packed.h), so everything
+// here, square roots and streamed stores included, runs at that width. No include guard: it is
+// meant to be included twice.
 //
 // Each element runs optim::*_forward's maths with the compute type set to a
 // vector (simd::Pack) or, for the unaligned head and the tail, to the scalar:

@@ -1,8 +1,8 @@
 // flat optimizer family, CUDA: the accumulate (acc += weight * grad), which
 // every optimizer's gradient accumulation shares. The optimizers' own kernels:
 // flat_momentum_cuda.cu, flat_adam_cuda.cu (with the clip norm),
-// flat_rmsprop_cuda.cu. Only CUDA headers here: the file compiles with plain
-// nvcc in CI, without torch.
+// flat_rmsprop_cuda.cu, flat_adagrad_cuda.cu, flat_adadelta_cuda.cu. Only CUDA
+// headers here: the file compiles with plain nvcc in CI, without torch.
 #include <cuda_runtime.h>
 
 #include <cstdint>

@@ -1,7 +1,8 @@
 // Torch-free interface of the flat optimizer family's CUDA launchers, the part
 // every optimizer shares: the stream type, and the accumulate
 // (flat_optim_cuda.cu). Each optimizer's own launchers and hyper-parameter
-// struct: flat_momentum_cuda.h, flat_adam_cuda.h, flat_rmsprop_cuda.h.
+// struct: flat_momentum_cuda.h, flat_adam_cuda.h, flat_rmsprop_cuda.h,
+// flat_adagrad_cuda.h, flat_adadelta_cuda.h.
 //
 // Every launcher takes raw pointers, sizes, plain-C hyper-parameter structs
 // and a stream, and returns a cudaError_t as int (0 = success). `dtype` is

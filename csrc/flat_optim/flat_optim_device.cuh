@@ -1,7 +1,7 @@
 // Device helpers shared by the flat optimizer family's CUDA kernels
 // (flat_momentum_cuda.cu, flat_adam_cuda.cu, flat_rmsprop_cuda.cu,
-// flat_optim_cuda.cu): the block size, the grid-stride loop and the on-device
-// read of the step count. Only CUDA headers: compiles with plain nvcc.
+// flat_adagrad_cuda.cu, flat_adadelta_cuda.cu, flat_optim_cuda.cu): the block size, the grid-stride
+// loop and the on-device read of the step count. Only CUDA headers: compiles with plain nvcc.
 #pragma once
 
 #include <cuda_bf16.h>

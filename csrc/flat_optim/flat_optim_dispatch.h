@@ -1,8 +1,8 @@
 // flat optimizer family: the input checks and output handling that every
-// optimizer's dispatch (flat_momentum.cpp, flat_adam.cpp, flat_rmsprop.cpp)
-// shares, defined in flat_optim.cpp. Included by dispatch files only: it sees
-// SOPHON_FAST_WITH_CUDA, so whatever includes it is compiled once per
-// extension module.
+// optimizer's dispatch (flat_momentum.cpp, flat_adam.cpp, flat_rmsprop.cpp,
+// flat_adagrad.cpp, flat_adadelta.cpp) shares, defined in flat_optim.cpp.
+// Included by dispatch files only: it sees SOPHON_FAST_WITH_CUDA, so whatever
+// includes it is compiled once per extension module.
 #pragma once
 
 #include <ATen/core/Tensor.h>

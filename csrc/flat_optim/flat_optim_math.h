@@ -1,7 +1,8 @@
 // flat optimizer family: what the per-element maths of every optimizer shares
-// (flat_momentum_math.h, flat_adam_math.h, flat_rmsprop_math.h), used by the
-// C++ CPU loops and the CUDA kernels alike so the two cannot drift apart.
-// Torch-free. C is the compute type (float, or double for float64 buffers).
+// (flat_momentum_math.h, flat_adam_math.h, flat_rmsprop_math.h,
+// flat_adagrad_math.h, flat_adadelta_math.h), used by the C++ CPU loops and the CUDA kernels alike
+// so the two cannot drift apart. Torch-free. C is the compute type (float, or double for float64
+// buffers).
 //
 // Each stateful update is split at its square root: *_moments produces the
 // radicand, the caller takes the root, *_finish (or *_vjp) completes the

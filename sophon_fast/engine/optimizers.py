@@ -27,6 +27,8 @@ from collections.abc import Callable
 
 import torch
 
+from sophon_fast.ops.flat_adadelta import flat_adadelta_step, flat_adadelta_step_
+from sophon_fast.ops.flat_adagrad import flat_adagrad_step, flat_adagrad_step_
 from sophon_fast.ops.flat_adam import flat_adam_step, flat_adam_step_, flat_adamw_step
 from sophon_fast.ops.flat_momentum import flat_momentum_step, flat_momentum_step_
 from sophon_fast.ops.flat_rmsprop import flat_rmsprop_step, flat_rmsprop_step_
@@ -64,6 +66,8 @@ FUSED_KERNELS: dict[str, Kernels] = {
     "adam": Kernels(flat_adam_step, flat_adam_step_),
     "adamw": Kernels(flat_adamw_step, flat_adam_step_),
     "rmsprop": Kernels(flat_rmsprop_step, flat_rmsprop_step_),
+    "adagrad": Kernels(flat_adagrad_step, flat_adagrad_step_),
+    "adadelta": Kernels(flat_adadelta_step, flat_adadelta_step_),
 }
 
 StepFn = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]

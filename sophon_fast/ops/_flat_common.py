@@ -2,7 +2,8 @@
 helpers, the input checks and the differentiable VJP of the double-backward path.
 
 One module per optimizer uses these (:mod:`.flat_momentum`, :mod:`.flat_adam`,
-:mod:`.flat_rmsprop`, :mod:`.flat_accumulate`); :mod:`.flat_optim` re-exports the public ops.
+:mod:`.flat_rmsprop`, :mod:`.flat_adagrad`, :mod:`.flat_adadelta`, :mod:`.flat_accumulate`);
+:mod:`.flat_optim` re-exports the public ops.
 Every buffer is a (n_params,) flat tensor (float32, float64, float16 or bfloat16) with float32
 state (float64 for float64 parameters); maths in the state dtype. ``step`` is a 0-d tensor on the
 params' device holding the number of updates taken before this one, read by the kernels
@@ -43,6 +44,8 @@ INTERPRETER_BLOCK = 4096
 # launchers make (dtypes x flags), sm_80 and sm_90: no spills, at most 110 registers (float64
 # Adam backward). 1024 over 4 warps: 187 registers there and a 4 B spill (bfloat16 Adam backward,
 # sm_80); 2048 over 4 warps: 240-396 B spills; the interpreter's 4096: up to 16 KiB per thread.
+# The Adagrad and Adadelta kernels (make triton-check, 8 variants each per target): no spills,
+# at most 122 registers (float64 Adadelta backward, two roots).
 GPU_BLOCK, GPU_WARPS = 1024, 8
 
 tl = _triton.tl

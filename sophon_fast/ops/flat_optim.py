@@ -4,6 +4,8 @@
     ops/flat_adam.py        flat_adam_step(_), flat_adamw_step,      Adam, AdamW, clip + Adam
                             flat_clip_adam_step_
     ops/flat_rmsprop.py     flat_rmsprop_step(_)                    RMSprop, plain / centered
+    ops/flat_adagrad.py     flat_adagrad_step(_)                    Adagrad
+    ops/flat_adadelta.py    flat_adadelta_step(_)                   Adadelta
     ops/flat_accumulate.py  flat_accumulate_                        acc += w * g
     ops/_flat_common.py     launch geometry, Triton helpers, input checks
     ops/flat_sgd_step.py    flat_sgd_step                           SGD (its own op)
@@ -31,6 +33,8 @@ from __future__ import annotations
 from ..reference.flat_common import state_dtype
 from ._flat_common import GPU_BLOCK, GPU_WARPS, INTERPRETER_BLOCK, geometry
 from .flat_accumulate import flat_accumulate_
+from .flat_adadelta import FlatAdadeltaStepFunction, flat_adadelta_step, flat_adadelta_step_
+from .flat_adagrad import FlatAdagradStepFunction, flat_adagrad_step, flat_adagrad_step_
 from .flat_adam import (
     NORM_PARTIALS,
     FlatAdamStepFunction,
@@ -47,10 +51,16 @@ __all__ = [
     "GPU_WARPS",
     "INTERPRETER_BLOCK",
     "NORM_PARTIALS",
+    "FlatAdadeltaStepFunction",
+    "FlatAdagradStepFunction",
     "FlatAdamStepFunction",
     "FlatMomentumStepFunction",
     "FlatRmspropStepFunction",
     "flat_accumulate_",
+    "flat_adadelta_step",
+    "flat_adadelta_step_",
+    "flat_adagrad_step",
+    "flat_adagrad_step_",
     "flat_adam_step",
     "flat_adam_step_",
     "flat_adamw_step",
