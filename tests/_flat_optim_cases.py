@@ -1,5 +1,6 @@
 """Shared inputs, helpers and test bodies of the flat optimizer tests (tests/test_flat_momentum.py,
-tests/test_flat_adam.py, tests/test_flat_rmsprop.py, tests/test_flat_optim.py).
+tests/test_flat_adam.py, tests/test_flat_rmsprop.py, tests/test_flat_adagrad.py,
+tests/test_flat_adadelta.py, tests/test_flat_optim.py).
 
 Each ``check_*`` function is the body of one test that runs for every update; each optimizer's test
 file parametrizes it over its own updates (and the backends), so a test id names the optimizer's
@@ -15,19 +16,35 @@ from _backends import backend_params
 from _tolerances import elementwise
 
 from sophon_fast import _backend
-from sophon_fast.ops import flat_accumulate, flat_adam, flat_momentum, flat_rmsprop
+from sophon_fast.ops import (
+    flat_accumulate,
+    flat_adadelta,
+    flat_adagrad,
+    flat_adam,
+    flat_momentum,
+    flat_rmsprop,
+)
 from sophon_fast.ops import flat_optim as ops
 from sophon_fast.reference import flat_optim as reference
 
 # The modules holding the flat optimizer Triton kernels (compiled_float_typing wraps them there).
-KERNEL_MODULES = (flat_momentum, flat_adam, flat_rmsprop, flat_accumulate)
+KERNEL_MODULES = (
+    flat_momentum,
+    flat_adam,
+    flat_rmsprop,
+    flat_adagrad,
+    flat_adadelta,
+    flat_accumulate,
+)
 
 # Comparisons with the reference twin: the reference itself is the oracle, never compared with
 # itself (it was: ~250 cases that could not fail).
 FUSED = [p for p in backend_params() if p.values[0] != "reference"]
 
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-UPDATES = ("momentum", "nesterov", "adam", "adamw", "rmsprop", "rmsprop_centered")
+UPDATES = (
+    "momentum", "nesterov", "adam", "adamw", "rmsprop", "rmsprop_centered", "adagrad", "adadelta",
+)  # fmt: skip
 # Hyper-parameters away from the defaults so a dropped term shows: (lr, extra kwargs).
 HYPER = {
     "momentum": {"lr": 0.1, "momentum": 0.8, "dampening": 0.3, "weight_decay": 0.05},
@@ -36,6 +53,8 @@ HYPER = {
     "adamw": {"lr": 0.01, "betas": (0.8, 0.95), "eps": 1e-3, "weight_decay": 0.05},
     "rmsprop": {"lr": 0.01, "alpha": 0.9, "eps": 1e-3, "weight_decay": 0.05},
     "rmsprop_centered": {"lr": 0.01, "alpha": 0.9, "eps": 1e-3, "weight_decay": 0.05},
+    "adagrad": {"lr": 0.1, "lr_decay": 0.05, "weight_decay": 0.05, "eps": 1e-3},
+    "adadelta": {"lr": 0.5, "rho": 0.8, "eps": 1e-3, "weight_decay": 0.05},
 }
 
 
@@ -44,6 +63,10 @@ def _state_names(update):
         return ("momentum_buffer",)
     if update in ("adam", "adamw"):
         return ("exp_avg", "exp_avg_sq")
+    if update == "adagrad":
+        return ("state_sum",)
+    if update == "adadelta":
+        return ("square_avg", "acc_delta")
     return ("square_avg", "grad_avg") if update == "rmsprop_centered" else ("square_avg",)
 
 
@@ -55,8 +78,10 @@ def _inputs(update, n, dtype, device="cpu", seed=0):
     states = []
     for name in _state_names(update):
         values = torch.randn(n, generator=gen, dtype=torch.float64)
-        if name in ("exp_avg_sq", "square_avg"):
+        if name in ("exp_avg_sq", "square_avg", "state_sum"):
             values = values.square() + 1.0  # a second moment above grad_avg^2 keeps roots real
+        elif name == "acc_delta":
+            values = values.square()
         elif name == "grad_avg":
             values = 0.1 * values
         states.append(values.to(dtype=state, device=device))
@@ -72,6 +97,10 @@ def _call(module, update, params, grad, states, step, **overrides):
         return module.flat_adam_step(params, grad, *states, step, **hp)
     if update == "adamw":
         return module.flat_adamw_step(params, grad, *states, step, **hp)
+    if update == "adagrad":
+        return module.flat_adagrad_step(params, grad, states[0], step, **hp)
+    if update == "adadelta":
+        return module.flat_adadelta_step(params, grad, *states, **hp)
     grad_avg = states[1] if update == "rmsprop_centered" else None
     return module.flat_rmsprop_step(params, grad, states[0], **hp, grad_avg=grad_avg)
 
@@ -80,8 +109,8 @@ def _step(value, dtype, device="cpu"):
     return torch.tensor(float(value), dtype=ops.state_dtype(dtype), device=device)
 
 
-def _backward_reference(update, grad_outputs, params, grad, states, step):
-    hp = dict(HYPER[update])
+def _backward_reference(update, grad_outputs, params, grad, states, step, **overrides):
+    hp = {**HYPER[update], **overrides}
     if update in ("momentum", "nesterov"):
         return reference.flat_momentum_step_backward(
             *grad_outputs, params, grad, *states, step, **hp
@@ -90,6 +119,12 @@ def _backward_reference(update, grad_outputs, params, grad, states, step):
         return reference.flat_adam_step_backward(
             *grad_outputs, params, grad, *states, step, **hp, decoupled=update == "adamw"
         )
+    if update == "adagrad":
+        return reference.flat_adagrad_step_backward(
+            *grad_outputs, params, grad, *states, step, **hp
+        )
+    if update == "adadelta":
+        return reference.flat_adadelta_step_backward(*grad_outputs, params, grad, *states, **hp)
     grad_avg = states[1] if update == "rmsprop_centered" else None
     return reference.flat_rmsprop_step_backward(
         grad_outputs, params, grad, states[0], **hp, grad_avg=grad_avg
@@ -118,16 +153,9 @@ def _denormal_backward(backend, update, params, grad, states, step):
             torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o) for o in outputs
         ]
         got = torch.autograd.grad(outputs, inputs, grad_outputs)
-    hp = {**HYPER[update], "weight_decay": 0.0}
-    if update in ("adam", "adamw"):
-        expected = reference.flat_adam_step_backward(
-            *grad_outputs, params, grad, *states, step, **hp, decoupled=update == "adamw"
-        )
-    else:
-        grad_avg = states[1] if update == "rmsprop_centered" else None
-        expected = reference.flat_rmsprop_step_backward(
-            grad_outputs, params, grad, states[0], **hp, grad_avg=grad_avg
-        )
+    expected = _backward_reference(
+        update, grad_outputs, params, grad, states, step, weight_decay=0.0
+    )
     return got, expected
 
 
@@ -160,6 +188,10 @@ def _torch_optimizer(update, param):
         return torch.optim.Adam([param], lr=lr, **hp)
     if update == "adamw":
         return torch.optim.AdamW([param], lr=lr, **hp)
+    if update == "adagrad":
+        return torch.optim.Adagrad([param], lr=lr, **hp)
+    if update == "adadelta":
+        return torch.optim.Adadelta([param], lr=lr, **hp)
     return torch.optim.RMSprop([param], lr=lr, centered=update == "rmsprop_centered", **hp)
 
 
@@ -337,6 +369,11 @@ def check_trajectory_matches_torch_optim(backend, device, dtype, update, in_plac
                 ops.flat_momentum_step_(params, g, states[0], step, **hp)
             elif update in ("adam", "adamw"):
                 ops.flat_adam_step_(params, g, *states, step, **hp, decoupled=update == "adamw")
+            elif update == "adagrad":
+                ops.flat_adagrad_step_(params, g, states[0], step, **hp)
+            elif update == "adadelta":
+                ops.flat_adadelta_step_(params, g, *states, **hp)
+                step.add_(1)
             else:
                 grad_avg = states[1] if update == "rmsprop_centered" else None
                 ops.flat_rmsprop_step_(params, g, states[0], **hp, grad_avg=grad_avg)
@@ -432,10 +469,11 @@ def check_streamed_out_buffers_at_odd_offsets(update, offsets, portable, monkeyp
 def check_packed_backwards_give_the_same_bits_in_both_isa_builds(
     update, dtype, n, weight_decay, monkeypatch
 ):
-    """The fused Adam and RMSprop backwards run packed too (masks for the zero-safe root as 1/0
-    lanes): both ISA builds give identical gradients, second moments at exactly 0 included."""
+    """The fused Adam, RMSprop, Adagrad and Adadelta backwards run packed too (masks for the
+    zero-safe root as 1/0 lanes): both ISA builds give identical gradients, second moments at
+    exactly 0 included."""
     params, grad, states = _inputs(update, n, dtype)
-    if update in ("adam", "adamw", "rmsprop", "rmsprop_centered"):
+    if update in ("adam", "adamw", "rmsprop", "rmsprop_centered", "adagrad", "adadelta"):
         states[-1 if update in ("adam", "adamw") else 0][::3] = 0.0
         grad[::3] = 0.0
     step = _step(2, dtype)
@@ -496,6 +534,8 @@ def check_in_place_forms_move_a_host_step_to_the_params_device_once(form):
             ops.flat_momentum_step_(params, grad, m, step, 0.1)
         elif form == "adam":
             ops.flat_adam_step_(params, grad, m, v, step, 0.1)
+        elif form == "adagrad":
+            ops.flat_adagrad_step_(params, grad, v, step, 0.1)
         else:
             ops.flat_clip_adam_step_(params, grad, m, v, step, 0.1, max_norm=1.0)
 

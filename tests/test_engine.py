@@ -43,6 +43,8 @@ ADVERSARIES = [
     ("nesterov", 0.1, {"weight_decay": 0.01}),
     ("adamw", 0.01),
     ("rmsprop", 0.01),
+    ("adagrad", 1e-2),
+    ("adadelta", 1.0),
 ]
 
 
@@ -176,6 +178,10 @@ def _torch_optimizer(name, params, lr, hp):
         return torch.optim.AdamW(
             params, lr=lr, betas=hp["betas"], eps=hp["eps"], weight_decay=hp["weight_decay"]
         )
+    if name == "adagrad":
+        return torch.optim.Adagrad(params, lr=lr, **hp)
+    if name == "adadelta":
+        return torch.optim.Adadelta(params, lr=lr, **hp)
     return torch.optim.RMSprop(
         params, lr=lr, alpha=hp["alpha"], eps=hp["eps"], weight_decay=hp["weight_decay"]
     )
@@ -249,6 +255,42 @@ def test_inner_optimizers_are_twice_differentiable(name):
 
     assert torch.autograd.gradcheck(step, (params, grad))
     assert torch.autograd.gradgradcheck(step, (params, grad))
+
+
+@pytest.mark.parametrize("in_place", [False, True], ids=["out_of_place", "in_place"])
+def test_adagrad_starting_sum_and_lr_decay_match_torch_optim(in_place):
+    # init_state makes a zero sum; the registry adds initial_accumulator_value on the first step.
+    hp = {"lr_decay": 0.1, "initial_accumulator_value": 0.2, "weight_decay": 0.01}
+    adversary = resolve_adversary(("adagrad", 0.05, hp))
+    g = torch.Generator().manual_seed(6)
+    start = torch.randn(37, generator=g, dtype=torch.float64)
+    grads = [torch.randn(37, generator=g, dtype=torch.float64) for _ in range(4)]
+    torch_param = start.clone().requires_grad_(True)
+    optimizer = torch.optim.Adagrad([torch_param], lr=0.05, **hp)
+    params, state = start.clone(), init_state("adagrad", start)
+    for grad in grads:
+        if in_place:
+            inner_step_(adversary, params, grad, state)
+        else:
+            params, state = inner_step(adversary, params, grad, state)
+        torch_param.grad = grad.clone()
+        optimizer.step()
+        torch.testing.assert_close(params, torch_param.detach(), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(state["sum"], optimizer.state[torch_param]["sum"])
+    assert float(state["step"]) == len(grads)
+
+
+def test_resolve_adversary_checks_the_adagrad_and_adadelta_ranges():
+    with pytest.raises(ValueError, match=r"rho: expected a value in \[0, 1\)"):
+        resolve_adversary(("adadelta", 1.0, {"rho": 1.0}))
+    with pytest.raises(ValueError, match="initial_accumulator_value"):
+        resolve_adversary(("adagrad", 1e-2, {"initial_accumulator_value": -0.1}))
+    with pytest.raises(ValueError, match="lr_decay"):
+        resolve_adversary(("adagrad", 1e-2, {"lr_decay": -1.0}))
+    assert resolve_adversary(("adadelta", 1.0)).hp == {"rho": 0.9, "eps": 1e-6, "weight_decay": 0.0}
+    assert resolve_adversary(("adagrad", 1e-2)).hp == {
+        "lr_decay": 0.0, "weight_decay": 0.0, "initial_accumulator_value": 0.0, "eps": 1e-10,
+    }  # fmt: skip
 
 
 def test_safe_sqrt_has_zero_derivative_at_zero():

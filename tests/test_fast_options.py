@@ -248,8 +248,16 @@ def test_graph_cache_shares_one_pool_and_frees_stale_graphs():
 @pytest.mark.parametrize("order", [1, 2])
 @pytest.mark.parametrize(
     "adversaries",
-    [[("sgd", 0.1), ("sgd", 0.3), ("sgd", 0.05)], [("adam", 0.01), ("adam", 0.03)]],
-    ids=["sgd", "adam"],
+    [
+        [("sgd", 0.1), ("sgd", 0.3), ("sgd", 0.05)],
+        [("adam", 0.01), ("adam", 0.03)],
+        [
+            ("adagrad", 1e-2, {"initial_accumulator_value": 0.1}),
+            ("adagrad", 3e-2, {"initial_accumulator_value": 0.1}),
+        ],
+        [("adadelta", 1.0), ("adadelta", 0.5)],
+    ],
+    ids=["sgd", "adam", "adagrad", "adadelta"],
 )
 def test_vmapped_adversaries_equal_the_loop(order, adversaries):
     from test_engine import TanhMLP

@@ -1,7 +1,8 @@
 """flat_optim: what the flat optimizer ops share (accumulate, signature parity, dispatch, Triton
 launches of every update); each optimizer's own tests are in tests/test_flat_momentum.py,
-tests/test_flat_adam.py and tests/test_flat_rmsprop.py, over tests/_flat_optim_cases.py (whose
-helpers are importable from here too)."""
+tests/test_flat_adam.py, tests/test_flat_rmsprop.py, tests/test_flat_adagrad.py and
+tests/test_flat_adadelta.py, over tests/_flat_optim_cases.py (whose helpers are importable from
+here too)."""
 
 import contextlib
 import inspect
@@ -90,7 +91,8 @@ def test_extension_checks_inputs_itself():
 
 PUBLIC = (
     "flat_momentum_step", "flat_adam_step", "flat_adamw_step", "flat_rmsprop_step",
-    "flat_momentum_step_", "flat_adam_step_", "flat_rmsprop_step_", "flat_clip_adam_step_",
+    "flat_adagrad_step", "flat_adadelta_step", "flat_momentum_step_", "flat_adam_step_",
+    "flat_rmsprop_step_", "flat_adagrad_step_", "flat_adadelta_step_", "flat_clip_adam_step_",
     "flat_accumulate_",
 )  # fmt: skip
 
@@ -118,6 +120,8 @@ def test_signature_parity_with_extension():
         ("flat_momentum_step_forward", "flat_momentum_step"),
         ("flat_adam_step_forward", "flat_adam_step"),
         ("flat_rmsprop_step_forward", "flat_rmsprop_step"),
+        ("flat_adagrad_step_forward", "flat_adagrad_step"),
+        ("flat_adadelta_step_forward", "flat_adadelta_step"),
     ):
         doc = getattr(ext, binding).__doc__.splitlines()[0]
         names = [p for p in inspect.signature(getattr(ops, public)).parameters if p != "betas"]
@@ -128,7 +132,10 @@ def test_signature_parity_with_extension():
 
 def test_auto_prefers_compiled_kernels_on_cpu():
     expected = "cpu" if _backend.extension() is not None else "reference"
-    for op in ("flat_momentum_step", "flat_adam_step", "flat_rmsprop_step", "flat_accumulate_"):
+    for op in (
+        "flat_momentum_step", "flat_adam_step", "flat_rmsprop_step", "flat_adagrad_step",
+        "flat_adadelta_step", "flat_accumulate_",
+    ):  # fmt: skip
         assert _backend.resolve_backend(op, "cpu") == expected
 
 
@@ -195,7 +202,7 @@ def test_every_triton_launch_goes_through_launch_device(monkeypatch):
         p.requires_grad_(True)
         out = sgd_ops.flat_sgd_step(p, g, 0.1, 0.1)
         torch.autograd.grad(out, p, torch.ones_like(out))
-    # 17 launches: 6 updates x (forward, backward), norm pass + Adam, accumulate, SGD x 2; the
-    # float-typing wrapper saw the 9 kernels with float arguments (the norm pass has none).
-    assert len({kernel for kernel, _, _ in launched}) == 9
-    assert len(devices) == 17 and set(devices) == {torch.device(device)}
+    # 21 launches: 8 updates x (forward, backward), norm pass + Adam, accumulate, SGD x 2; the
+    # float-typing wrapper saw the 13 kernels with float arguments (the norm pass has none).
+    assert len({kernel for kernel, _, _ in launched}) == 13
+    assert len(devices) == 21 and set(devices) == {torch.device(device)}
