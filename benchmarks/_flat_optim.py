@@ -1,5 +1,5 @@
 """What the flat optimizer benchmarks share (bench_flat_momentum.py, bench_flat_adam.py,
-bench_flat_rmsprop.py): each compares its fused update against eager per-tensor updates,
+bench_flat_rmsprop.py, bench_flat_adagrad.py, bench_flat_adadelta.py): each compares its fused update against eager per-tensor updates,
 torch._foreach and torch.optim.
 
 Cases, on the ResNet-18 and small-CNN parameter lists, float32, step count 5 (past the first-step

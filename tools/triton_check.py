@@ -187,6 +187,31 @@ def _case_flat_rmsprop():
                                   grad_avg=grad_avg if centered else None)  # fmt: skip
 
 
+def _case_flat_adagrad():
+    for dtype, n, unaligned, variant in _flat_configs(2):
+        weight_decay = (0.0, 0.01)[variant]  # 0: the backward does not read params
+        params, grad = _flat(n, dtype, unaligned), _flat(n, dtype, unaligned)
+        state_sum, step = _state(params, 0.5), _step(params)
+        leaves = _leaves(params, grad, state_sum)
+        _backward(_flat_optim.flat_adagrad_step(*leaves, step, 1e-2, lr_decay=0.01,
+                                                weight_decay=weight_decay))  # fmt: skip
+        with torch.no_grad():
+            _flat_optim.flat_adagrad_step_(params, grad, state_sum, step, 1e-2,
+                                           weight_decay=weight_decay)  # fmt: skip
+
+
+def _case_flat_adadelta():
+    for dtype, n, unaligned, variant in _flat_configs(2):
+        weight_decay = (0.0, 0.01)[variant]  # 0: the backward does not read params
+        params, grad = _flat(n, dtype, unaligned), _flat(n, dtype, unaligned)
+        square_avg, acc_delta = _state(params, 0.5), _state(params, 0.1)
+        leaves = _leaves(params, grad, square_avg, acc_delta)
+        _backward(_flat_optim.flat_adadelta_step(*leaves, 1.0, weight_decay=weight_decay))
+        with torch.no_grad():
+            _flat_optim.flat_adadelta_step_(params, grad, square_avg, acc_delta, 1.0,
+                                            weight_decay=weight_decay)  # fmt: skip
+
+
 def _case_flat_accumulate():
     for dtype, n, unaligned, _ in _flat_configs(1):
         grad = _flat(n, dtype, unaligned)
@@ -305,6 +330,8 @@ CASES: dict[str, Callable[[], None]] = {
     "flat_adam_step": _case_flat_adam,
     "flat_clip_adam_step_": _case_flat_clip_adam,
     "flat_rmsprop_step": _case_flat_rmsprop,
+    "flat_adagrad_step": _case_flat_adagrad,
+    "flat_adadelta_step": _case_flat_adadelta,
     "flat_accumulate_": _case_flat_accumulate,
     "classification_losses": _case_classification_losses,
     "generation_losses": _case_generation_losses,

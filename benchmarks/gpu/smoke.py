@@ -5,8 +5,8 @@
 What it checks (one verdict per check, every check independent):
 
 - ops: for each op that has a Triton or CUDA path (flat_sgd_step; flat_optim momentum, adam,
-  adamw, rmsprop, centered rmsprop forward and fused backward, the in-place forms, clip + Adam and
-  accumulate; the ce / ice / ice_paper / klu / mse_ascent / dos losses, value and gradient;
+  adamw, rmsprop, centered rmsprop, adagrad, adadelta forward and fused backward, the in-place
+  forms, clip + Adam and accumulate; the ce / ice / ice_paper / klu / mse_ascent / dos losses, value and gradient;
   batch_norm forward, backward and double backward; bn_relu_pool forward and backward) and each
   fused backend of the device (GPU: cuda, triton; dry run: cpu, interpreted triton), the op is
   compared with the reference backend at a small odd size and at ResNet-18 size (11,173,962
@@ -94,12 +94,12 @@ SIZES = {
     },
 }
 
-UPDATES = ("momentum", "adam", "adamw", "rmsprop", "rmsprop_centered")
+UPDATES = ("momentum", "adam", "adamw", "rmsprop", "rmsprop_centered", "adagrad", "adadelta")
 # (op family, variant, kind of input size)
 OP_VARIANTS = (
     [("flat_sgd_step", "forward", "flat"), ("flat_sgd_step", "backward", "flat")]
     + [("flat_optim", f"{u}.{stage}", "flat") for u in UPDATES for stage in ("forward", "backward")]
-    + [("flat_optim", v, "flat") for v in ("momentum_", "adam_", "adamw_", "rmsprop_", "clip_adam_", "accumulate_")]
+    + [("flat_optim", v, "flat") for v in ("momentum_", "adam_", "adamw_", "rmsprop_", "adagrad_", "adadelta_", "clip_adam_", "accumulate_")]
     + [("losses", k, "logits") for k in ("ce", "ice", "ice_paper", "klu")]
     + [("losses", k, "noise") for k in ("mse_ascent", "dos")]
     + [("batch_norm", v, "image") for v in ("forward", "backward", "double_backward")]
@@ -270,6 +270,8 @@ HYPER = {
     "adamw": {"lr": 0.01, "betas": (0.8, 0.95), "eps": 1e-3, "weight_decay": 0.05},
     "rmsprop": {"lr": 0.01, "alpha": 0.9, "eps": 1e-3, "weight_decay": 0.05},
     "rmsprop_centered": {"lr": 0.01, "alpha": 0.9, "eps": 1e-3, "weight_decay": 0.05},
+    "adagrad": {"lr": 0.1, "lr_decay": 0.05, "weight_decay": 0.05, "eps": 1e-3},
+    "adadelta": {"lr": 0.5, "rho": 0.8, "eps": 1e-3, "weight_decay": 0.05},
 }
 
 
@@ -283,6 +285,8 @@ def _flat_state(update, n, dtype, inputs):
         # A second moment above grad_avg^2 keeps every root real (as the tests draw it).
         return [inputs.randn(n, sd), inputs.randn(n, sd).square() + 1.0]
     states = [inputs.randn(n, sd).square() + 1.0]
+    if update == "adadelta":
+        states.append(inputs.randn(n, sd).square())
     if update == "rmsprop_centered":
         states.append(inputs.randn(n, sd, scale=0.1))
     return states
@@ -298,6 +302,10 @@ def _call_update(update, params, grad, states, step):
         return ops.flat_adam_step(params, grad, *states, step, **hp)
     if update == "adamw":
         return ops.flat_adamw_step(params, grad, *states, step, **hp)
+    if update == "adagrad":
+        return ops.flat_adagrad_step(params, grad, states[0], step, **hp)
+    if update == "adadelta":
+        return ops.flat_adadelta_step(params, grad, *states, **hp)
     grad_avg = states[1] if update == "rmsprop_centered" else None
     return ops.flat_rmsprop_step(params, grad, states[0], **hp, grad_avg=grad_avg)
 
@@ -370,7 +378,7 @@ def check_flat(spec, size, dtype, device, run_fused, run_reference, inputs) -> d
         return results
 
     update = {"momentum_": "momentum", "adam_": "adam", "adamw_": "adamw", "rmsprop_": "rmsprop",
-              "clip_adam_": "adam"}[variant]  # fmt: skip
+              "adagrad_": "adagrad", "adadelta_": "adadelta", "clip_adam_": "adam"}[variant]  # fmt: skip
     states = _flat_state(update, n, dtype, inputs)
 
     def in_place(cast=lambda t: t):
@@ -387,6 +395,10 @@ def check_flat(spec, size, dtype, device, run_fused, run_reference, inputs) -> d
             ops.flat_adam_step_(p, g, *ss, s, **hp, decoupled=variant == "adamw_")
         elif variant == "rmsprop_":
             ops.flat_rmsprop_step_(p, g, ss[0], **hp)
+        elif variant == "adagrad_":
+            ops.flat_adagrad_step_(p, g, ss[0], s, **hp)
+        elif variant == "adadelta_":
+            ops.flat_adadelta_step_(p, g, *ss, **hp)
         else:  # max_norm far below |grad| (~sqrt(n)): the clip is active at every size
             hp["weight_decay"] = 0.01
             norm = ops.flat_clip_adam_step_(p, g, *ss, s, **hp, max_norm=0.5)
