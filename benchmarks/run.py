@@ -1,9 +1,12 @@
-"""Benchmark runner: `python benchmarks/run.py ops [--quick] [--json PATH] [--device cuda]`.
+"""Benchmark runner: `python benchmarks/run.py ops|e2e|efficacy [--quick] [--json PATH] [--device cuda]`.
 
-Runs every bench_<op>.py of a suite on one device, prints a table, appends rows to
-benchmarks/results/<suite>.csv (device, torch/triton versions, git SHA, date) and optionally
-writes the records as JSON. Each row compares an implementation with its eager baseline from the
+``ops`` and ``e2e`` run every bench_<op>.py of the suite on one device, print a table, append rows
+to benchmarks/results/<suite>.csv (device, torch/triton versions, git SHA, date) and optionally
+write the records as JSON. Each row compares an implementation with its eager baseline from the
 same run (median of >= 5 interleaved repeats) and records peak memory.
+
+``efficacy`` is not a suite of timed rows: it protects models and attacks them, case by case
+(benchmarks/efficacy.py, which documents its own options: ``run.py efficacy --help``).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import _harness  # noqa: E402
+import efficacy  # noqa: E402
 import torch  # noqa: E402
 
 SUITES = {
@@ -31,6 +35,8 @@ SUITES = {
         "bench_flat_momentum",
         "bench_flat_adam",
         "bench_flat_rmsprop",
+        "bench_flat_adagrad",
+        "bench_flat_adadelta",
         "bench_bn_relu_pool",
         "bench_relu_pool",
     ],
@@ -39,8 +45,11 @@ SUITES = {
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "efficacy":
+        return efficacy.main(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("suite", choices=sorted(SUITES), help="which suite to run")
+    parser.add_argument("suite", choices=sorted([*SUITES, "efficacy"]), help="which suite to run")
     parser.add_argument("--quick", action="store_true", help="fewer repeats (still >= 5)")
     parser.add_argument("--json", type=Path, help="also write the records to this JSON file")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

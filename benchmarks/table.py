@@ -1,12 +1,14 @@
-"""Markdown tables of the latest results: `python benchmarks/table.py [CSV] [--ops [JSON]] [--write README.md]`.
+"""Markdown tables of the latest results: `python benchmarks/table.py [CSV] [--ops [JSON] | --efficacy [JSON]] [--write README.md]`.
 
 Default: reads ``benchmarks/results/e2e.csv`` (or CSV), keeps the most recent row of each (device,
 case, impl), and prints one Markdown table per device, headed by the device, torch version, dates
 and commits. ``--ops`` instead renders one run of the ops suite (``benchmarks/results/ops-cpu-latest.json``
 or the JSON given): every row against the eager baseline except the small-CNN shapes, which stay in
-the JSON and CSV. ``--write FILE`` replaces the block between ``<!-- e2e-table:start -->`` and
-``<!-- e2e-table:end -->`` (``ops-table`` for ``--ops``) in FILE, so the README tables are
-regenerated, never hand-edited.
+the JSON and CSV. ``--efficacy`` renders one run of the efficacy benchmark (the newest
+``benchmarks/results/efficacy-*-latest.json`` or the JSON given): one row per case, the mean over
+seeds. ``--write FILE`` replaces the block between ``<!-- e2e-table:start -->`` and
+``<!-- e2e-table:end -->`` (``ops-table`` for ``--ops``, ``efficacy-table`` for ``--efficacy``) in
+FILE, so the README tables are regenerated, never hand-edited.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 START, END = "<!-- e2e-table:start -->", "<!-- e2e-table:end -->"
 OPS_START, OPS_END = "<!-- ops-table:start -->", "<!-- ops-table:end -->"
+EFFICACY_START, EFFICACY_END = "<!-- efficacy-table:start -->", "<!-- efficacy-table:end -->"
 
 
 def _num(value: str, digits: int = 0, suffix: str = "") -> str:
@@ -104,6 +107,94 @@ def render_ops(records: list[dict]) -> str:
     return "\n".join(out) + "\n"
 
 
+def _signed(value, digits: int = 1) -> str:
+    return "–" if value is None else f"{value:+.{digits}f}"
+
+
+def _seconds(case: dict) -> tuple[str, bool, int]:
+    """ "pretrain / protect / evaluate" means over seeds, ``*`` on a stage loaded from the cache
+    (for any seed), ``†`` on an evaluation that reused cells; whether a ``*`` was set and how
+    many cells were reused."""
+    seeds = list(case["seeds"].values())
+    parts, starred = [], False
+    for stage in ("pretrain", "protect", "evaluate"):
+        cached = any((m.get("cached") or {}).get(stage) for m in seeds)
+        starred = starred or cached
+        parts.append(_num(case["mean"]["seconds"][stage]) + ("*" if cached else ""))
+    reused = sum((m.get("evaluation") or {}).get("cells_reused", 0) for m in seeds)
+    if reused and not any((m.get("cached") or {}).get("evaluate") for m in seeds):
+        parts[-1] += "†"
+    return " / ".join(parts), starred, reused
+
+
+def render_efficacy(result: dict) -> str:
+    """The Markdown block for one efficacy run: one row per case, means over seeds."""
+    if not result.get("cases"):
+        raise ValueError("no cases in this efficacy result")
+    env, config, evaluation = result["environment"], result["config"], result["evaluation"]
+    budgets = list(next(iter(result["cases"].values()))["mean"]["best_gap"])
+    heads = [f"e{b}" if b != "final" else "final" for b in budgets]
+    n = evaluation.get("epochs")
+    epochs = f"{n} epoch{'s' if n != 1 else ''}, " if n else ""
+    out = [
+        f"**{env['device']}**, torch {env['torch']}, {env['threads']} threads, "
+        f"{env['date'][:10]}, commit {env['git_sha']}; config `{result['config_name']}` "
+        f"({config['outer_steps']} outer steps, {'quick' if result['quick'] else 'full'}), "
+        f"seeds {', '.join(map(str, result['seeds']))} (means shown); attacks: the quick grid, "
+        f"{epochs}{evaluation['workers']} workers"
+        f"{'' if evaluation['benign'] else ', no trainability check'}.",
+        "Points of restricted test accuracy, protected minus scratch, best recipe (grid and "
+        "search) at each epoch; AUC: mean accuracy over epochs 0..e; linear probe: final "
+        "accuracy, protected minus scratch / minus normal. Bar: drop <= "
+        f"{result['bar']['max_original_drop']:g} and best gap <= "
+        f"{result['bar']['max_best_gap']:g} at every budget.",
+        "",
+        "| case | original acc % normal → protected (drop) | "
+        + " | ".join(f"best Δ {h}" for h in heads)
+        + " | AUC Δ "
+        + " / ".join(heads)
+        + " | linear probe Δ scratch / normal | seconds pretrain / protect / evaluate | bar |",
+        "|---|---|" + "---:|" * len(heads) + "---|---|---|---|",
+    ]
+    any_starred, any_reused = False, False
+    for name, case in result["cases"].items():
+        m = case["mean"]
+        orig = m["original_accuracy"]
+        seconds, starred, reused = _seconds(case)
+        any_starred, any_reused = any_starred or starred, any_reused or bool(reused)
+        out.append(
+            f"| {name} | {orig['normal']:.1f} → {orig['protected']:.1f} ({m['original_drop']:.1f}) | "
+            + " | ".join(_signed(m["best_gap"][b]) for b in budgets)
+            + " | "
+            + " / ".join(_signed(m["auc_gap"][b]) for b in budgets)
+            + f" | {_signed(m['linear_probe_gap_scratch'])} / {_signed(m['linear_probe_gap_normal'])}"
+            + f" | {seconds} | {'pass' if case['bar']['passed'] else 'fail'} |"
+        )
+    notes = []
+    if any_starred:
+        notes.append("\\* from the cache: the seconds of the run that computed it.")
+    if any_reused:
+        notes.append(
+            "† some cells reused from the cache (the normal and scratch arms are shared by every "
+            "config): the seconds are this run's."
+        )
+    if notes:
+        out += ["", " ".join(notes)]
+    return "\n".join(out) + "\n"
+
+
+def latest_efficacy_json() -> Path:
+    """The newest ``benchmarks/results/efficacy-*-latest.json``."""
+    found = sorted(
+        (HERE / "results").glob("efficacy-*-latest.json"), key=lambda p: p.stat().st_mtime
+    )
+    if not found:
+        raise SystemExit(
+            "no benchmarks/results/efficacy-*-latest.json; run benchmarks/run.py efficacy"
+        )
+    return found[-1]
+
+
 def write_into(path: Path, block: str, start_marker: str = START, end_marker: str = END) -> None:
     """Replace the block of ``path`` between the markers with ``block``.
 
@@ -127,9 +218,20 @@ def main(argv=None) -> int:
         const=HERE / "results" / "ops-cpu-latest.json",
         help="render this ops-suite JSON instead of the e2e CSV",
     )
+    parser.add_argument(
+        "--efficacy",
+        nargs="?",
+        type=Path,
+        const=Path("latest"),
+        help="render this efficacy JSON (default: the newest efficacy-*-latest.json)",
+    )
     parser.add_argument("--write", type=Path, help="replace the marked block in this file")
     args = parser.parse_args(argv)
-    if args.ops is not None:
+    if args.efficacy is not None:
+        path = latest_efficacy_json() if args.efficacy == Path("latest") else args.efficacy
+        block = render_efficacy(json.loads(path.read_text()))
+        markers, what = (EFFICACY_START, EFFICACY_END), "efficacy"
+    elif args.ops is not None:
         block = render_ops(json.loads(args.ops.read_text()))
         markers, what = (OPS_START, OPS_END), "ops"
     else:
