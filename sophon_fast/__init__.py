@@ -28,6 +28,10 @@ from .ops.batch_norm import batch_norm2d
 from .ops.bn_relu_pool import batch_norm_relu_maxpool2d
 from .ops.flat_optim import (
     flat_accumulate_,
+    flat_adadelta_step,
+    flat_adadelta_step_,
+    flat_adagrad_step,
+    flat_adagrad_step_,
     flat_adam_step,
     flat_adam_step_,
     flat_adamw_step,
@@ -76,6 +80,10 @@ __all__ = [
     "flat_momentum_step_",
     "flat_rmsprop_step",
     "flat_rmsprop_step_",
+    "flat_adagrad_step",
+    "flat_adagrad_step_",
+    "flat_adadelta_step",
+    "flat_adadelta_step_",
     "flat_sgd_step",
     "fuse_bn_relu_pool",
     "fuse_relu_pool",
