@@ -19,6 +19,14 @@ __all__ = ["PRESETS"]
 
 PRESETS: dict[str, dict[str, Any]] = {
     "official": {},
+    # Chosen by the efficacy benchmark (benchmarks/efficacy.py; margins in the README's efficacy
+    # table). Screened on MNIST-5k -> digits, seed 0, five strong recipes x 4 epochs: a wide
+    # distribution (sgd 1e-3..1e-1, momentum 1e-3..3e-2, adam 1e-4..3e-3, adagrad, adadelta
+    # 0.1..1; 150 steps) left the best recipe 10.1 / 2.4 / 2.2 / 0.4 points above scratch's at
+    # epochs 1-4; this narrower, attack-sized one with Adam drawn twice as often and 300 steps:
+    # 1.8 / 1.8 / 1.6 / 0.7, original accuracy 97.1 -> 95.9 %; adding representation_weight 0.5
+    # cut the linear probe's epoch-1 accuracy (81.1 -> 77.8 %) but raised the head-re-drawn Adam
+    # attack's (79.3 -> 87.2 %): 7.9 / 3.1 / 2.0 / 0.7, so the term stays off.
     "robust": {
         "loss": "klu",
         "inner_steps": 20,
@@ -26,11 +34,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         "eval_every": 10,
         "adversaries": {
             "families": {
-                "sgd": {"lr": (1e-3, 1e-1)},
-                "momentum": {"lr": (1e-3, 3e-2)},
-                "adam": {"lr": (1e-4, 3e-3)},
-                "adagrad": {"lr": (1e-3, 1e-1)},
-                "adadelta": {"lr": (0.1, 1.0)},
+                "sgd": {"lr": (1e-2, 1e-1)},
+                "momentum": {"lr": (3e-3, 3e-2)},
+                "adam": {"lr": (3e-4, 3e-3), "weight": 2.0},
+                "adagrad": {"lr": (3e-3, 3e-2)},
+                "adadelta": {"lr": (0.3, 1.0)},
             },
             "reinit_head": 0.5,
         },
