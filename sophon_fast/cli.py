@@ -17,8 +17,8 @@ A protect config (TOML):
     [data]
     original = "builtin:mnist5k"                # or a table, see sophon_fast.data.specs
     restricted = "builtin:sklearn_digits"
-    [protect]                                   # any ProtectConfig field
-    outer_steps = 100
+    [protect]                                   # any ProtectConfig field, or preset = "robust"
+    outer_steps = 100                           #   (ProtectConfig.preset) with fields overriding it
     inner_steps = 10
     [output]
     dir = "protected"                           # --out overrides it
@@ -101,7 +101,7 @@ def _check_protect_toml(raw: dict, path: Path) -> None:
         if not isinstance(raw[table], dict):
             raise SystemExit(f"sophon-fast: {path}: '{table}' must be a [{table}] table")
         if keys is None:
-            keys = {f.name for f in dataclasses.fields(ProtectConfig)}
+            keys = {f.name for f in dataclasses.fields(ProtectConfig)} | {"preset"}
         unknown = sorted(set(raw[table]) - keys)
         if unknown:
             raise SystemExit(
@@ -207,7 +207,14 @@ def cmd_protect(args) -> int:
             "ProtectResult.save or `sophon-fast demo`): protecting an untrained model makes no sense"
         )
     try:
-        config = ProtectConfig.from_dict(raw.get("protect", {}))
+        fields = dict(raw.get("protect", {}))
+        preset = fields.pop("preset", None)
+        if preset is None:
+            config = ProtectConfig.from_dict(fields)
+        elif not isinstance(preset, str):
+            raise ValueError(f"preset: expected a preset name such as 'robust', got {preset!r}")
+        else:  # the named configuration, the table's other keys override its fields
+            config = ProtectConfig.preset(preset, **fields)
     except (TypeError, ValueError) as error:
         raise SystemExit(f"sophon-fast: {config_path} [protect]: {error}") from None
     device = _device(args.device)  # before _check_output creates the folder

@@ -7,6 +7,7 @@ import torch
 
 from sophon_fast import cli
 from sophon_fast.api import ProtectResult
+from sophon_fast.config import ProtectConfig
 
 REPORT_KEYS = {
     "original_accuracy",
@@ -75,6 +76,42 @@ eval_every = 2
     result = ProtectResult.load(out)
     assert len(result.history) == 2 and result.config.inner_steps == 2
     assert "protected model written to" in capsys.readouterr().out
+
+
+def test_protect_from_a_toml_preset(demo_dir, tmp_path):
+    config = tmp_path / "protect.toml"
+    config.write_text(
+        f"""
+[model]
+weights = "{demo_dir / "pretrained"}"
+[data]
+original = "builtin:mnist5k"
+restricted = "builtin:sklearn_digits"
+[protect]
+preset = "robust"
+outer_steps = 1
+inner_steps = 2
+eval_every = 1
+guard_threshold = 0.0
+"""
+    )
+    out = tmp_path / "protected"
+    assert cli.main(["protect", "--config", str(config), "--out", str(out), "--no-progress"]) == 0
+    result = ProtectResult.load(out)
+    expected = ProtectConfig.preset(
+        "robust", outer_steps=1, inner_steps=2, eval_every=1, guard_threshold=0.0
+    )
+    assert result.config == expected
+    assert result.history[0]["draws"][0]["adversary"]["name"] in (
+        "sgd",
+        "momentum",
+        "adam",
+        "adagrad",
+        "adadelta",
+    )
+    config.write_text(config.read_text().replace('"robust"', '"strongest"'))
+    with pytest.raises(SystemExit, match="unknown preset 'strongest'"):
+        cli.main(["protect", "--config", str(config), "--out", str(tmp_path / "other")])
 
 
 def test_protect_config_errors_are_clear(tmp_path, capsys):
