@@ -171,27 +171,37 @@ class _FlatRun:
         return meta_grad
 
     def second_order(self, first_differentiated: int) -> torch.Tensor:
-        """Order 2: one backward through the trajectory; steps before ``first_differentiated``
-        are first-order steps (identity Jacobian)."""
+        """Order 2: one backward through the differentiated window; the steps before
+        ``first_differentiated`` are first-order steps (identity Jacobian), so, as in order 1,
+        each of their l_k is back-propagated right away into a flat accumulator and its graph
+        freed: memory grows with the window W, not with K."""
         theta = self.theta
         theta_leaf = theta.clone().requires_grad_(True)
-        phi = self.start_point(theta_leaf)
+        start = self.start_point(theta_leaf)
+        meta_grad = torch.zeros(theta.shape, dtype=self.dtype, device=theta.device)
+        phi = start.detach()
         state = init_state(self.adversary.name, phi)
+        for k in range(first_differentiated):
+            x, y = self.batches[k]
+            phi = phi.detach().requires_grad_(True)
+            grad = self.adapt_grad(k, phi, x, y)
+            with torch.no_grad():
+                new, state = inner_step(self.adversary, phi.detach(), grad, state)
+            phi = new.requires_grad_(True)  # d phi_k / d theta = I: l_k's gradient is its own
+            (step_grad,) = torch.autograd.grad(self.evaluate(k, phi, x, y), phi)
+            flat_accumulate_(meta_grad, step_grad.contiguous(), self.weights[k])
+        if first_differentiated >= len(self.batches):
+            return meta_grad
+        # phi_w's value exactly (start - start is 0) with the identity edge back to theta
+        phi = phi.detach() + (start - start.detach())
         objective = torch.zeros((), dtype=theta.dtype, device=theta.device)
-        for k, (x, y) in enumerate(self.batches):
-            differentiate = k >= first_differentiated
-            grad = self.adapt_grad(k, phi, x, y, create_graph=differentiate)
-            if differentiate:
-                phi, state = inner_step(self.adversary, phi, grad, state)
-            else:
-                # A first-order step: its update is a constant shift, d phi_k / d phi_{k-1} = I.
-                # new + (phi - phi) has the value of new exactly and the identity Jacobian.
-                with torch.no_grad():
-                    new, state = inner_step(self.adversary, phi.detach(), grad, state)
-                phi = new + (phi - phi.detach())
+        for k in range(first_differentiated, len(self.batches)):
+            x, y = self.batches[k]
+            grad = self.adapt_grad(k, phi, x, y, create_graph=True)
+            phi, state = inner_step(self.adversary, phi, grad, state)
             objective = objective + self.weights[k] * self.evaluate(k, phi, x, y)
-        (meta_grad,) = torch.autograd.grad(objective, theta_leaf)
-        return meta_grad.to(self.dtype)
+        (window_grad,) = torch.autograd.grad(objective, theta_leaf)
+        return meta_grad + window_grad.to(self.dtype)
 
 
 def simulate_flat(
