@@ -38,7 +38,7 @@ only when there is more than one choice). Every uniform is a float64 ``torch.ran
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -230,14 +230,6 @@ class AdversaryDistribution:
         out["inner_steps"] = None if self.inner_steps is None else list(self.inner_steps)
         return out
 
-    @property
-    def max_inner_steps(self) -> int | None:
-        return None if self.inner_steps is None else max(self.inner_steps)
-
-    @property
-    def max_batch_size(self) -> int | None:
-        return None if self.batch_size is None else max(self.batch_size)
-
     def draw(
         self, generator: torch.Generator, *, batch_size: int, adapt_size: int, inner_steps: int,
         reinit_head: bool,
@@ -282,8 +274,3 @@ def is_distribution_spec(value: Any) -> bool:
     return isinstance(value, AdversaryDistribution) or (
         isinstance(value, Mapping) and "families" in value
     )
-
-
-def describe_families(families: Sequence[FamilyRange]) -> str:
-    """Short label, e.g. ``"sgd[0.001..0.1] adam[1e-05..0.001]"``."""
-    return " ".join(f"{f.name}[{f.lr[0]:g}..{f.lr[1]:g}]" for f in families)
